@@ -1,0 +1,35 @@
+# Everything runs from a virtual environment inside the repo, created on first use.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PB := specdec/pb/__init__.py
+
+.PHONY: install demo test bench-runner clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Generated gRPC code (gitignored): one build step from proto/.
+$(PB): $(STAMP) $(wildcard proto/specdec/v1/*.proto) scripts/gen_proto.py
+	$(PY) scripts/gen_proto.py
+
+install: $(STAMP) $(PB)
+
+## The main job: generate from the embedded default models.
+demo: install
+	$(PY) -m specdec.demo
+
+## The test suite.
+test: install
+	$(PY) -m pytest -q
+
+## Runner cost surface (step time vs batch size and new tokens) -> docs/runner_cost.md
+bench-runner: install
+	$(PY) bench/runner_cost.py --out docs/runner_cost.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""specdec: goodput-driven speculative decoding served as gRPC services."""

@@ -1,0 +1,228 @@
+"""A compact Llama-family forward pass over a packed ragged batch.
+
+Covers the architectures that share the Llama block (Llama, Mistral, Qwen2): RMSNorm, rotary
+embeddings (any rope type transformers knows, through its own rotary module), grouped-query
+attention with optional q/k/v(/o) biases and an optional sliding window, and a gated MLP.
+
+The forward takes every request's new tokens packed into one [N] sequence, so projections and the
+MLP run as one matmul for the whole batch; only attention is per request, reading the request's
+own KV-cache slot through a view (no gather, no copy of the context).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from specdec.checkpoint import load_config, load_state_dict, validate_checkpoint
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [d]
+    qkv: torch.Tensor  # [(H + 2 * KV) * D, d]  q, k, v projections fused
+    qkv_bias: torch.Tensor | None  # [(H + 2 * KV) * D]
+    o: torch.Tensor  # [d, H * D]
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor  # [d]
+    gate_up: torch.Tensor  # [2 * F, d]  gate and up projections fused
+    down: torch.Tensor  # [d, F]
+    sliding_window: int | None  # keys older than this many positions are not attended
+
+
+@dataclass
+class LlamaWeights:
+    config: object  # the transformers config the weights came with
+    embed: torch.Tensor  # [V, d]
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor  # [d]
+    lm_head: torch.Tensor  # [V, d]
+    rotary: torch.nn.Module  # transformers' rotary embedding of this architecture
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    act: object
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embed.shape[1]
+
+    @property
+    def num_params(self) -> int:
+        tensors = [self.embed, self.final_norm]
+        if self.lm_head.data_ptr() != self.embed.data_ptr():
+            tensors.append(self.lm_head)
+        for layer in self.layers:
+            tensors += [layer.input_norm, layer.qkv, layer.o, layer.post_norm, layer.gate_up, layer.down]
+            tensors += [b for b in (layer.qkv_bias, layer.o_bias) if b is not None]
+        return sum(t.numel() for t in tensors)
+
+
+def _rotary_module(config) -> torch.nn.Module:
+    if config.model_type == "mistral":
+        from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding as Rotary
+    elif config.model_type == "qwen2":
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding as Rotary
+    else:
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding as Rotary
+    return Rotary(config)
+
+
+def _layer_window(config, index: int) -> int | None:
+    """The sliding window of layer `index`, as transformers applies it for this architecture."""
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[index] == "sliding_attention" else None
+    return window if config.model_type == "mistral" else None
+
+
+def load_llama(path: str | Path, device: torch.device, dtype: torch.dtype) -> LlamaWeights:
+    """Read a validated checkpoint folder into fused, device-resident weights."""
+    from transformers.activations import ACT2FN
+
+    folder = validate_checkpoint(path, need_tokenizer=False)
+    config = load_config(folder)
+    state = load_state_dict(folder)
+    prefix = "model." if any(k.startswith("model.") for k in state) else ""
+
+    def take(name: str, required: bool = True) -> torch.Tensor | None:
+        tensor = state.get(name)
+        if tensor is None and required:
+            raise _missing(folder, name)
+        return None if tensor is None else tensor.to(device=device, dtype=dtype)
+
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    layers = []
+    for i in range(config.num_hidden_layers):
+        p = f"{prefix}layers.{i}."
+        q, k, v = (take(f"{p}self_attn.{n}_proj.weight") for n in "qkv")
+        biases = [take(f"{p}self_attn.{n}_proj.bias", required=False) for n in "qkv"]
+        if any(b is not None for b in biases) and not all(b is not None for b in biases):
+            raise CheckpointLayoutError(f"checkpoint {folder}: layer {i} has biases on some of q/k/v only")
+        layers.append(
+            LayerWeights(
+                input_norm=take(f"{p}input_layernorm.weight"),
+                qkv=torch.cat([q, k, v]).contiguous(),
+                qkv_bias=torch.cat(biases) if biases[0] is not None else None,
+                o=take(f"{p}self_attn.o_proj.weight"),
+                o_bias=take(f"{p}self_attn.o_proj.bias", required=False),
+                post_norm=take(f"{p}post_attention_layernorm.weight"),
+                gate_up=torch.cat([take(f"{p}mlp.gate_proj.weight"), take(f"{p}mlp.up_proj.weight")]).contiguous(),
+                down=take(f"{p}mlp.down_proj.weight"),
+                sliding_window=_layer_window(config, i),
+            )
+        )
+    embed = take(f"{prefix}embed_tokens.weight")
+    lm_head = take("lm_head.weight", required=not config.tie_word_embeddings)
+    return LlamaWeights(
+        config=config,
+        embed=embed,
+        layers=layers,
+        final_norm=take(f"{prefix}norm.weight"),
+        lm_head=embed if lm_head is None else lm_head,
+        rotary=_rotary_module(config).to(device),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_eps=config.rms_norm_eps,
+        act=ACT2FN[config.hidden_act],
+    )
+
+
+class CheckpointLayoutError(ValueError):
+    """The weights file does not hold the tensors the config promises."""
+
+
+def _missing(folder: Path, name: str) -> CheckpointLayoutError:
+    return CheckpointLayoutError(f"checkpoint {folder}: weights have no tensor {name!r} (not a Llama-family layout?)")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same order of operations as transformers (norm in fp32, scale in the model dtype).
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [N, heads, D]; cos, sin: [N, 1, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class Segment:
+    """One request's share of a packed batch, as attention needs it."""
+
+    start: int  # first index of its new tokens in the packed batch
+    length: int  # number of new tokens
+    slot: int  # KV-cache slot
+    total: int  # keys it attends over: context + new tokens
+    mask: torch.Tensor | None  # [length, total] bool, True = attend; None = attend to all keys
+    is_causal: bool  # prefill from an empty slot: plain causal attention, no mask needed
+    window_mask: torch.Tensor | None  # [length, total] bool mask for sliding-window layers
+
+
+def forward_packed(
+    w: LlamaWeights,
+    tokens: torch.Tensor,  # [N] token ids
+    positions: torch.Tensor,  # [N] rotary positions
+    cache_k: list[torch.Tensor],  # per layer [slots, KV, S, D]
+    cache_v: list[torch.Tensor],  # per layer [slots, KV, S, D]
+    slot_index: torch.Tensor,  # [N] slot each token's K/V is written to
+    store_index: torch.Tensor,  # [N] cache position each token's K/V is written to
+    segments: list[Segment],
+) -> torch.Tensor:
+    """Run the blocks over the packed tokens; returns final-normed hidden states [N, d]."""
+    n = tokens.shape[0]
+    h = w.embed[tokens]
+    cos, sin = w.rotary(h, positions[None])
+    cos, sin = cos[0, :, None, :], sin[0, :, None, :]
+    H, KV, D = w.num_heads, w.num_kv_heads, w.head_dim
+    scale = D**-0.5
+    attn_out = h.new_empty(n, H, D)
+    for i, layer in enumerate(w.layers):
+        a = rms_norm(h, layer.input_norm, w.rms_eps)
+        qkv = F.linear(a, layer.qkv, layer.qkv_bias)
+        q = qkv[:, : H * D].view(n, H, D)
+        k = qkv[:, H * D : (H + KV) * D].view(n, KV, D)
+        v = qkv[:, (H + KV) * D :].view(n, KV, D)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        ck, cv = cache_k[i], cache_v[i]
+        ck[slot_index, :, store_index] = k
+        cv[slot_index, :, store_index] = v
+        for seg in segments:
+            qs = q[seg.start : seg.start + seg.length].transpose(0, 1)[None]  # [1, H, n, D]
+            ks = ck[seg.slot, :, : seg.total][None]  # [1, KV, total, D], a view
+            vs = cv[seg.slot, :, : seg.total][None]
+            mask = seg.window_mask if layer.sliding_window is not None else seg.mask
+            out = F.scaled_dot_product_attention(
+                qs,
+                ks,
+                vs,
+                attn_mask=mask,
+                is_causal=seg.is_causal and mask is None,
+                scale=scale,
+                enable_gqa=H != KV,
+            )
+            attn_out[seg.start : seg.start + seg.length] = out[0].transpose(0, 1)
+        h = h + F.linear(attn_out.view(n, H * D), layer.o, layer.o_bias)
+        m = rms_norm(h, layer.post_norm, w.rms_eps)
+        gate, up = F.linear(m, layer.gate_up).chunk(2, dim=-1)
+        h = h + F.linear(w.act(gate) * up, layer.down)
+    return rms_norm(h, w.final_norm, w.rms_eps)
