@@ -1,0 +1,99 @@
+"""Cost surface of the model runner: step time vs batch size and new tokens per request.
+
+Every request holds `--context` cached tokens; one step runs `new` tokens (a chain) for each of the
+`batch` requests, then rolls them back so the context stays fixed. Points are measured in an
+interleaved order, repeated `--repeats` times, and the median is reported, so that the machine's
+drift spreads over the whole table instead of biasing one corner of it.
+
+    .venv/bin/python bench/runner_cost.py --out docs/runner_cost.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from specdec.checkpoint import DEFAULT_TARGET
+from specdec.runner import ModelRunner, SeqInput
+
+
+def measure(runner: ModelRunner, slots: list[int], batch: int, new: int, rng: random.Random) -> float:
+    seqs = [SeqInput(s, [rng.randrange(runner.vocab_size) for _ in range(new)]) for s in slots[:batch]]
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    runner.forward(seqs)
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    for s in seqs:
+        runner.accept(s.slot, [])
+    return elapsed * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_TARGET))
+    p.add_argument("--batch-sizes", default="1,2,4,8,16,32")
+    p.add_argument("--new-tokens", default="1,2,3,4,5,6,7,8,9")
+    p.add_argument("--context", type=int, default=128, help="cached tokens per request")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", type=Path, help="markdown table to write (JSON beside it)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    news = [int(x) for x in args.new_tokens.split(",")]
+    rng = random.Random(0)
+
+    runner = ModelRunner(args.model, dtype=args.dtype, max_slots=max(batch_sizes), max_seq_len=args.context + 16)
+    slots = [runner.allocate() for _ in range(max(batch_sizes))]
+    for s in slots:
+        runner.forward([SeqInput(s, [rng.randrange(runner.vocab_size) for _ in range(args.context)])])
+    points = [(b, n) for b in batch_sizes for n in news]
+    for b, n in points[:4]:  # warm-up
+        measure(runner, slots, b, n, rng)
+    samples: dict[tuple[int, int], list[float]] = {pt: [] for pt in points}
+    for _ in range(args.repeats):
+        rng.shuffle(points)
+        for b, n in points:
+            samples[(b, n)].append(measure(runner, slots, b, n, rng))
+    median = {pt: statistics.median(v) for pt, v in samples.items()}
+
+    header = "| batch \\ new tokens | " + " | ".join(str(n) for n in news) + " |"
+    lines = [header, "|" + "---|" * (len(news) + 1)]
+    for b in batch_sizes:
+        lines.append(f"| {b} | " + " | ".join(f"{median[(b, n)]:.2f}" for n in news) + " |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        device = f"{runner.device.type} ({platform.processor() or platform.machine()}, {args.threads} threads)"
+        doc = [
+            "# Runner cost surface",
+            "",
+            f"Median step time in ms of `{Path(args.model).name}` ({runner.weights.num_params / 1e6:.1f}M parameters, "
+            f"{runner.dtype}) on {device}: one forward of `batch` requests, each bringing `new tokens` (a chain) on "
+            f"top of {args.context} cached tokens; {args.repeats} repeats in shuffled order.",
+            "",
+            "Made with:",
+            "",
+            "    .venv/bin/python bench/runner_cost.py --out docs/runner_cost.md",
+            "",
+            table,
+            "",
+        ]
+        args.out.write_text("\n".join(doc))
+        raw = {f"{b}x{n}": samples[(b, n)] for b, n in sorted(samples)}
+        args.out.with_suffix(".json").write_text(json.dumps({"context": args.context, "ms": raw}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""`python -m proposer_svc --kind ngram|draft --port P ...`: run the proposer service until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from proposer_svc.config import parse_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)
+    logging.basicConfig(stream=sys.stderr, level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger(__name__).info("config: %s", config.describe())
+    if config.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
+    from proposer_svc.server import serve
+
+    try:
+        asyncio.run(serve(config))
+    except (ValueError, OSError) as exc:  # a bad checkpoint folder (CheckpointError), an unusable port, ...
+        logging.getLogger(__name__).error("cannot start the %s proposer: %s", config.kind, exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

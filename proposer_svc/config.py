@@ -1,0 +1,95 @@
+"""Configuration of the proposer service: one typed object, filled from flags with SPECDEC_<NAME> env fallbacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from specdec.checkpoint import DEFAULT_DRAFT
+
+KINDS = ("ngram", "draft")
+
+
+@dataclass
+class ProposerConfig:
+    kind: str = "ngram"
+    port: int = 0  # 0: any free port (logged at start)
+    host: str = "127.0.0.1"
+    model: Path | None = None  # draft checkpoint folder (draft: defaults to models/code-draft)
+    min_n: int = 1  # ngram: shortest suffix looked up
+    max_n: int = 4  # ngram: longest suffix looked up (tried first)
+    max_budget: int = 8  # most candidates per request per step; larger budgets are capped
+    max_slots: int = 64  # draft: KV-cache slots, i.e. requests with a draft cache at once
+    max_seq_len: int = 1024  # draft: tokens one slot holds
+    device: str = "auto"  # draft: auto | cpu | cuda[:i]
+    dtype: str = "auto"  # draft: auto | float32 | bfloat16 | float16
+    vocab_size: int | None = None  # ngram: token ids >= this are rejected (default: from --model, else unchecked)
+    torch_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    grace_s: float = 5.0  # graceful-shutdown wait for in-flight calls
+    log_level: str = "INFO"
+
+    def validate(self) -> "ProposerConfig":
+        """Raise ValueError with an actionable message when the configuration cannot work."""
+        if self.kind not in KINDS:
+            raise ValueError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"--port must be in 0..65535, got {self.port}")
+        if not 1 <= self.min_n <= self.max_n:
+            raise ValueError(f"need 1 <= --min-n <= --max-n, got {self.min_n} and {self.max_n}")
+        for name in ("max_budget", "max_slots", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"--vocab-size must be >= 1, got {self.vocab_size}")
+        if self.kind == "draft" and self.model is None:
+            self.model = DEFAULT_DRAFT
+        return self
+
+    def describe(self) -> str:
+        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()})
+
+
+def _env(name: str, default):
+    return os.environ.get(f"SPECDEC_{name.upper()}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ProposerConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m proposer_svc",
+        description="Speculative-candidate proposer service (gRPC specdec.v1.Proposer). "
+        "Every flag falls back to the environment variable SPECDEC_<FLAG_NAME>, e.g. SPECDEC_MAX_N.",
+    )
+    # argparse runs `type` over string defaults, so env values are parsed like flags.
+    p.add_argument("--kind", choices=KINDS, default=_env("kind", d.kind))
+    p.add_argument("--port", type=int, default=_env("port", d.port), help="0 = any free port (logged)")
+    p.add_argument("--host", default=_env("host", d.host))
+    p.add_argument("--model", type=Path, default=_env("model", None),
+                   help=f"draft checkpoint folder (default {DEFAULT_DRAFT}); for ngram, only its vocab size is read")
+    p.add_argument("--min-n", type=int, default=_env("min_n", d.min_n))
+    p.add_argument("--max-n", type=int, default=_env("max_n", d.max_n))
+    p.add_argument("--max-budget", type=int, default=_env("max_budget", d.max_budget))
+    p.add_argument("--max-slots", type=int, default=_env("max_slots", d.max_slots))
+    p.add_argument("--max-seq-len", type=int, default=_env("max_seq_len", d.max_seq_len))
+    p.add_argument("--device", default=_env("device", d.device))
+    p.add_argument("--dtype", default=_env("dtype", d.dtype))
+    p.add_argument("--vocab-size", type=int, default=_env("vocab_size", None))
+    p.add_argument("--torch-threads", type=int, default=_env("torch_threads", d.torch_threads))
+    p.add_argument("--grace-s", type=float, default=_env("grace_s", d.grace_s))
+    p.add_argument("--log-level", default=_env("log_level", d.log_level))
+    return p
+
+
+def parse_config(argv: Sequence[str] | None = None) -> ProposerConfig:
+    """Flags (then SPECDEC_* env vars, then defaults) -> a validated ProposerConfig; exits with usage on error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = ProposerConfig(**vars(args))
+    try:
+        return config.validate()
+    except ValueError as exc:
+        parser.error(str(exc))

@@ -1,0 +1,187 @@
+"""gRPC front of a proposer: a thin grpc.aio servicer over `Proposer`, plus health, reflection and shutdown.
+
+The proposer's state is not thread-safe and its steps are blocking compute, so every call into it runs
+on one dedicated worker thread: calls are serialised, and the event loop stays free for health checks,
+Info and other streams meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from proposer_svc.base import Proposal, ProposalRequest, Proposer
+from proposer_svc.config import ProposerConfig
+from specdec.pb import common_pb2, proposer_pb2, proposer_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = proposer_pb2.DESCRIPTOR.services_by_name["Proposer"].full_name
+
+
+def to_requests(message: proposer_pb2.ProposeRequest) -> list[ProposalRequest]:
+    """protobuf items -> contract dataclasses."""
+    return [
+        ProposalRequest(item.request_id, list(item.new_token_ids), item.reset, item.budget, item.hidden_state or None)
+        for item in message.items
+    ]
+
+
+def to_candidates(proposal: Proposal) -> common_pb2.Candidates:
+    return common_pb2.Candidates(
+        request_id=proposal.request_id, token_ids=proposal.token_ids, parent_indices=proposal.parent_indices
+    )
+
+
+class ProposerService(proposer_pb2_grpc.ProposerServicer):
+    """specdec.v1.Proposer over one `Proposer`."""
+
+    def __init__(self, proposer: Proposer) -> None:
+        self.proposer = proposer
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{proposer.kind}-proposer")
+
+    async def _on_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    def step(self, message: proposer_pb2.ProposeRequest) -> proposer_pb2.ProposeResponse:
+        """One ProposeRequest -> its ProposeResponse (runs on the worker thread; no gRPC context needed)."""
+        start = time.perf_counter()
+        proposer = self.proposer
+        proposer.release(message.release_request_ids)
+        items = to_requests(message)
+        try:
+            proposals = proposer.step(items)
+        except Exception:
+            # A bug, not bad input (that is handled per item). Answer with nothing for this step and drop
+            # the touched requests, whose state may be half updated; the stream and the others go on.
+            log.exception("%s proposer: step %d failed; its requests lose their state", proposer.kind,
+                          message.step_id)
+            proposer.release({item.request_id for item in items})
+            proposals = [Proposal(item.request_id) for item in items if item.budget > 0]
+        return proposer_pb2.ProposeResponse(
+            step_id=message.step_id,
+            candidates=[to_candidates(p) for p in proposals],
+            propose_ms=(time.perf_counter() - start) * 1000.0,
+            forward_ms=proposer.forward_ms,
+        )
+
+    async def Propose(self, request_iterator, context: grpc.aio.ServicerContext):
+        peer = context.peer()
+        log.info("propose stream opened by %s", peer)
+        steps = 0
+        try:
+            async for message in request_iterator:
+                yield await self._on_worker(self.step, message)
+                steps += 1
+        finally:
+            # Per-request state is kept: the scheduler may reconnect, and it resets what it needs.
+            log.info("propose stream from %s closed after %d steps", peer, steps)
+
+    async def Info(self, request, context: grpc.aio.ServicerContext) -> proposer_pb2.ProposerInfo:
+        proposer = self.proposer
+        active = await self._on_worker(proposer.active_request_ids)
+        return proposer_pb2.ProposerInfo(
+            kind=proposer.kind, config=proposer.describe(), active_request_ids=active, max_budget=proposer.max_budget
+        )
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class RunningServer:
+    """A started server and the pieces needed to stop it."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service: ProposerService
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Report NOT_SERVING, let in-flight calls finish (up to grace_s), then free the worker thread."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        self.service.close()
+
+
+async def start_server(proposer: Proposer, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
+    """Serve `proposer` on host:port (0 = a free port, read back from the result) with health and reflection."""
+    server = grpc.aio.server()
+    service = ProposerService(proposer)
+    proposer_pb2_grpc.add_ProposerServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:  # grpc's way of saying the address is taken or invalid
+        raise OSError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)") from exc
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, bound, health_servicer, service)
+
+
+def build_proposer(config: ProposerConfig) -> Proposer:
+    """The proposer the configuration names (loads the draft model; can take a while)."""
+    if config.kind == "ngram":
+        from proposer_svc.ngram import NgramProposer
+
+        vocab_size = config.vocab_size
+        if vocab_size is None and config.model is not None:
+            vocab_size = _config_vocab_size(config.model)
+        return NgramProposer(min_n=config.min_n, max_n=config.max_n, max_budget=config.max_budget,
+                             vocab_size=vocab_size)
+    if config.kind == "draft":
+        from proposer_svc.draft import DraftProposer
+        from specdec.checkpoint import validate_checkpoint
+
+        folder = validate_checkpoint(config.model, need_tokenizer=False)
+        return DraftProposer.from_checkpoint(
+            folder,
+            device=None if config.device == "auto" else config.device,
+            dtype=config.dtype,
+            max_slots=config.max_slots,
+            max_seq_len=config.max_seq_len,
+            max_budget=config.max_budget,
+        )
+    raise ValueError(f"unknown proposer kind {config.kind!r}")
+
+
+def _config_vocab_size(folder: Path) -> int:
+    from specdec.checkpoint import validate_checkpoint
+
+    folder = validate_checkpoint(folder, need_tokenizer=False)
+    return int(json.loads((folder / "config.json").read_text())["vocab_size"])
+
+
+async def serve(config: ProposerConfig) -> None:
+    """Run the service until SIGTERM or SIGINT, then shut down gracefully."""
+    proposer = build_proposer(config)
+    log.info("proposer ready: %s", proposer.describe())
+    running = await start_server(proposer, config.host, config.port)
+    log.info("serving %s (%s) on %s:%d", SERVICE_NAME, proposer.kind, config.host, running.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutting down (grace %.1f s)", config.grace_s)
+    finally:
+        await running.stop(config.grace_s)
+    log.info("stopped")

@@ -1,0 +1,49 @@
+"""`python -m scheduler_svc --port P --verifier HOST:PORT [--proposer NAME=HOST:PORT]...`"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from scheduler_svc.config import SchedulerConfig, config_from_args
+from scheduler_svc.server import start_server
+
+log = logging.getLogger("scheduler_svc")
+
+
+async def serve(config: SchedulerConfig) -> int:
+    """Run until SIGTERM/SIGINT (graceful shutdown) or until start-up fails."""
+    running = await start_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("listening on %s:%d", config.host, running.port)
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({stopper, running.connect_task}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if running.connect_task.done() and running.connect_task.exception() is not None:
+        log.error("start-up failed: %s", running.connect_task.exception())
+        code = 1
+    else:
+        await stop.wait()
+        log.info("shutting down")
+    stopper.cancel()
+    await running.stop()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = config_from_args(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    log.info("configuration:\n%s", config.describe())
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

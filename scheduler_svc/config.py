@@ -1,0 +1,150 @@
+"""The scheduler's configuration: one typed object, filled from flags with SPECDEC_<NAME> env fallbacks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+POLICIES = ("none", "fixed")
+# A request's `proposer` field uses this name to turn speculation off, so no proposer may be called so.
+NO_PROPOSER = "none"
+
+
+@dataclass(frozen=True)
+class ProposerAddress:
+    """One configured proposer service: the name requests use, and where it listens."""
+
+    name: str
+    address: str  # HOST:PORT
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    verifier: str  # HOST:PORT of the verifier service
+    proposers: tuple[ProposerAddress, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 50051
+    policy: str = "fixed"
+    k: int = 3  # speculated tokens per request and step under the `fixed` policy
+    tokenizer: str | None = None  # default: the verifier's model folder, from its Info
+    max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
+    max_waiting: int = 256  # queued (not yet admitted) requests before RESOURCE_EXHAUSTED
+    proposer_timeout_s: float = 5.0  # one Propose step; a late proposer only loses its speculation
+    proposer_backoff_s: float = 1.0  # how long a failed proposer is left out before it is tried again
+    verifier_timeout_s: float = 120.0  # one Prefill/Verify call
+    verifier_backoff_max_s: float = 2.0  # cap of the retry backoff after verifier errors
+    step_record_limit: int = 10_000  # StepRecords kept in memory (a ring buffer) for benchmarks
+    grace_s: float = 5.0  # graceful-shutdown time for in-flight calls
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r} (choose from {', '.join(POLICIES)})")
+        if self.k < 0:
+            raise ValueError(f"--k must be >= 0, got {self.k}")
+        if self.max_tokens_limit < 1:
+            raise ValueError(f"--max-tokens-limit must be >= 1, got {self.max_tokens_limit}")
+        if self.max_waiting < 0:
+            raise ValueError(f"--max-waiting must be >= 0, got {self.max_waiting}")
+        for flag, value in (("--proposer-timeout-s", self.proposer_timeout_s),
+                            ("--verifier-timeout-s", self.verifier_timeout_s),
+                            ("--step-record-limit", self.step_record_limit)):
+            if not value > 0:
+                raise ValueError(f"{flag} must be > 0, got {value}")
+        names = [p.name for p in self.proposers]
+        if NO_PROPOSER in names:
+            raise ValueError(f"a proposer may not be named {NO_PROPOSER!r}: requests use it to turn speculation off")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"proposer names must be unique; repeated: {', '.join(dupes)}")
+
+    @property
+    def proposer_names(self) -> list[str]:
+        return [p.name for p in self.proposers]
+
+    def describe(self) -> str:
+        """One line per setting, for the start-up log."""
+        return "\n".join(f"  {key} = {value}" for key, value in asdict(self).items())
+
+
+def parse_proposer(spec: str) -> ProposerAddress:
+    """`NAME=HOST:PORT` -> ProposerAddress, with a message naming the expected form on error."""
+    name, sep, address = spec.partition("=")
+    name, address = name.strip(), address.strip()
+    if not sep or not name or ":" not in address:
+        raise ValueError(f"--proposer {spec!r}: expected NAME=HOST:PORT, e.g. ngram=127.0.0.1:50061")
+    return ProposerAddress(name, address)
+
+
+def _env(name: str, default):
+    return os.environ.get(f"SPECDEC_{name}", default)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m scheduler_svc",
+        description="The specdec scheduler: public Generation API, admission, speculation policy and the step loop.",
+    )
+    parser.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(_env("PORT", 50051)))
+    parser.add_argument("--verifier", default=_env("VERIFIER", None), help="HOST:PORT of the verifier service")
+    parser.add_argument(
+        "--proposer",
+        action="append",
+        default=None,
+        metavar="NAME=HOST:PORT",
+        help="a proposer service (repeatable); env SPECDEC_PROPOSER takes a comma-separated list",
+    )
+    parser.add_argument("--policy", choices=POLICIES, default=_env("POLICY", "fixed"))
+    parser.add_argument("--k", type=int, default=int(_env("K", 3)), help="speculated tokens per step (fixed policy)")
+    parser.add_argument("--tokenizer", default=_env("TOKENIZER", None),
+                        help="tokenizer folder (default: the verifier's model folder)")
+    parser.add_argument("--max-tokens-limit", type=int, default=int(_env("MAX_TOKENS_LIMIT", 1024)))
+    parser.add_argument("--max-waiting", type=int, default=int(_env("MAX_WAITING", 256)))
+    parser.add_argument("--proposer-timeout-s", type=float, default=float(_env("PROPOSER_TIMEOUT_S", 5.0)))
+    parser.add_argument("--proposer-backoff-s", type=float, default=float(_env("PROPOSER_BACKOFF_S", 1.0)),
+                        help="how long a proposer that failed a step is left out")
+    parser.add_argument("--verifier-timeout-s", type=float, default=float(_env("VERIFIER_TIMEOUT_S", 120.0)))
+    parser.add_argument("--verifier-backoff-max-s", type=float, default=float(_env("VERIFIER_BACKOFF_MAX_S", 2.0)),
+                        help="cap of the retry backoff after verifier errors")
+    parser.add_argument("--step-record-limit", type=int, default=int(_env("STEP_RECORD_LIMIT", 10_000)),
+                        help="engine step records kept in memory for benchmarks")
+    parser.add_argument("--grace-s", type=float, default=float(_env("GRACE_S", 5.0)),
+                        help="graceful-shutdown time for in-flight calls")
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    return parser
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> SchedulerConfig:
+    """Parse flags (falling back to SPECDEC_* env vars) into a SchedulerConfig; exits on bad flags."""
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    if not args.verifier:
+        parser.error("--verifier HOST:PORT is required (or set SPECDEC_VERIFIER)")
+    specs = args.proposer
+    if specs is None:
+        env = _env("PROPOSER", "")
+        specs = [s for s in env.split(",") if s.strip()]
+    try:
+        return SchedulerConfig(
+            verifier=args.verifier,
+            proposers=tuple(parse_proposer(s) for s in specs),
+            host=args.host,
+            port=args.port,
+            policy=args.policy,
+            k=args.k,
+            tokenizer=args.tokenizer,
+            max_tokens_limit=args.max_tokens_limit,
+            max_waiting=args.max_waiting,
+            proposer_timeout_s=args.proposer_timeout_s,
+            proposer_backoff_s=args.proposer_backoff_s,
+            verifier_timeout_s=args.verifier_timeout_s,
+            verifier_backoff_max_s=args.verifier_backoff_max_s,
+            step_record_limit=args.step_record_limit,
+            grace_s=args.grace_s,
+            log_level=args.log_level,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))

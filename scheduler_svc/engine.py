@@ -1,0 +1,431 @@
+"""The engine: one asyncio task that runs the step loop over all requests (continuous batching).
+
+One step (DESIGN.md "One step of the engine"):
+1. admit waiting requests into free verifier slots and Prefill them in one batch (first token out);
+2. the policy plans a proposer and k per running request (capped by context room and max_tokens);
+3. every proposer used gets one ProposeRequest, all in parallel;
+4. one Verify call for all running requests (k = 0 ones bring no candidates);
+5. commit accepted + bonus tokens, apply EOS / stop strings / max_tokens, stream, release the finished;
+6. record the step's timings (StepRecord) and feed the outcomes to the policy.
+
+The engine holds the token truth of every request: when the verifier fails a call its state is
+unknown, so the running requests are released there and prefilled again from their committed tokens
+(re-prefill), and the proposers rebuild theirs (reset=true). No accepted token is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import grpc
+
+from scheduler_svc.policy import NO_SPECULATION, Policy, RequestOutcome, RequestView
+from scheduler_svc.proposer_client import ProposeResult, ProposerClient, ProposeWork
+from scheduler_svc.request import FinishReason, Request, RequestFailed, RequestState, StreamChunk
+from scheduler_svc.verifier_client import PrefillItem, VerifierClient, VerifierError, VerifyItem
+from specdec.pb import common_pb2
+
+log = logging.getLogger(__name__)
+
+# Admission attempts a request gets when the verifier rejects its Prefill as bad input.
+MAX_ADMISSION_FAILURES = 3
+MIN_BACKOFF_S = 0.05
+
+
+class QueueFull(Exception):
+    """The waiting queue is full; the caller should answer RESOURCE_EXHAUSTED."""
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the verifier serves, from its Info."""
+
+    vocab_size: int
+    eos_token_id: int
+    max_seq_len: int  # most tokens one request may hold
+    max_slots: int
+    max_batch_size: int
+
+
+@dataclass
+class StepRecord:
+    """Timings and counts of one engine step, for benchmarks (Engine.step_records)."""
+
+    step_id: int
+    start_s: float  # time.perf_counter() at the start of the step
+    wall_ms: float = 0.0  # the whole step, admission to commit
+    batch_size: int = 0  # requests in the Verify call
+    admitted: int = 0  # requests prefilled in this step
+    proposed: int = 0  # candidate tokens verified
+    accepted: int = 0  # of those, accepted
+    committed: int = 0  # tokens added to requests (first tokens + accepted + bonus, before truncation)
+    prefill_forward_ms: float = 0.0
+    prefill_total_ms: float = 0.0
+    verify_forward_ms: float = 0.0
+    verify_total_ms: float = 0.0
+    verify_batched_tokens: int = 0
+    verify_context_tokens: int = 0
+    propose_ms: dict[str, float] = field(default_factory=dict)  # per proposer, its own measure
+    propose_forward_ms: dict[str, float] = field(default_factory=dict)
+    propose_wall_ms: float = 0.0  # the parallel propose phase as the engine saw it
+
+    @property
+    def forward_ms(self) -> float:
+        """Model forward time on the step's critical path (proposers run in parallel: the slowest counts)."""
+        return self.prefill_forward_ms + max(self.propose_forward_ms.values(), default=0.0) + self.verify_forward_ms
+
+    @property
+    def overhead_ms(self) -> float:
+        """Everything that is not a model forward: RPCs, (de)serialisation, scheduling, proposer CPU work."""
+        return self.wall_ms - self.forward_ms
+
+
+class Engine:
+    """Runs requests through prefill and speculative steps; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        verifier: VerifierClient,
+        proposers: Mapping[str, ProposerClient],
+        policy: Policy,
+        limits: ModelLimits,
+        max_waiting: int = 256,
+        step_record_limit: int = 10_000,
+        backoff_max_s: float = 2.0,
+    ) -> None:
+        self.verifier = verifier
+        self.proposers = dict(proposers)
+        self.policy = policy
+        self.limits = limits
+        self.max_waiting = max_waiting
+        self.backoff_max_s = backoff_max_s
+        # Requests in one Verify call are the running ones, so the verifier's batch size caps them too.
+        self.capacity = max(1, min(limits.max_slots, limits.max_batch_size))
+        self.step_records: collections.deque[StepRecord] = collections.deque(maxlen=step_record_limit)
+        self.steps = 0
+        self.verifier_failures = 0
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: dict[str, Request] = {}
+        self._cancelled: list[Request] = []
+        self._release_in_verifier: list[str] = []  # finished ids the verifier still holds
+        self._needs_reprefill = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    # -- API for the servicer ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="engine-loop")
+
+    async def stop(self) -> None:
+        """Stop the loop; every unfinished request gets UNAVAILABLE."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for request in [*self._waiting, *self._running.values()]:
+            self._fail(request, "UNAVAILABLE", "the scheduler is shutting down")
+        self._waiting.clear()
+
+    def submit(self, request: Request) -> None:
+        """Queue a validated request; raises QueueFull when too many are already waiting."""
+        # Requests the next step can admit do not count as queued.
+        if len(self._waiting) >= self.max_waiting + self._free_slots():
+            raise QueueFull(
+                f"the server is full: {len(self._waiting)} requests are waiting for a slot "
+                f"(limit {self.max_waiting}); retry later"
+            )
+        self._waiting.append(request)
+        self._wake.set()
+
+    def cancel(self, request: Request) -> None:
+        """The client went away: drop the request and free its state everywhere. No-op once finished."""
+        if request.is_finished or request.cancelled:
+            return
+        request.cancelled = True
+        if request.state is RequestState.WAITING and request in self._waiting:
+            self._waiting.remove(request)
+            self._finish(request, None)
+        else:
+            # Running, or in the middle of its admission: the loop finishes it between steps.
+            self._cancelled.append(request)
+            self._wake.set()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        backoff = 0.0
+        while True:
+            if not self._has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self._iterate()
+                backoff = 0.0
+            except VerifierError as exc:
+                self.verifier_failures += 1
+                backoff = min(max(2 * backoff, MIN_BACKOFF_S), self.backoff_max_s)
+                log.warning("%s; retrying in %.2fs (requests are kept)", exc, backoff)
+                await asyncio.sleep(backoff)
+            except Exception:
+                # A bug must not kill the loop silently: fail what is running and go on with the rest.
+                log.exception("engine step failed; failing the running requests")
+                for request in list(self._running.values()):
+                    self._fail(request, "INTERNAL", "the scheduler failed on this request's step; see its log")
+                await asyncio.sleep(MIN_BACKOFF_S)
+
+    def _has_work(self) -> bool:
+        return bool(
+            self._waiting
+            or self._running
+            or self._cancelled
+            or self._release_in_verifier
+            or any(p.has_releases and p.available() for p in self.proposers.values())
+        )
+
+    async def _iterate(self) -> None:
+        for request in self._cancelled:
+            if not request.is_finished:
+                self._finish(request, None)
+        self._cancelled.clear()
+        if self._release_in_verifier:
+            ids = list(self._release_in_verifier)
+            await self.verifier.release(ids)
+            del self._release_in_verifier[: len(ids)]
+        if self._needs_reprefill:
+            await self._reprefill()
+        record = StepRecord(step_id=self.steps + 1, start_s=time.perf_counter())
+        await self._admit(record)
+        if self._running:
+            self.steps += 1
+            outcomes = await self._step(record)
+            record.wall_ms = (time.perf_counter() - record.start_s) * 1e3
+            self.step_records.append(record)
+            self.policy.observe(outcomes, record)
+        elif any(p.has_releases for p in self.proposers.values()):
+            await self._propose({})  # nothing runs: send the release lists on their own
+
+    def _free_slots(self) -> int:
+        return self.capacity - len(self._running) - len(self._release_in_verifier)
+
+    # -- 1. admission ----------------------------------------------------------------------------------
+
+    async def _admit(self, record: StepRecord) -> None:
+        batch: list[Request] = []
+        free = self._free_slots()
+        while self._waiting and len(batch) < free:
+            request = self._waiting.popleft()
+            if request.cancelled:
+                self._finish(request, None)
+            else:
+                batch.append(request)
+        if not batch:
+            return
+        items = [PrefillItem(r.request_id, r.tokens, r.params.sampling) for r in batch]
+        try:
+            first, timing = await self.verifier.prefill(items)
+        except VerifierError as exc:
+            # Some of them may hold state now: release before they are tried again.
+            self._release_in_verifier.extend(r.request_id for r in batch)
+            bad_input = exc.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE)
+            for request in reversed(batch):
+                request.admission_failures += bad_input
+                if request.admission_failures >= MAX_ADMISSION_FAILURES:
+                    self._fail(request, "INVALID_ARGUMENT", f"the verifier rejected the request: {exc}")
+                else:
+                    self._waiting.appendleft(request)
+            raise
+        record.admitted = len(batch)
+        record.prefill_forward_ms, record.prefill_total_ms = timing.forward_ms, timing.total_ms
+        now = time.perf_counter()
+        for request in batch:
+            request.state = RequestState.RUNNING
+            self._running[request.request_id] = request
+            request.first_token_s = now
+            request.stats.time_to_first_token_ms = (now - request.arrival_s) * 1e3
+            record.committed += 1
+            self._commit(request, [first[request.request_id]])
+
+    async def _reprefill(self) -> None:
+        """Rebuild every running request in the verifier from its committed tokens."""
+        running = list(self._running.values())
+        first: dict[str, int] = {}
+        if running:
+            await self.verifier.release([r.request_id for r in running])
+            items = [PrefillItem(r.request_id, r.tokens, r.params.sampling) for r in running]
+            first, _ = await self.verifier.prefill(items)
+            log.warning("re-prefilled %d running requests in the verifier from their committed tokens", len(running))
+        for proposer in self.proposers.values():
+            proposer.resync()
+        self._needs_reprefill = False
+        for request in running:
+            self._commit(request, [first[request.request_id]])
+
+    # -- 2.-5. one speculative step ------------------------------------------------------------------
+
+    async def _step(self, record: StepRecord) -> list[RequestOutcome]:
+        """Plan, propose, verify and commit for every running request; fills `record`."""
+        running = list(self._running.values())
+        plans = self.policy.plan([self._view(r) for r in running])
+        work: dict[str, list[ProposeWork]] = collections.defaultdict(list)
+        planned: dict[str, tuple[str, int]] = {}  # request id -> (proposer, k) after the caps
+        for request in running:
+            plan = plans.get(request.request_id, NO_SPECULATION)
+            proposer = self.proposers.get(plan.proposer) if plan.proposer else None
+            if proposer is None or not proposer.available():
+                continue
+            k = min(plan.k, self._room(request), proposer.max_budget)
+            if k > 0:
+                work[proposer.name].append(ProposeWork(request.request_id, request.tokens, k))
+                planned[request.request_id] = (proposer.name, k)
+
+        t0 = time.perf_counter()
+        results = await self._propose(work)
+        record.propose_wall_ms = (time.perf_counter() - t0) * 1e3
+        answered = {name for name, result in results.items() if result.ok}
+        candidates: dict[str, common_pb2.Candidates] = {}
+        for name, result in results.items():
+            record.propose_ms[name], record.propose_forward_ms[name] = result.propose_ms, result.forward_ms
+            candidates.update(result.candidates)
+
+        items = [VerifyItem(r.request_id, candidates.get(r.request_id)) for r in running]
+        try:
+            outputs, timing = await self.verifier.verify(items)
+        except VerifierError as exc:
+            # The verifier's state is unknown now: rebuild it from the committed tokens.
+            self._needs_reprefill = True
+            if exc.code == grpc.StatusCode.INVALID_ARGUMENT and "unknown request" not in str(exc):
+                # Maybe the candidates were the bad input: leave out whoever sent some.
+                for name in {planned[rid][0] for rid in candidates}:
+                    self.proposers[name].fault(f"the verifier rejected a batch with its candidates ({exc})")
+            raise
+        record.batch_size = len(items)
+        record.verify_forward_ms, record.verify_total_ms = timing.forward_ms, timing.total_ms
+        record.verify_batched_tokens, record.verify_context_tokens = timing.batched_tokens, timing.context_tokens
+
+        proposed = [len(i.candidates.token_ids) if i.candidates is not None else 0 for i in items]
+        for item, n in zip(items, proposed):  # check all before committing any
+            accepted = len(outputs[item.request_id].accepted_token_ids)
+            if accepted > n:
+                self._needs_reprefill = True
+                raise VerifierError(f"verifier accepted {accepted} of {n} candidates for {item.request_id}")
+
+        outcomes = []
+        for request, n in zip(running, proposed):
+            out = outputs[request.request_id]
+            accepted = len(out.accepted_token_ids)
+            name, k = planned.get(request.request_id, (None, 0))
+            self._count(request, name if name in answered else None, n, accepted)
+            outcomes.append(RequestOutcome(request.request_id, name, k, n, accepted))
+            record.proposed += n
+            record.accepted += accepted
+            record.committed += accepted + 1
+            self._commit(request, [*out.accepted_token_ids, out.bonus_token_id])
+        return outcomes
+
+    async def _propose(self, work: Mapping[str, Sequence[ProposeWork]]) -> dict[str, ProposeResult]:
+        """One step on every proposer with work or pending releases, all in parallel."""
+        names = [n for n, p in self.proposers.items() if work.get(n) or (p.has_releases and p.available())]
+        results = await asyncio.gather(*(self.proposers[n].step(work.get(n, ())) for n in names))
+        return dict(zip(names, results))
+
+    def _view(self, request: Request) -> RequestView:
+        return RequestView(
+            request_id=request.request_id,
+            proposer=request.params.proposer,
+            context_len=len(request.tokens),
+            max_k=self._room(request),
+            proposed=request.stats.proposed,
+            accepted=request.stats.accepted,
+        )
+
+    def _room(self, request: Request) -> int:
+        """Most candidates worth verifying: within the context, and no more than max_tokens can use."""
+        context_room = self.limits.max_seq_len - len(request.tokens) - 1
+        return max(0, min(context_room, request.remaining_tokens - 1))
+
+    @staticmethod
+    def _count(request: Request, proposer: str | None, proposed: int, accepted: int) -> None:
+        stats = request.stats
+        stats.steps += 1
+        stats.proposed += proposed
+        stats.accepted += accepted
+        if proposer is not None:
+            counts = request.proposer_counts(proposer)
+            counts.steps += 1
+            counts.proposed += proposed
+            counts.accepted += accepted
+
+    # -- commit and finish ---------------------------------------------------------------------------
+
+    def _commit(self, request: Request, new_tokens: Sequence[int]) -> None:
+        """Append one step's tokens, apply EOS / stop strings / max_tokens, and stream the result."""
+        if request.cancelled:
+            self._finish(request, None)
+            return
+        kept: list[int] = []
+        text: list[str] = []
+        reason: FinishReason | None = None
+        for token in new_tokens:
+            if token == self.limits.eos_token_id and not request.params.ignore_eos:
+                reason = FinishReason.EOS
+                break
+            kept.append(token)
+            request.tokens.append(token)
+            piece = request.detokenizer.add(token)
+            text.append(piece.text)
+            if piece.stopped:
+                reason = FinishReason.STOP
+                break
+            if request.remaining_tokens <= 0:
+                reason = FinishReason.LENGTH
+                break
+        if reason is not None and reason is not FinishReason.STOP:
+            text.append(request.detokenizer.flush())
+        if reason is not None:
+            self._finish(request, reason)
+        request.events.put_nowait(
+            StreamChunk(kept, "".join(text), reason, request.stats if reason is not None else None)
+        )
+
+    def _finish(self, request: Request, reason: FinishReason | None) -> None:
+        """End a request (reason None: cancelled or failed) and queue the release of its state."""
+        if request.is_finished:
+            return
+        was_running = request.state is RequestState.RUNNING
+        request.state = RequestState.FINISHED
+        request.finish_reason = reason
+        request.finished_s = time.perf_counter()
+        request.stats.completion_tokens = request.num_output
+        request.stats.total_ms = (request.finished_s - request.arrival_s) * 1e3
+        if was_running:
+            del self._running[request.request_id]
+            self._release_in_verifier.append(request.request_id)
+        for proposer in self.proposers.values():
+            proposer.forget(request.request_id)
+        self._wake.set()
+
+    def _fail(self, request: Request, code: str, message: str) -> None:
+        if request.is_finished:
+            return
+        self._finish(request, None)
+        request.events.put_nowait(RequestFailed(code, message))

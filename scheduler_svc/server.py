@@ -1,0 +1,251 @@
+"""The scheduler's gRPC side: the Generation servicer, start-up wiring, health and reflection.
+
+The servicer is thin: it validates a GenerateRequest into GenerationParams, hands a Request to the
+engine, and turns the request's StreamChunks back into protobuf. A client that goes away (context
+cancellation) cancels its request, which frees its state in the verifier and the proposers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.detokenizer import IncrementalDetokenizer
+from scheduler_svc.engine import Engine, ModelLimits, QueueFull
+from scheduler_svc.policy import make_policy
+from scheduler_svc.proposer_client import ProposerClient
+from scheduler_svc.request import GenerationParams, Request, RequestFailed, RequestStats, StreamChunk
+from scheduler_svc.validation import Limits, validate_request
+from scheduler_svc.verifier_client import VerifierClient, VerifierInfo
+from specdec.pb import generation_pb2, generation_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+RETRY_CONNECT_S = 0.5
+
+
+def load_tokenizer(path: str):
+    """The Hugging Face tokenizer in a local folder (never fetched from a hub)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+class Scheduler:
+    """Clients, tokenizer and engine of one scheduler; ready once the verifier and every proposer answer Info."""
+
+    def __init__(self, config: SchedulerConfig, tokenizer: Any = None) -> None:
+        self.config = config
+        self.verifier = VerifierClient(config.verifier, config.verifier_timeout_s)
+        self.proposers = {
+            p.name: ProposerClient(p.name, p.address, timeout_s=config.proposer_timeout_s,
+                                   backoff_s=config.proposer_backoff_s)
+            for p in config.proposers
+        }
+        self.tokenizer = tokenizer
+        self.engine: Engine | None = None
+        self.limits: Limits | None = None
+        self.verifier_info: VerifierInfo | None = None
+        self.ready = asyncio.Event()
+        self._decode: Callable[[Sequence[int]], str] | None = None
+
+    async def connect(self) -> None:
+        """Wait for the verifier and the proposers, load the tokenizer, start the engine."""
+        info = await _until_answered(f"verifier at {self.config.verifier}", self.verifier.info)
+        self.verifier_info = info
+        for proposer in self.proposers.values():
+            proposer.vocab_size = info.vocab_size
+            pinfo = await _until_answered(f"proposer {proposer.name} at {proposer.address}", proposer.info)
+            log.info("proposer %s: kind=%s max_budget=%d (%s)", proposer.name, pinfo.kind, pinfo.max_budget,
+                     pinfo.config)
+        if self.tokenizer is None:
+            path = self.config.tokenizer or info.model
+            log.info("loading the tokenizer from %s", path)
+            self.tokenizer = await asyncio.to_thread(load_tokenizer, path)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            # The Rust tokenizer directly: faster, and without transformers' space clean-up, which is
+            # not prefix-stable and would break incremental decoding.
+            self._decode = lambda ids: backend.decode(list(ids), skip_special_tokens=True)
+        else:
+            self._decode = lambda ids: self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        if info.active_request_ids:
+            # Left over from an earlier scheduler: nobody will ever finish them.
+            log.warning("releasing %d requests the verifier still held", len(info.active_request_ids))
+            await self.verifier.release(list(info.active_request_ids))
+        log.info("verifier: model=%s device=%s dtype=%s vocab=%d max_seq_len=%d slots=%d batch=%d",
+                 info.model, info.device, info.dtype, info.vocab_size, info.max_seq_len, info.max_slots,
+                 info.max_batch_size)
+        self.limits = Limits(info.vocab_size, info.max_seq_len, self.config.max_tokens_limit,
+                             tuple(self.proposers))
+        self.engine = Engine(
+            verifier=self.verifier,
+            proposers=self.proposers,
+            policy=make_policy(self.config.policy, list(self.proposers), self.config.k),
+            limits=ModelLimits(info.vocab_size, info.eos_token_id, info.max_seq_len, info.max_slots,
+                               info.max_batch_size),
+            max_waiting=self.config.max_waiting,
+            step_record_limit=self.config.step_record_limit,
+            backoff_max_s=self.config.verifier_backoff_max_s,
+        )
+        self.engine.start()
+        self.ready.set()
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            await self.engine.stop()
+        for proposer in self.proposers.values():
+            await proposer.close()
+        await self.verifier.close()
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def new_request(self, params: GenerationParams) -> Request:
+        return Request(params, IncrementalDetokenizer(self._decode, params.prompt_token_ids, params.stop))
+
+
+async def _until_answered(what: str, call: Callable[[], Awaitable[Any]]) -> Any:
+    """Retry `call` until it answers; logs while waiting."""
+    attempts = 0
+    while True:
+        try:
+            return await call()
+        except Exception as exc:  # any RPC failure: the service is not up yet
+            if attempts % 20 == 0:
+                log.info("waiting for the %s: %s", what, str(exc).splitlines()[0][:200])
+            attempts += 1
+            await asyncio.sleep(RETRY_CONNECT_S)
+
+
+def stats_to_pb(stats: RequestStats) -> generation_pb2.GenerationStats:
+    return generation_pb2.GenerationStats(
+        prompt_tokens=stats.prompt_tokens,
+        completion_tokens=stats.completion_tokens,
+        steps=stats.steps,
+        proposed=stats.proposed,
+        accepted=stats.accepted,
+        proposers={
+            name: generation_pb2.ProposerStats(steps=c.steps, proposed=c.proposed, accepted=c.accepted)
+            for name, c in stats.proposers.items()
+        },
+        time_to_first_token_ms=stats.time_to_first_token_ms,
+        total_ms=stats.total_ms,
+    )
+
+
+def chunk_to_pb(chunk: StreamChunk) -> generation_pb2.GenerateResponse:
+    msg = generation_pb2.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text)
+    if chunk.finish_reason is not None:
+        msg.finish_reason = chunk.finish_reason.value
+    if chunk.stats is not None:
+        msg.stats.CopyFrom(stats_to_pb(chunk.stats))
+    return msg
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    """specdec.v1.Generation over a Scheduler."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    async def Generate(self, request, context):
+        req = await self._submit(request, context)
+        try:
+            while True:
+                event = await req.events.get()
+                if isinstance(event, RequestFailed):
+                    await context.abort(grpc.StatusCode[event.code], event.message)
+                yield chunk_to_pb(event)
+                if event.finish_reason is not None:
+                    return
+        finally:
+            self.scheduler.engine.cancel(req)  # no-op once finished
+
+    async def GenerateUnary(self, request, context):
+        req = await self._submit(request, context)
+        token_ids: list[int] = []
+        text: list[str] = []
+        try:
+            while True:
+                event = await req.events.get()
+                if isinstance(event, RequestFailed):
+                    await context.abort(grpc.StatusCode[event.code], event.message)
+                token_ids.extend(event.token_ids)
+                text.append(event.text)
+                if event.finish_reason is not None:
+                    return generation_pb2.GenerateResult(
+                        text="".join(text), token_ids=token_ids, finish_reason=event.finish_reason.value,
+                        stats=stats_to_pb(event.stats),
+                    )
+        finally:
+            self.scheduler.engine.cancel(req)
+
+    async def _submit(self, request: generation_pb2.GenerateRequest, context) -> Request:
+        scheduler = self.scheduler
+        if not scheduler.ready.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "the scheduler is starting: it waits for its verifier and proposers; retry shortly")
+        try:
+            params = validate_request(request, scheduler.limits, scheduler.tokenize)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        req = scheduler.new_request(params)
+        try:
+            scheduler.engine.submit(req)
+        except QueueFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        return req
+
+
+@dataclass
+class SchedulerServer:
+    """A running scheduler: its gRPC server, bound port, and the Scheduler behind it."""
+
+    server: grpc.aio.Server
+    port: int
+    scheduler: Scheduler
+    health: health.aio.HealthServicer
+    connect_task: asyncio.Task
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Graceful shutdown: NOT_SERVING, finish in-flight calls within the grace time, close clients."""
+        await self.health.enter_graceful_shutdown()
+        self.connect_task.cancel()
+        await self.server.stop(grace_s if grace_s is not None else self.scheduler.config.grace_s)
+        await self.scheduler.close()
+
+
+async def start_server(config: SchedulerConfig, tokenizer: Any = None) -> SchedulerServer:
+    """Bind and start the gRPC server now; the scheduler connects in the background (health says when)."""
+    scheduler = Scheduler(config, tokenizer)
+    server = grpc.aio.server()
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(scheduler), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise RuntimeError(f"could not bind {config.host}:{config.port}")
+    await server.start()
+
+    async def connect() -> None:
+        await scheduler.connect()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("scheduler ready on %s:%d", config.host, port)
+
+    task = asyncio.create_task(connect(), name="scheduler-connect")
+    return SchedulerServer(server, port, scheduler, health_servicer, task)

@@ -1,0 +1,98 @@
+"""GenerateRequest -> validated GenerationParams, or ValueError with a message a person can act on."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from scheduler_svc.config import NO_PROPOSER
+from scheduler_svc.request import GenerationParams, SamplingParams
+from specdec.pb import generation_pb2
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the served model and the scheduler allow."""
+
+    vocab_size: int
+    max_seq_len: int  # most tokens one request may hold (prompt + output)
+    max_tokens_limit: int
+    proposer_names: tuple[str, ...] = ()
+
+
+def validate_request(
+    request: generation_pb2.GenerateRequest, limits: Limits, tokenize: Callable[[str], list[int]]
+) -> GenerationParams:
+    """Check every field of a GenerateRequest; tokenize a text prompt. Raises ValueError on bad input."""
+    has_text, has_ids = bool(request.prompt), len(request.prompt_token_ids) > 0
+    if has_text and has_ids:
+        raise ValueError("give the prompt either as text (prompt) or as token ids (prompt_token_ids), not both")
+    if not has_text and not has_ids:
+        raise ValueError("the prompt is empty: set prompt (text) or prompt_token_ids")
+    sampling = _validate_sampling(request)
+    if request.max_tokens <= 0:
+        raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+    if request.max_tokens > limits.max_tokens_limit:
+        raise ValueError(f"max_tokens {request.max_tokens} is above this server's limit of {limits.max_tokens_limit}")
+    _validate_proposer(request.proposer, limits.proposer_names)
+    stop = tuple(request.stop)
+    if any(s == "" for s in stop):
+        raise ValueError("stop strings must not be empty")
+
+    prompt_ids = list(request.prompt_token_ids) if has_ids else list(tokenize(request.prompt))
+    if not prompt_ids:
+        raise ValueError("the prompt text encodes to no tokens")
+    _validate_token_ids(prompt_ids, limits.vocab_size)
+    if len(prompt_ids) + 1 > limits.max_seq_len:
+        raise ValueError(
+            f"the prompt has {len(prompt_ids)} tokens; the model's context is {limits.max_seq_len} tokens, "
+            f"so a prompt may have at most {limits.max_seq_len - 1}"
+        )
+    if len(prompt_ids) + request.max_tokens > limits.max_seq_len:
+        raise ValueError(
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the model's context of "
+            f"{limits.max_seq_len} tokens: lower max_tokens to at most {limits.max_seq_len - len(prompt_ids)} "
+            "or shorten the prompt"
+        )
+    return GenerationParams(
+        prompt_token_ids=tuple(prompt_ids),
+        max_tokens=request.max_tokens,
+        sampling=sampling,
+        stop=stop,
+        proposer=request.proposer,
+        ignore_eos=request.ignore_eos,
+    )
+
+
+def _validate_sampling(request: generation_pb2.GenerateRequest) -> SamplingParams:
+    temperature = request.temperature
+    if math.isnan(temperature) or temperature < 0 or math.isinf(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    top_p = None
+    if request.HasField("top_p"):
+        top_p = request.top_p
+        if math.isnan(top_p) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if request.top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = no limit), got {request.top_k}")
+    seed = request.seed if request.HasField("seed") else None
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=request.top_k, seed=seed)
+
+
+def _validate_proposer(name: str, configured: Sequence[str]) -> None:
+    if name in ("", NO_PROPOSER) or name in configured:
+        return
+    have = f"the configured proposers are {', '.join(configured)}" if configured else "no proposer is configured"
+    raise ValueError(
+        f"unknown proposer {name!r}: {have}; use {NO_PROPOSER!r} for no speculation, or leave it empty for the "
+        "server's choice"
+    )
+
+
+def _validate_token_ids(ids: Sequence[int], vocab_size: int) -> None:
+    for i, token in enumerate(ids):
+        if not 0 <= token < vocab_size:
+            raise ValueError(
+                f"prompt_token_ids[{i}] = {token} is outside the vocabulary (valid ids are 0..{vocab_size - 1})"
+            )

@@ -1,0 +1,166 @@
+"""A thin async client of the verifier service: Prefill, Verify, Release, Info in plain Python.
+
+Every failure (an RPC error, or an answer that does not cover the requests sent) is raised as a
+VerifierError; the engine decides what to do (back off, re-prefill).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import grpc
+
+from scheduler_svc.request import SamplingParams
+from specdec.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
+
+# Draft distributions make Verify requests large (k * vocab floats per request).
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class VerifierError(Exception):
+    """A verifier call failed; `code` is the gRPC status code (None for a malformed answer)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def is_unavailable(self) -> bool:
+        return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass(frozen=True)
+class VerifierInfo:
+    model: str  # checkpoint folder of the target model
+    device: str
+    dtype: str
+    vocab_size: int
+    eos_token_id: int
+    max_seq_len: int
+    max_slots: int
+    free_slots: int
+    max_batch_size: int
+    active_request_ids: tuple[str, ...]
+    hidden_size: int
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Time the verifier spent on one call (see Timing in verifier.proto)."""
+
+    forward_ms: float = 0.0
+    total_ms: float = 0.0
+    batched_tokens: int = 0
+    context_tokens: int = 0
+    batch_size: int = 0
+
+
+@dataclass(frozen=True)
+class PrefillItem:
+    request_id: str
+    token_ids: Sequence[int]  # every committed token of the request
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class VerifyItem:
+    request_id: str
+    candidates: common_pb2.Candidates | None  # None: plain decode step
+
+
+@dataclass(frozen=True)
+class VerifyOutput:
+    accepted_token_ids: list[int]  # a root path of the candidates, in order
+    bonus_token_id: int  # sampled after the accepted path; the new pending token
+
+
+def sampling_to_pb(sampling: SamplingParams) -> common_pb2.SamplingParams:
+    msg = common_pb2.SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k)
+    if sampling.top_p is not None:
+        msg.top_p = sampling.top_p
+    if sampling.seed is not None:
+        msg.seed = sampling.seed
+    return msg
+
+
+def _timing(msg: verifier_pb2.Timing) -> Timing:
+    return Timing(msg.forward_ms, msg.total_ms, msg.batched_tokens, msg.context_tokens, msg.batch_size)
+
+
+class VerifierClient:
+    """Calls one verifier service at `address` (HOST:PORT)."""
+
+    def __init__(self, address: str, timeout_s: float = 120.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = verifier_pb2_grpc.VerifierStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def info(self, timeout_s: float | None = None) -> VerifierInfo:
+        msg = await self._call(self._stub.Info, verifier_pb2.VerifierInfoRequest(), timeout_s)
+        return VerifierInfo(
+            model=msg.model,
+            device=msg.device,
+            dtype=msg.dtype,
+            vocab_size=msg.vocab_size,
+            eos_token_id=msg.eos_token_id,
+            max_seq_len=msg.max_seq_len,
+            max_slots=msg.max_slots,
+            free_slots=msg.free_slots,
+            max_batch_size=msg.max_batch_size,
+            active_request_ids=tuple(msg.active_request_ids),
+            hidden_size=msg.hidden_size,
+        )
+
+    async def prefill(self, items: Sequence[PrefillItem]) -> tuple[dict[str, int], Timing]:
+        """Admit requests; returns each one's first sampled token (its pending token) by id."""
+        request = verifier_pb2.PrefillRequest(
+            items=[
+                verifier_pb2.PrefillItem(
+                    request_id=i.request_id, token_ids=i.token_ids, sampling=sampling_to_pb(i.sampling)
+                )
+                for i in items
+            ]
+        )
+        msg = await self._call(self._stub.Prefill, request)
+        first = {r.request_id: r.next_token_id for r in msg.results}
+        self._check_covered("Prefill", [i.request_id for i in items], first)
+        return first, _timing(msg.timing)
+
+    async def verify(self, items: Sequence[VerifyItem]) -> tuple[dict[str, VerifyOutput], Timing]:
+        """One engine step for a ragged batch; returns accepted tokens and the bonus token by id."""
+        request = verifier_pb2.VerifyRequest()
+        for item in items:
+            entry = request.items.add(request_id=item.request_id)
+            if item.candidates is not None:
+                entry.candidates.CopyFrom(item.candidates)
+        msg = await self._call(self._stub.Verify, request)
+        outputs = {r.request_id: VerifyOutput(list(r.accepted_token_ids), r.bonus_token_id) for r in msg.results}
+        self._check_covered("Verify", [i.request_id for i in items], outputs)
+        return outputs, _timing(msg.timing)
+
+    async def release(self, request_ids: Sequence[str]) -> int:
+        """Free the verifier state of these requests (unknown ids are ignored); returns how many held state."""
+        msg = await self._call(self._stub.Release, verifier_pb2.ReleaseRequest(request_ids=request_ids))
+        return msg.released
+
+    async def _call(self, method, request, timeout_s: float | None = None):
+        try:
+            return await method(request, timeout=timeout_s or self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise VerifierError(
+                f"verifier {self.address} {type(request).__name__}: {exc.code().name}: {exc.details()}", exc.code()
+            ) from exc
+
+    def _check_covered(self, rpc: str, sent: list[str], got: dict) -> None:
+        missing = [rid for rid in sent if rid not in got]
+        if missing:
+            raise VerifierError(f"verifier {self.address} {rpc} answered without results for {missing[:3]}")

@@ -1,0 +1,143 @@
+"""The figures of docs/models.md: sizes, held-out loss, acceptance and step times of the embedded models.
+
+Called by `scripts/train_models.py --stage report`. Everything is measured on the held-out files.
+
+- held-out loss: mean next-token cross-entropy over non-overlapping windows of the held-out stream;
+- draft acceptance: along the target's own greedy continuation of each held-out prompt, the fraction of
+  positions where the draft's greedy next token equals the target's (the per-token acceptance rate
+  `a` of greedy speculation);
+- prompt lookup: on the same positions, how often the n-gram proposer has a proposal, how often its
+  first token is right when it has one, and the per-token rate over all positions;
+- batch-1 decode step time of target and draft through the model runner, measured alternately in
+  one loop (ratios only mean something side by side).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from proposer_svc.ngram import NgramProposer
+from proposer_svc.base import ProposalRequest
+from specdec.runner import ModelRunner, SeqInput
+
+PROMPT_TOKENS = 128
+CONTINUATION_TOKENS = 64
+
+
+@torch.inference_mode()
+def held_out_loss(model_dir, stream: torch.Tensor, seq_len: int, max_windows: int = 64) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    windows = stream[: (len(stream) // seq_len) * seq_len].view(-1, seq_len)[:max_windows]
+    losses = [model(input_ids=windows[i : i + 8], labels=windows[i : i + 8]).loss.item() for i in range(0, len(windows), 8)]
+    return sum(losses) / len(losses)
+
+
+def held_out_prompts(stream: torch.Tensor, count: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    span = PROMPT_TOKENS + CONTINUATION_TOKENS
+    starts = sorted(rng.sample(range(0, len(stream) - span), count))
+    return [stream[s : s + PROMPT_TOKENS].tolist() for s in starts]
+
+
+@torch.inference_mode()
+def greedy_continuations(runner: ModelRunner, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    slots = [runner.allocate() for _ in prompts]
+    outs = runner.forward([SeqInput(s, p, last_logits_only=True) for s, p in zip(slots, prompts)])
+    continuations = [[int(o.logits[-1].argmax())] for o in outs]
+    for _ in range(steps - 1):
+        outs = runner.forward([SeqInput(s, [c[-1]]) for s, c in zip(slots, continuations)])
+        for c, o in zip(continuations, outs):
+            c.append(int(o.logits[-1].argmax()))
+    for s in slots:
+        runner.release(s)
+    return continuations
+
+
+@torch.inference_mode()
+def draft_acceptance(draft: ModelRunner, prompts, continuations) -> float:
+    """Teacher-forced: one draft forward over prompt + target continuation per request."""
+    hits = total = 0
+    for prompt, cont in zip(prompts, continuations):
+        slot = draft.allocate()
+        (out,) = draft.forward([SeqInput(slot, prompt + cont[:-1])])
+        predicted = out.logits[len(prompt) - 1 :].argmax(-1).tolist()
+        hits += sum(p == t for p, t in zip(predicted, cont))
+        total += len(cont)
+        draft.release(slot)
+    return hits / total
+
+
+def ngram_acceptance(prompts, continuations, min_n: int, max_n: int) -> dict:
+    proposer = NgramProposer(min_n=min_n, max_n=max_n)
+    proposed = right = total = 0
+    for i, (prompt, cont) in enumerate(zip(prompts, continuations)):
+        rid = f"r{i}"
+        new = list(prompt)
+        for token in cont:
+            (proposal,) = proposer.step([ProposalRequest(rid, new, False, 1, None)])
+            if proposal.token_ids:
+                proposed += 1
+                right += proposal.token_ids[0] == token
+            total += 1
+            new = [token]
+        proposer.release([rid])
+    return {
+        "coverage": proposed / total,
+        "acceptance_when_proposed": right / max(1, proposed),
+        "per_token_acceptance": right / total,
+    }
+
+
+def step_times(target: ModelRunner, draft: ModelRunner, threads: int, iters: int = 300) -> dict:
+    torch.set_num_threads(threads)
+    rng = random.Random(0)
+    runners = {"target": target, "draft": draft}
+    slots = {}
+    for name, r in runners.items():
+        slots[name] = r.allocate()
+        r.forward([SeqInput(slots[name], [rng.randrange(r.vocab_size) for _ in range(PROMPT_TOKENS)])])
+    samples = {name: [] for name in runners}
+    for i in range(iters + 20):
+        for name, r in runners.items():
+            t0 = time.perf_counter()
+            r.forward([SeqInput(slots[name], [rng.randrange(r.vocab_size)])])
+            if i >= 20:
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+            r.accept(slots[name], [])
+    for name, r in runners.items():
+        r.release(slots[name])
+    med = {name: statistics.median(v) for name, v in samples.items()}
+    return {"threads": threads, "target_ms": med["target"], "draft_ms": med["draft"],
+            "ratio": med["target"] / med["draft"]}
+
+
+def report(args, tokenizer, held_texts: list[str]) -> dict:
+    from train_models import encode_corpus
+
+    stream = encode_corpus(tokenizer, held_texts)
+    target_dir, draft_dir = args.out / "code-target", args.out / "code-draft"
+    target = ModelRunner(target_dir, device="cpu", dtype="float32", max_slots=args.report_prompts, max_seq_len=512)
+    draft = ModelRunner(draft_dir, device="cpu", dtype="float32", max_slots=args.report_prompts, max_seq_len=512)
+    prompts = held_out_prompts(stream, args.report_prompts, args.seed)
+    continuations = greedy_continuations(target, prompts, CONTINUATION_TOKENS)
+    return {
+        "held_out_tokens": len(stream),
+        "params": {"target": target.weights.num_params, "draft": draft.weights.num_params},
+        "held_out_loss": {
+            "target": held_out_loss(target_dir, stream, args.seq_len),
+            "draft": held_out_loss(draft_dir, stream, args.seq_len),
+        },
+        "prompts": len(prompts),
+        "prompt_tokens": PROMPT_TOKENS,
+        "continuation_tokens": CONTINUATION_TOKENS,
+        "draft_greedy_acceptance": draft_acceptance(draft, prompts, continuations),
+        "ngram": {f"n={lo}..{hi}": ngram_acceptance(prompts, continuations, lo, hi) for lo, hi in ((1, 3), (2, 4))},
+        "step_times": [step_times(target, draft, t) for t in (1, 2)],
+    }

@@ -1,0 +1,243 @@
+"""The `specdec` command: `specdec up` runs the stack locally, `specdec generate` streams a completion.
+
+Expected failures (bad arguments, server unreachable, deadline, server full) print one clear line to stderr
+and exit with 2 (the request or the flags are wrong) or 1 (anything else), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from dataclasses import asdict
+
+from specdec_client.types import GenerationResult
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _error(message: str) -> None:
+    print(f"specdec: error: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# specdec up
+
+
+def _split_proposers(value: str) -> list[str]:
+    kinds = [kind.strip() for kind in value.split(",") if kind.strip()]
+    return [] if kinds == ["none"] else kinds
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start the stack, report where it serves, run until SIGINT/SIGTERM, then stop every process."""
+    from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_TARGET, CheckpointError, validate_checkpoint
+    from specdec.launcher import PROPOSER_KINDS, Stack, StackError, local_specs, port_is_free
+
+    proposers = _split_proposers(args.proposers)
+    model = args.model or str(DEFAULT_TARGET)
+    draft_model = args.draft_model or str(DEFAULT_DRAFT)
+    try:
+        # Checked here because a service that fails on its model only says so in its log.
+        validate_checkpoint(model)
+        if any(PROPOSER_KINDS.get(kind) == "draft" for kind in proposers):
+            validate_checkpoint(draft_model)
+    except CheckpointError as exc:
+        _error(f"{exc} (pass --model / --draft-model)")
+        return EXIT_USAGE
+    if args.port and not port_is_free(args.host, args.port):
+        _error(f"port {args.port} on {args.host} is in use (another `specdec up`?); pick one with --port")
+        return EXIT_USAGE
+    try:
+        specs = local_specs(args.port, proposers, policy=args.policy, k=args.k, model=model,
+                            draft_model=draft_model, host=args.host, device=args.device)
+        stack = Stack(specs, log_dir=args.log_dir, startup_timeout_s=args.startup_timeout, grace_s=args.grace)
+    except StackError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+
+    stop_requested = threading.Event()
+
+    def on_signal(signum, frame):
+        stop_requested.set()
+        raise KeyboardInterrupt  # interrupts a start in progress; start() stops what it started
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stack.start()
+        scheduler = stack.spec("scheduler")
+        others = ", ".join(f"{spec.name} {spec.address}" for spec in stack.specs if spec.name != "scheduler")
+        print(f"specdec stack ready on {scheduler.address} (policy {args.policy}, k={args.k}, "
+              f"proposers: {', '.join(proposers) or 'none'}; {others}); logs in {stack.log_dir}; "
+              f"Ctrl-C to stop", flush=True)
+        while not stop_requested.wait(0.5):
+            dead = stack.exited()
+            if dead:
+                name, code = next(iter(dead.items()))
+                from specdec.launcher import log_tail
+
+                _error(f"{name} exited with code {code}; last lines of {stack.log_path(name)}:\n"
+                       f"{log_tail(stack.log_path(name))}")
+                return EXIT_FAILED
+    except KeyboardInterrupt:
+        pass
+    except StackError as exc:
+        _error(str(exc))
+        return EXIT_FAILED
+    finally:
+        # A second Ctrl-C must not abandon half-stopped services; stop() is bounded by the grace period.
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        print("specdec: stopping the stack", file=sys.stderr, flush=True)
+        stack.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------
+# specdec generate
+
+
+def format_stats(result: GenerationResult) -> str:
+    """The stats of a completion as a few human-readable lines."""
+    s = result.stats
+    lines = [
+        f"finish: {result.finish_reason}; prompt {s.prompt_tokens} tokens, completion {s.completion_tokens} tokens",
+        f"steps {s.steps}, proposed {s.proposed}, accepted {s.accepted}, "
+        f"acceptance rate {s.acceptance_rate:.1%}",
+    ]
+    for name, p in s.proposers.items():
+        lines.append(f"  {name}: steps {p.steps}, proposed {p.proposed}, accepted {p.accepted}, "
+                     f"acceptance rate {p.acceptance_rate:.1%}")
+    lines.append(f"time to first token {s.time_to_first_token_ms:.1f} ms, total {s.total_ms:.1f} ms")
+    return "\n".join(lines)
+
+
+def result_to_dict(result: GenerationResult) -> dict:
+    """A completion as JSON-ready data, acceptance rates included."""
+    data = asdict(result)
+    data["stats"]["acceptance_rate"] = result.stats.acceptance_rate
+    data["stats"]["proposers"] = {
+        name: p._asdict() | {"acceptance_rate": p.acceptance_rate} for name, p in result.stats.proposers.items()
+    }
+    return data
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Stream a completion to stdout as it arrives, then its stats to stderr."""
+    from specdec_client import (
+        Cancelled,
+        Client,
+        DeadlineExceeded,
+        InvalidArgument,
+        ResourceExhausted,
+        SpecdecError,
+        Unavailable,
+    )
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  seed=args.seed, stop=args.stop, proposer=args.proposer, ignore_eos=args.ignore_eos)
+    wrote_text = False
+    try:
+        with Client(args.target, timeout=args.timeout, retries=args.retries) as client:
+            if args.json:
+                result = client.generate(prompt, **params)
+                print(json.dumps(result_to_dict(result)))
+                return EXIT_OK
+            stream = client.stream(prompt, **params)
+            for chunk in stream:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                wrote_text = wrote_text or bool(chunk.text)
+            result = stream.collect()
+    except InvalidArgument as exc:
+        _error(f"invalid request: {exc}")
+        return EXIT_USAGE
+    except Unavailable as exc:
+        _end_line(wrote_text)
+        _error(f"the server at {args.target} is unavailable: {exc} (is `specdec up` running there?)")
+        return EXIT_FAILED
+    except DeadlineExceeded as exc:
+        _end_line(wrote_text)
+        _error(f"deadline exceeded: {exc}")
+        return EXIT_FAILED
+    except ResourceExhausted as exc:
+        _error(f"the server is full, try again later: {exc}")
+        return EXIT_FAILED
+    except Cancelled as exc:
+        _end_line(wrote_text)
+        _error(f"cancelled: {exc}")
+        return EXIT_FAILED
+    except SpecdecError as exc:
+        _end_line(wrote_text)
+        _error(f"{exc.code.name}: {exc}")
+        return EXIT_FAILED
+    _end_line(wrote_text and not result.text.endswith("\n"))
+    if not args.no_stats:
+        print("---", file=sys.stderr)
+        print(format_stats(result), file=sys.stderr, flush=True)
+    return EXIT_OK
+
+
+def _end_line(needed: bool) -> None:
+    if needed:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specdec", description="Speculative decoding served as gRPC services.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run the whole stack as local processes until Ctrl-C")
+    up.add_argument("--port", type=int, default=50051, help="public port of the scheduler (default 50051)")
+    up.add_argument("--host", default="127.0.0.1", help="address the scheduler binds (default 127.0.0.1)")
+    up.add_argument("--proposers", default="ngram,draft",
+                    help="comma-separated proposer kinds, or 'none' (default ngram,draft)")
+    up.add_argument("--policy", default="fixed", help="speculation policy of the scheduler (default fixed)")
+    up.add_argument("--k", type=int, default=3, help="tokens to speculate per step for the fixed policy")
+    up.add_argument("--model", help="target checkpoint folder (default: the embedded models/code-target)")
+    up.add_argument("--draft-model", help="draft checkpoint folder (default: the embedded models/code-draft)")
+    up.add_argument("--device", help="verifier device: auto, cpu or cuda (default: the verifier's)")
+    up.add_argument("--log-dir", help="folder for the services' logs (default: a new temporary folder)")
+    up.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the stack")
+    up.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL at stop")
+    up.set_defaults(run=cmd_up)
+
+    gen = commands.add_parser("generate", help="stream a completion from a running stack")
+    gen.add_argument("prompt", help="the prompt text, or - to read it from stdin")
+    gen.add_argument("--target", default="127.0.0.1:50051", help="scheduler address (default 127.0.0.1:50051)")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--proposer", default="", help="proposer name, 'none', or empty for the server's choice")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--timeout", type=float, help="deadline of the whole call in seconds")
+    gen.add_argument("--retries", type=int, default=3, help="retries while the server is unavailable")
+    gen.add_argument("--no-stats", action="store_true", help="do not print the stats")
+    gen.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
+    gen.set_defaults(run=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `specdec` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

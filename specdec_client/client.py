@@ -1,0 +1,549 @@
+"""Sync and async clients of the public `specdec.v1.Generation` API (served by the scheduler).
+
+Retries: a call that fails with UNAVAILABLE before the first streamed message arrived is retried with
+exponential backoff (tenacity), `retries` times at most and never past the call's deadline. Once a message was
+received the request is running on the server and its tokens may have been shown to the user, so a failure
+after that raises: a stream is never silently restarted (a restart could even produce different tokens when
+sampling without a seed).
+
+Deadlines: `timeout` (seconds) bounds the whole call, retries and backoff included; the client's `timeout`
+is the default of every call, a call's `timeout` overrides it. None means no deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+
+import grpc
+import tenacity
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from specdec.pb import generation_pb2, generation_pb2_grpc
+from specdec_client.errors import DeadlineExceeded, SpecdecError, from_rpc_error
+from specdec_client.types import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    GenerationChunk,
+    GenerationResult,
+    GenerationStats,
+    ProposerStats,
+)
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+# gRPC's default reconnect backoff grows to minutes; a client that retries for a few seconds needs the
+# channel to actually try to reconnect within that time.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+
+_FINISH_REASONS = {
+    generation_pb2.FINISH_REASON_LENGTH: FINISH_LENGTH,
+    generation_pb2.FINISH_REASON_EOS: FINISH_EOS,
+    generation_pb2.FINISH_REASON_STOP: FINISH_STOP,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# protobuf <-> plain types
+
+
+def build_request(
+    prompt: str | Sequence[int],
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    proposer: str = "",
+    ignore_eos: bool = False,
+) -> generation_pb2.GenerateRequest:
+    """The GenerateRequest for these arguments; a prompt given as a sequence of ints is sent as token ids."""
+    request = generation_pb2.GenerateRequest(
+        max_tokens=max_tokens, temperature=temperature, top_k=top_k, proposer=proposer, ignore_eos=ignore_eos
+    )
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    else:
+        request.prompt_token_ids.extend(int(t) for t in prompt)
+    # Optional fields stay unset (not 0) when not given: unset top_p means 1, unset seed means random.
+    if top_p is not None:
+        request.top_p = top_p
+    if seed is not None:
+        request.seed = seed
+    if stop:
+        request.stop.extend([stop] if isinstance(stop, str) else list(stop))
+    return request
+
+
+def stats_from_proto(message: generation_pb2.GenerationStats) -> GenerationStats:
+    """Plain stats from the protobuf message."""
+    return GenerationStats(
+        prompt_tokens=message.prompt_tokens,
+        completion_tokens=message.completion_tokens,
+        steps=message.steps,
+        proposed=message.proposed,
+        accepted=message.accepted,
+        proposers={
+            name: ProposerStats(p.steps, p.proposed, p.accepted) for name, p in sorted(message.proposers.items())
+        },
+        time_to_first_token_ms=message.time_to_first_token_ms,
+        total_ms=message.total_ms,
+    )
+
+
+def chunk_from_proto(message: generation_pb2.GenerateResponse) -> GenerationChunk:
+    """One streamed message as a chunk; finish_reason and stats only on the last one."""
+    finish_reason = _FINISH_REASONS.get(message.finish_reason)
+    return GenerationChunk(
+        token_ids=list(message.token_ids),
+        text=message.text,
+        finish_reason=finish_reason,
+        stats=stats_from_proto(message.stats) if finish_reason is not None else None,
+    )
+
+
+def result_from_proto(message: generation_pb2.GenerateResult) -> GenerationResult:
+    """A unary GenerateResult as a plain result."""
+    finish_reason = _FINISH_REASONS.get(message.finish_reason)
+    if finish_reason is None:
+        raise SpecdecError(f"the server returned a result without a finish reason ({message.finish_reason})")
+    return GenerationResult(
+        text=message.text,
+        token_ids=list(message.token_ids),
+        finish_reason=finish_reason,
+        stats=stats_from_proto(message.stats),
+    )
+
+
+class _Assembler:
+    """Joins streamed chunks into the whole result, which exists once the last chunk arrived."""
+
+    def __init__(self) -> None:
+        self._text: list[str] = []
+        self._token_ids: list[int] = []
+        self.result: GenerationResult | None = None
+
+    def add(self, chunk: GenerationChunk) -> None:
+        self._text.append(chunk.text)
+        self._token_ids.extend(chunk.token_ids)
+        if chunk.is_last:
+            assert chunk.finish_reason is not None and chunk.stats is not None
+            self.result = GenerationResult("".join(self._text), list(self._token_ids), chunk.finish_reason,
+                                           chunk.stats)
+
+    def finish(self) -> GenerationResult:
+        if self.result is None:
+            raise SpecdecError("the server ended the stream without its last message (no finish reason)")
+        return self.result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# deadlines and retries
+
+
+class _Deadline:
+    """The absolute end of one call, shared by its attempts."""
+
+    def __init__(self, timeout: float | None):
+        self.timeout = timeout
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        """Seconds left for the next attempt (None: no deadline); raises DeadlineExceeded when none are left."""
+        if self._end is None:
+            return None
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"deadline of {self.timeout:g} s exceeded")
+        return left
+
+
+def _is_unavailable(error: BaseException) -> bool:
+    return isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _retry_settings(retries: int, backoff_s: float, backoff_max_s: float, deadline: _Deadline) -> dict:
+    stop = tenacity.stop_after_attempt(retries + 1)
+    if deadline.timeout is not None:
+        # Do not sleep into a deadline that the next attempt could not meet anyway.
+        stop = stop | tenacity.stop_before_delay(deadline.timeout)
+    return dict(
+        stop=stop,
+        wait=tenacity.wait_exponential(multiplier=backoff_s, max=backoff_max_s),
+        retry=tenacity.retry_if_exception(_is_unavailable),
+        reraise=True,
+    )
+
+
+class _Options:
+    """What sync and async clients share: target, default deadline and retry settings."""
+
+    def __init__(self, target: str, timeout: float | None, retries: int, backoff_s: float, backoff_max_s: float):
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        self.target = target
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
+
+    def deadline(self, timeout: float | None) -> _Deadline:
+        return _Deadline(self.timeout if timeout is None else timeout)
+
+    def retrying(self, deadline: _Deadline) -> tenacity.Retrying:
+        return tenacity.Retrying(**_retry_settings(self.retries, self.backoff_s, self.backoff_max_s, deadline))
+
+    def async_retrying(self, deadline: _Deadline) -> tenacity.AsyncRetrying:
+        return tenacity.AsyncRetrying(
+            **_retry_settings(self.retries, self.backoff_s, self.backoff_max_s, deadline)
+        )
+
+
+def _not_ready_message(target: str, timeout: float, last: str) -> str:
+    return f"{target} did not report SERVING within {timeout:g} s (last health answer: {last})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sync client
+
+
+class GenerationStream:
+    """Iterator over the chunks of one streamed generation.
+
+    `.result` is the whole completion once the last chunk arrived (None before); `collect()` reads what is
+    left and returns it. Leaving the loop early (or `cancel()`) cancels the call on the server.
+    """
+
+    def __init__(self, options: _Options, open_call: Callable[[float | None], grpc.Call], deadline: _Deadline):
+        self._options = options
+        self._open_call = open_call
+        self._deadline = deadline
+        self._assembler = _Assembler()
+        self._call: grpc.Call | None = None
+        self._chunks = self._iterate()
+
+    @property
+    def result(self) -> GenerationResult | None:
+        return self._assembler.result
+
+    def __iter__(self) -> Iterator[GenerationChunk]:
+        return self
+
+    def __next__(self) -> GenerationChunk:
+        return next(self._chunks)
+
+    def collect(self) -> GenerationResult:
+        """Read the rest of the stream and return the whole completion."""
+        for _ in self._chunks:
+            pass
+        return self._assembler.finish()
+
+    def cancel(self) -> None:
+        """Stop the generation: the server frees the request's state. Safe from another thread, where the
+        iterating thread then gets Cancelled."""
+        if self._call is not None:
+            self._call.cancel()
+        try:
+            self._chunks.close()
+        except ValueError:  # the generator is running in another thread; the cancelled call ends it
+            pass
+
+    def __enter__(self) -> GenerationStream:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.cancel()
+
+    def _iterate(self) -> Iterator[GenerationChunk]:
+        try:
+            for attempt in self._options.retrying(self._deadline):
+                with attempt:
+                    self._call = call = self._open_call(self._deadline.remaining())
+                    message = next(call, None)  # the first message: from here on, no retry
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        try:
+            while message is not None:
+                chunk = chunk_from_proto(message)
+                self._assembler.add(chunk)
+                yield chunk
+                message = next(call, None)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            call.cancel()  # a no-op after a normal end; frees the server's work when the caller stops early
+        self._assembler.finish()
+
+
+class Client:
+    """Blocking client of the Generation API. Use as a context manager, or call close()."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        timeout: float | None = None,
+        *,
+        retries: int = 3,
+        backoff_s: float = 0.1,
+        backoff_max_s: float = 2.0,
+    ):
+        """`timeout`: default deadline of every call in seconds; `retries`: extra attempts on UNAVAILABLE
+        before the first message, spaced by exponential backoff from `backoff_s` up to `backoff_max_s`."""
+        self._options = _Options(target, timeout, retries, backoff_s, backoff_max_s)
+        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = generation_pb2_grpc.GenerationStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def target(self) -> str:
+        return self._options.target
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        proposer: str = "",
+        ignore_eos: bool = False,
+        timeout: float | None = None,
+    ) -> GenerationResult:
+        """Generate a completion and return it whole. Raises a SpecdecError subclass on failure."""
+        request = build_request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, proposer, ignore_eos)
+        deadline = self._options.deadline(timeout)
+        try:
+            for attempt in self._options.retrying(deadline):
+                with attempt:
+                    response = self._stub.GenerateUnary(request, timeout=deadline.remaining())
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return result_from_proto(response)
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        proposer: str = "",
+        ignore_eos: bool = False,
+        timeout: float | None = None,
+    ) -> GenerationStream:
+        """Generate a completion, yielding the tokens of each engine step as they are accepted.
+
+        The call starts when iteration starts. The last chunk carries finish_reason and stats; the
+        returned stream's `.result` then holds the whole completion.
+        """
+        request = build_request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, proposer, ignore_eos)
+        return GenerationStream(
+            self._options, lambda t: self._stub.Generate(request, timeout=t), self._options.deadline(timeout)
+        )
+
+    def wait_ready(self, timeout: float = 30.0, service: str = "") -> None:
+        """Block until the server's standard health check says SERVING; DeadlineExceeded after `timeout` s."""
+        end = time.monotonic() + timeout
+        last = "no answer yet"
+        while (left := end - time.monotonic()) > 0:
+            try:
+                answer = self._health.Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=min(left, 1.0), wait_for_ready=True
+                )
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+            except grpc.RpcError as exc:
+                last = f"{exc.code().name}: {exc.details()}"
+            time.sleep(min(0.1, max(end - time.monotonic(), 0)))
+        raise DeadlineExceeded(_not_ready_message(self.target, timeout, last))
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# async client
+
+
+class AsyncGenerationStream:
+    """Async iterator over the chunks of one streamed generation; see GenerationStream."""
+
+    def __init__(self, options: _Options, open_call: Callable[[float | None], grpc.aio.Call], deadline: _Deadline):
+        self._options = options
+        self._open_call = open_call
+        self._deadline = deadline
+        self._assembler = _Assembler()
+        self._call: grpc.aio.Call | None = None
+        self._chunks = self._iterate()
+
+    @property
+    def result(self) -> GenerationResult | None:
+        return self._assembler.result
+
+    def __aiter__(self) -> AsyncIterator[GenerationChunk]:
+        return self
+
+    async def __anext__(self) -> GenerationChunk:
+        return await self._chunks.__anext__()
+
+    async def collect(self) -> GenerationResult:
+        """Read the rest of the stream and return the whole completion."""
+        async for _ in self._chunks:
+            pass
+        return self._assembler.finish()
+
+    async def cancel(self) -> None:
+        """Stop the generation: the server frees the request's state."""
+        if self._call is not None:
+            self._call.cancel()
+        await self._chunks.aclose()
+
+    async def __aenter__(self) -> AsyncGenerationStream:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.cancel()
+
+    async def _iterate(self) -> AsyncIterator[GenerationChunk]:
+        try:
+            async for attempt in self._options.async_retrying(self._deadline):
+                with attempt:
+                    self._call = call = self._open_call(self._deadline.remaining())
+                    message = await call.read()  # the first message: from here on, no retry
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        try:
+            while message is not grpc.aio.EOF:
+                chunk = chunk_from_proto(message)
+                self._assembler.add(chunk)
+                yield chunk
+                message = await call.read()
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        finally:
+            call.cancel()
+        self._assembler.finish()
+
+
+class AsyncClient:
+    """asyncio client of the Generation API, same arguments and behaviour as Client.
+
+    The channel is created on first use, inside the running event loop. Use `async with`, or await close().
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        timeout: float | None = None,
+        *,
+        retries: int = 3,
+        backoff_s: float = 0.1,
+        backoff_max_s: float = 2.0,
+    ):
+        self._options = _Options(target, timeout, retries, backoff_s, backoff_max_s)
+        self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def target(self) -> str:
+        return self._options.target
+
+    def _open(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        return self._channel
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        proposer: str = "",
+        ignore_eos: bool = False,
+        timeout: float | None = None,
+    ) -> GenerationResult:
+        """Generate a completion and return it whole. Raises a SpecdecError subclass on failure."""
+        request = build_request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, proposer, ignore_eos)
+        stub = generation_pb2_grpc.GenerationStub(self._open())
+        deadline = self._options.deadline(timeout)
+        try:
+            async for attempt in self._options.async_retrying(deadline):
+                with attempt:
+                    response = await stub.GenerateUnary(request, timeout=deadline.remaining())
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return result_from_proto(response)
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        proposer: str = "",
+        ignore_eos: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncGenerationStream:
+        """Generate a completion as an async iterator of chunks (`async for chunk in client.stream(...)`)."""
+        request = build_request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, proposer, ignore_eos)
+
+        def open_call(t: float | None) -> grpc.aio.Call:
+            return generation_pb2_grpc.GenerationStub(self._open()).Generate(request, timeout=t)
+
+        return AsyncGenerationStream(self._options, open_call, self._options.deadline(timeout))
+
+    async def wait_ready(self, timeout: float = 30.0, service: str = "") -> None:
+        """Wait until the server's standard health check says SERVING; DeadlineExceeded after `timeout` s."""
+        health = health_pb2_grpc.HealthStub(self._open())
+        end = time.monotonic() + timeout
+        last = "no answer yet"
+        while (left := end - time.monotonic()) > 0:
+            try:
+                answer = await health.Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=min(left, 1.0), wait_for_ready=True
+                )
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+            except grpc.RpcError as exc:
+                last = f"{exc.code().name}: {exc.details()}"
+            await asyncio.sleep(min(0.1, max(end - time.monotonic(), 0)))
+        raise DeadlineExceeded(_not_ready_message(self.target, timeout, last))
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+

@@ -1,0 +1,190 @@
+"""gRPC front of the verifier: a thin grpc.aio servicer over VerifierCore, plus health and reflection.
+
+Model calls run on one dedicated worker thread, so calls are serialised (VerifierCore is not
+thread-safe) while the event loop stays free for health checks and Info during a forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from specdec.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
+from specdec.sampling import SamplingParams
+from verifier_svc.config import VerifierConfig
+from verifier_svc.core import CapacityError, PrefillItem, Timing, VerifierCore, VerifyItem
+
+log = logging.getLogger("verifier_svc")
+
+SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["Verifier"].full_name  # specdec.v1.Verifier
+
+
+def sampling_from_pb(pb: common_pb2.SamplingParams) -> tuple[SamplingParams, int | None]:
+    """Protobuf SamplingParams -> (params, seed or None)."""
+    params = SamplingParams(
+        temperature=pb.temperature,
+        top_p=pb.top_p if pb.HasField("top_p") else 1.0,
+        top_k=pb.top_k,
+    )
+    return params, (pb.seed if pb.HasField("seed") else None)
+
+
+def timing_to_pb(timing: Timing, total_ms: float) -> verifier_pb2.Timing:
+    return verifier_pb2.Timing(
+        forward_ms=timing.forward_ms,
+        total_ms=total_ms,
+        batched_tokens=timing.batched_tokens,
+        context_tokens=timing.context_tokens,
+        batch_size=timing.batch_size,
+    )
+
+
+class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
+    def __init__(self, core: VerifierCore, executor: ThreadPoolExecutor) -> None:
+        self.core = core
+        self._executor = executor
+
+    async def _call(self, context: grpc.aio.ServicerContext, fn, *args):
+        """Run a core call on the model thread; bad input and capacity become status codes."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
+        except CapacityError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def Prefill(self, request: verifier_pb2.PrefillRequest, context) -> verifier_pb2.PrefillResponse:
+        started = time.perf_counter()
+        items = []
+        for item in request.items:
+            params, seed = sampling_from_pb(item.sampling)
+            items.append(PrefillItem(item.request_id, list(item.token_ids), params, seed))
+        out = await self._call(context, self.core.prefill, items)
+        return verifier_pb2.PrefillResponse(
+            results=[verifier_pb2.PrefillResult(request_id=r.request_id, next_token_id=r.next_token_id)
+                     for r in out.results],
+            timing=timing_to_pb(out.timing, (time.perf_counter() - started) * 1000.0),
+        )
+
+    async def Verify(self, request: verifier_pb2.VerifyRequest, context) -> verifier_pb2.VerifyResponse:
+        started = time.perf_counter()
+        for item in request.items:
+            if item.candidates.request_id and item.candidates.request_id != item.request_id:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"Verify item {item.request_id!r} carries candidates for request {item.candidates.request_id!r}",
+                )
+        items = [
+            VerifyItem(
+                item.request_id,
+                list(item.candidates.token_ids),
+                list(item.candidates.parent_indices),
+                [np.asarray(d.probs, dtype=np.float64) for d in item.candidates.draft_distributions] or None,
+            )
+            for item in request.items
+        ]
+        out = await self._call(context, self.core.verify, items, request.return_hidden)
+        return verifier_pb2.VerifyResponse(
+            results=[
+                verifier_pb2.VerifyResult(
+                    request_id=r.request_id,
+                    accepted_token_ids=r.accepted_token_ids,
+                    accepted_indices=r.accepted_indices,
+                    bonus_token_id=r.bonus_token_id,
+                    hidden_state=r.hidden_state,
+                )
+                for r in out.results
+            ],
+            timing=timing_to_pb(out.timing, (time.perf_counter() - started) * 1000.0),
+        )
+
+    async def Release(self, request: verifier_pb2.ReleaseRequest, context) -> verifier_pb2.ReleaseResponse:
+        released = await self._call(context, self.core.release, list(request.request_ids))
+        return verifier_pb2.ReleaseResponse(released=released)
+
+    async def Info(self, request: verifier_pb2.VerifierInfoRequest, context) -> verifier_pb2.VerifierInfo:
+        # Read on the model thread too, so that it never sees a half-applied batch.
+        info = await self._call(context, self.core.info)
+        return verifier_pb2.VerifierInfo(**vars(info))
+
+
+@dataclass
+class VerifierServer:
+    """A started server; `port` is the bound port (useful with port 0)."""
+
+    server: grpc.aio.Server
+    port: int
+    core: VerifierCore
+    health: health.aio.HealthServicer
+    executor: ThreadPoolExecutor
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.executor.shutdown(wait=True)
+
+
+async def start_server(core: VerifierCore, host: str = "127.0.0.1", port: int = 0) -> VerifierServer:
+    """Serve `core` on host:port (0 = a free port) with health (SERVING once started) and reflection."""
+    server = grpc.aio.server()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-model")
+    verifier_pb2_grpc.add_VerifierServicer_to_server(VerifierServicer(core, executor), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        executor.shutdown()
+        raise OSError(f"could not bind {host}:{port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return VerifierServer(server, bound, core, health_servicer, executor)
+
+
+async def serve(config: VerifierConfig) -> None:
+    """Load the model, serve until SIGTERM/SIGINT, then shut down gracefully."""
+    logging.basicConfig(stream=sys.stderr, level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(f"verifier_svc config: {config.describe()}", file=sys.stderr, flush=True)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    started = time.perf_counter()
+    core = VerifierCore.from_checkpoint(
+        config.model,
+        device=config.device,
+        dtype=config.dtype,
+        max_slots=config.max_slots,
+        max_seq_len=config.max_seq_len,
+        max_batch_size=config.max_batch_size,
+    )
+    info = core.info()
+    log.info("loaded %s on %s (%s, vocab %d, eos %d, context %d) in %.1f s", info.model, info.device, info.dtype,
+             info.vocab_size, info.eos_token_id, info.max_seq_len, time.perf_counter() - started)
+    running = await start_server(core, config.host, config.port)
+    log.info("serving %s on %s:%d", SERVICE_NAME, config.host, running.port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await running.stop(grace=5.0)
+        log.info("stopped")
