@@ -22,13 +22,8 @@ from specdec.sampling import STREAM_ACCEPT, STREAM_TARGET, SamplingParams, posit
 from specdec.sampling import uniform
 from specdec.verification import Verdict, children_of, is_chain, verify_greedy, verify_rejection, verify_sampled
 from specdec.verification import verify_step
+from specdec.testing import chi_square_passes
 
-# Chi-square critical values at alpha = 0.001, by degrees of freedom.
-CHI2_CRITICAL_0_001 = {
-    1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322, 8: 26.124, 9: 27.877,
-    10: 29.588, 11: 31.264, 12: 32.909, 13: 34.528, 14: 36.123, 15: 37.697, 16: 39.252, 17: 40.790,
-    18: 42.312, 19: 43.820, 20: 45.315, 21: 46.797, 22: 48.268, 23: 49.728, 24: 51.179,
-}
 N_TRIALS = 20000
 V = 5
 START = 10  # absolute position of the first new token
@@ -83,20 +78,6 @@ def node_logits(tokens: list[int], parents: list[int]) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def chi_square_passes(observed: torch.Tensor, expected_probs: torch.Tensor) -> tuple[bool, float, int]:
-    """Pearson's test of observed counts against expected probabilities at alpha = 0.001.
-
-    Cells with expected probability 0 must be empty (else the check fails outright) and are left out
-    of the degrees of freedom. Returns (passes, statistic, df).
-    """
-    observed, expected_probs = observed.double().flatten(), expected_probs.double().flatten()
-    impossible = expected_probs == 0
-    if observed[impossible].sum() > 0:
-        return False, float("inf"), -1
-    expected = expected_probs[~impossible] * observed.sum()
-    stat = float(((observed[~impossible] - expected) ** 2 / expected).sum())
-    df = int((~impossible).sum()) - 1
-    return stat < CHI2_CRITICAL_0_001[df], stat, df
 
 
 Step = Callable[[int], Verdict]  # seed -> verdict of the first step
