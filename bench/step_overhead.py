@@ -1,0 +1,130 @@
+"""Per-step overhead of the engine: step wall time minus the model forward times the services report.
+
+The verifier and the proposers run as their own processes (as in production); the scheduler runs in
+this process so that its step records (scheduler_svc.engine.StepRecord) can be read. For batch 1 and
+batch 8, `--requests` greedy requests are kept running at once, with each proposer at `--k`, and the
+steady-state steps (every request of the batch decoding) are summarised:
+
+    overhead = wall - (verifier forward + slowest proposer forward)
+
+which holds gRPC round trips, (de)serialisation, scheduling, verification rules, detokenization and
+the proposers' own CPU work (prompt lookup has no forward at all).
+
+    .venv/bin/python bench/step_overhead.py --out docs/step_overhead.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+from pathlib import Path
+
+from scheduler_svc.config import ProposerAddress, SchedulerConfig
+from scheduler_svc.server import start_server
+from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_TARGET
+from specdec.launcher import Stack, free_ports, local_specs
+from specdec_client import AsyncClient
+
+PROMPT = (
+    "class Node:\n    def __init__(self, key, value):\n        self.key = key\n        self.value = value\n"
+    "        self.next = None\n\n    def __repr__(self):\n        return f'Node({self.key!r}, {self.value!r})'\n\n"
+)
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def run_case(args, addresses: dict[str, str], proposer: str, batch: int) -> dict:
+    config = SchedulerConfig(
+        verifier=addresses["verifier"],
+        proposers=tuple(ProposerAddress(k, addresses[f"proposer-{k}"]) for k in ("ngram", "draft")),
+        port=0,
+        policy="fixed",
+        k=args.k,
+        log_level="WARNING",
+    )
+    server = await start_server(config)
+    try:
+        await server.connect_task
+        engine = server.scheduler.engine
+        async with AsyncClient(f"127.0.0.1:{server.port}", timeout=600) as client:
+            await client.generate(PROMPT, max_tokens=8, proposer=proposer)  # warm-up
+            first = len(engine.step_records)
+            await asyncio.gather(*(
+                client.generate(PROMPT, max_tokens=args.max_tokens, proposer=proposer, ignore_eos=True)
+                for _ in range(batch)
+            ))
+        records = [r for r in list(engine.step_records)[first:] if r.batch_size == batch and r.admitted == 0]
+    finally:
+        await server.stop(1.0)
+    overhead = [r.overhead_ms for r in records]
+    return {
+        "proposer": proposer,
+        "batch": batch,
+        "steps": len(records),
+        "wall_ms_median": statistics.median(r.wall_ms for r in records),
+        "verify_forward_ms_median": statistics.median(r.verify_forward_ms for r in records),
+        "propose_forward_ms_median": statistics.median(max(r.propose_forward_ms.values(), default=0.0)
+                                                       for r in records),
+        "overhead_ms_median": statistics.median(overhead),
+        "overhead_ms_p90": percentile(overhead, 0.9),
+        "tokens_per_step": sum(r.committed for r in records) / len(records) / batch,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_TARGET))
+    p.add_argument("--draft-model", default=str(DEFAULT_DRAFT))
+    p.add_argument("--k", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+
+    specs = local_specs(free_ports(1)[0], ("ngram", "draft"), model=args.model, draft_model=args.draft_model)
+    rows = []
+    with Stack(specs[:-1], grace_s=5) as stack:
+        addresses = {spec.name: spec.address for spec in stack.specs}
+        for batch in (int(b) for b in args.batches.split(",")):
+            for proposer in ("none", "ngram", "draft"):
+                rows.append(asyncio.run(run_case(args, addresses, proposer, batch)))
+                print(json.dumps(rows[-1]), flush=True)
+
+    table = [
+        "| proposer | batch | steps | step wall ms | verifier forward ms | proposer forward ms | "
+        "overhead ms (median) | overhead ms (p90) | tokens per request-step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        table.append(
+            f"| {r['proposer']} | {r['batch']} | {r['steps']} | {r['wall_ms_median']:.2f} | "
+            f"{r['verify_forward_ms_median']:.2f} | {r['propose_forward_ms_median']:.2f} | "
+            f"{r['overhead_ms_median']:.2f} | {r['overhead_ms_p90']:.2f} | {r['tokens_per_step']:.2f} |"
+        )
+    print("\n".join(table))
+    if args.out:
+        text = [
+            "# Per-step overhead",
+            "",
+            "Step wall time minus the model forward times reported by the verifier and the proposers "
+            f"(medians over the steady-state steps of each run; greedy, k={args.k}, "
+            f"{args.max_tokens} tokens per request, embedded models on this machine's CPU).",
+            "",
+            "Made with:",
+            "",
+            "    .venv/bin/python bench/step_overhead.py --out docs/step_overhead.md",
+            "",
+            *table,
+            "",
+        ]
+        args.out.write_text("\n".join(text))
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
