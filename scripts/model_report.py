@@ -141,3 +141,57 @@ def report(args, tokenizer, held_texts: list[str]) -> dict:
         "ngram": {f"n={lo}..{hi}": ngram_acceptance(prompts, continuations, lo, hi) for lo, hi in ((1, 3), (2, 4))},
         "step_times": [step_times(target, draft, t) for t in (1, 2)],
     }
+
+
+def render_markdown(r: dict, held_out_files, command: str) -> str:
+    """docs/models.md from a report dict."""
+    ng = r["ngram"]
+    lines = [
+        "# Embedded models",
+        "",
+        "A code-completion family trained on the Python standard library of the interpreter that ran the",
+        "script (tests, idlelib, lib2to3 and site-packages excluded). Held-out files, never trained on:",
+        "",
+        "    " + ", ".join(held_out_files),
+        "",
+        "Made with (tokenizer, target, draft and this report; the report alone: `--stage report`):",
+        "",
+        f"    {command}",
+        "",
+        "| model | folder | parameters | held-out loss (nats/token) |",
+        "|---|---|---|---|",
+        f"| target | `models/code-target` | {r['params']['target'] / 1e6:.2f}M | {r['held_out_loss']['target']:.3f} |",
+        f"| draft | `models/code-draft` | {r['params']['draft'] / 1e6:.2f}M | {r['held_out_loss']['draft']:.3f} |",
+        "",
+        f"Held-out stream: {r['held_out_tokens']} tokens. Both models share the byte-level BPE tokenizer "
+        "(4096 tokens, `<|endoftext|>` as end of sequence); weights are bf16 safetensors.",
+        "",
+        "## Acceptance on held-out prompts",
+        "",
+        f"{r['prompts']} prompts of {r['prompt_tokens']} tokens drawn from the held-out stream; along the target's own",
+        f"greedy continuation of {r['continuation_tokens']} tokens, at every position:",
+        "",
+        "| proposer | has a proposal | first token right, when it has one | per-token acceptance |",
+        "|---|---|---|---|",
+        f"| draft (greedy) | 100% | {100 * r['draft_greedy_acceptance']:.1f}% | "
+        f"**{100 * r['draft_greedy_acceptance']:.1f}%** |",
+    ]
+    for name, v in ng.items():
+        lines.append(
+            f"| prompt lookup {name} | {100 * v['coverage']:.1f}% | {100 * v['acceptance_when_proposed']:.1f}% | "
+            f"{100 * v['per_token_acceptance']:.1f}% |"
+        )
+    lines += [
+        "",
+        "## Batch-1 decode step time",
+        "",
+        f"One new token on top of {r['prompt_tokens']} cached tokens, through the model runner (fp32, CPU),",
+        "target and draft measured alternately in one loop; medians of 300 steps each.",
+        "",
+        "| torch threads | target ms | draft ms | target / draft |",
+        "|---|---|---|---|",
+    ]
+    for t in r["step_times"]:
+        lines.append(f"| {t['threads']} | {t['target_ms']:.2f} | {t['draft_ms']:.2f} | {t['ratio']:.1f}x |")
+    lines.append("")
+    return "\n".join(lines)
