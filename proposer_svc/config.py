@@ -30,6 +30,7 @@ class ProposerConfig:
     vocab_size: int | None = None  # ngram: token ids >= this are rejected (default: from --model, else unchecked)
     torch_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     grace_s: float = 5.0  # graceful-shutdown wait for in-flight calls
+    metrics_port: int = 0  # Prometheus /metrics on this port (same host); 0 = none
     log_level: str = "INFO"
 
     def validate(self) -> "ProposerConfig":
@@ -38,6 +39,8 @@ class ProposerConfig:
             raise ValueError(f"--kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"--metrics-port must be in 0..65535 (0 = none), got {self.metrics_port}")
         if not 1 <= self.min_n <= self.max_n:
             raise ValueError(f"need 1 <= --min-n <= --max-n, got {self.min_n} and {self.max_n}")
         for name in ("max_budget", "max_slots", "max_seq_len"):
@@ -80,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=_env("vocab_size", None))
     p.add_argument("--torch-threads", type=int, default=_env("torch_threads", d.torch_threads))
     p.add_argument("--grace-s", type=float, default=_env("grace_s", d.grace_s))
+    p.add_argument("--metrics-port", type=int, default=_env("metrics_port", d.metrics_port),
+                   help="Prometheus metrics port, 0 = none")
     p.add_argument("--log-level", default=_env("log_level", d.log_level))
     return p
 

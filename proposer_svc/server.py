@@ -19,10 +19,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 
 from proposer_svc.base import Proposal, ProposalRequest, Proposer
 from proposer_svc.config import ProposerConfig
+from specdec.metrics import ProposerMetrics, start_metrics_server
 from specdec.pb import common_pb2, proposer_pb2, proposer_pb2_grpc
+from specdec.tracing import extract_context, server_interceptors, setup_tracing, tracer
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +49,37 @@ def to_candidates(proposal: Proposal) -> common_pb2.Candidates:
 class ProposerService(proposer_pb2_grpc.ProposerServicer):
     """specdec.v1.Proposer over one `Proposer`."""
 
-    def __init__(self, proposer: Proposer) -> None:
+    def __init__(self, proposer: Proposer, metrics: ProposerMetrics | None = None) -> None:
         self.proposer = proposer
+        self.metrics = metrics or ProposerMetrics(proposer.kind)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{proposer.kind}-proposer")
 
     async def _on_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     def step(self, message: proposer_pb2.ProposeRequest) -> proposer_pb2.ProposeResponse:
-        """One ProposeRequest -> its ProposeResponse (runs on the worker thread; no gRPC context needed)."""
+        """One ProposeRequest -> its ProposeResponse (runs on the worker thread; no gRPC context needed).
+
+        Traced as a child of the engine step that sent it (the context travels in the message, the
+        stream outlives the step); a message without one (not part of a trace) makes no span."""
+        if not message.trace_context:
+            return self._step(message)
+        with tracer().start_as_current_span(
+            "proposer.propose", context=extract_context(message.trace_context), kind=trace.SpanKind.SERVER,
+            attributes={"specdec.proposer.kind": self.proposer.kind, "specdec.step_id": message.step_id},
+        ) as span:
+            response = self._step(message)
+            span.set_attributes({
+                "specdec.requests": len(message.items),
+                "specdec.budget": sum(item.budget for item in message.items),
+                "specdec.new_tokens": sum(len(item.new_token_ids) for item in message.items),
+                "specdec.proposed_tokens": sum(len(c.token_ids) for c in response.candidates),
+                "specdec.propose_ms": response.propose_ms,
+                "specdec.forward_ms": response.forward_ms,
+            })
+            return response
+
+    def _step(self, message: proposer_pb2.ProposeRequest) -> proposer_pb2.ProposeResponse:
         start = time.perf_counter()
         proposer = self.proposer
         proposer.release(message.release_request_ids)
@@ -68,12 +93,16 @@ class ProposerService(proposer_pb2_grpc.ProposerServicer):
                           message.step_id)
             proposer.release({item.request_id for item in items})
             proposals = [Proposal(item.request_id) for item in items if item.budget > 0]
-        return proposer_pb2.ProposeResponse(
+        response = proposer_pb2.ProposeResponse(
             step_id=message.step_id,
             candidates=[to_candidates(p) for p in proposals],
             propose_ms=(time.perf_counter() - start) * 1000.0,
             forward_ms=proposer.forward_ms,
         )
+        self.metrics.steps.inc()
+        self.metrics.proposed_tokens.inc(sum(len(p.token_ids) for p in proposals))
+        self.metrics.propose_time.observe(response.propose_ms / 1e3)
+        return response
 
     async def Propose(self, request_iterator, context: grpc.aio.ServicerContext):
         peer = context.peer()
@@ -116,7 +145,8 @@ class RunningServer:
 
 async def start_server(proposer: Proposer, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
     """Serve `proposer` on host:port (0 = a free port, read back from the result) with health and reflection."""
-    server = grpc.aio.server()
+    # Only the scheduler calls a proposer: calls without a trace context are not request work.
+    server = grpc.aio.server(interceptors=server_interceptors(require_context=True))
     service = ProposerService(proposer)
     proposer_pb2_grpc.add_ProposerServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
@@ -171,10 +201,13 @@ def _config_vocab_size(folder: Path) -> int:
 
 async def serve(config: ProposerConfig) -> None:
     """Run the service until SIGTERM or SIGINT, then shut down gracefully."""
+    tracing = setup_tracing(f"specdec-proposer-{config.kind}")
     proposer = build_proposer(config)
     log.info("proposer ready: %s", proposer.describe())
     running = await start_server(proposer, config.host, config.port)
     log.info("serving %s (%s) on %s:%d", SERVICE_NAME, proposer.kind, config.host, running.port)
+    if start_metrics_server(config.metrics_port, running.service.metrics.registry, config.host):
+        log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -184,4 +217,5 @@ async def serve(config: ProposerConfig) -> None:
         log.info("shutting down (grace %.1f s)", config.grace_s)
     finally:
         await running.stop(config.grace_s)
+        tracing.shutdown()
     log.info("stopped")

@@ -9,13 +9,18 @@ import sys
 
 from scheduler_svc.config import SchedulerConfig, config_from_args
 from scheduler_svc.server import start_server
+from specdec.metrics import start_metrics_server
+from specdec.tracing import setup_tracing
 
 log = logging.getLogger("scheduler_svc")
 
 
 async def serve(config: SchedulerConfig) -> int:
     """Run until SIGTERM/SIGINT (graceful shutdown) or until start-up fails."""
+    tracing = setup_tracing("specdec-scheduler")
     running = await start_server(config)
+    if start_metrics_server(config.metrics_port, running.scheduler.telemetry.metrics.registry, config.host):
+        log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -32,6 +37,7 @@ async def serve(config: SchedulerConfig) -> int:
         log.info("shutting down")
     stopper.cancel()
     await running.stop()
+    tracing.shutdown()
     return code
 
 

@@ -7,7 +7,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-POLICIES = ("none", "fixed")
+POLICIES = ("smartspec", "none", "fixed", "batch-uniform", "disable-by-batch-size", "batch-size-table")
+DEFAULT_POLICY = "smartspec"
 # A request's `proposer` field uses this name to turn speculation off, so no proposer may be called so.
 NO_PROPOSER = "none"
 
@@ -26,8 +27,14 @@ class SchedulerConfig:
     proposers: tuple[ProposerAddress, ...] = ()
     host: str = "127.0.0.1"
     port: int = 50051
-    policy: str = "fixed"
-    k: int = 3  # speculated tokens per request and step under the `fixed` policy
+    policy: str = DEFAULT_POLICY
+    k: int = 3  # speculated tokens per request and step under `fixed` and `disable-by-batch-size`
+    max_k: int = 5  # most tokens the goodput policies (smartspec, batch-uniform) speculate per request
+    ema_alpha: float = 0.3  # weight of one step in a request's acceptance-rate estimate (goodput policies)
+    cost_window: int = 256  # recent steps the cost model is fitted over (goodput policies)
+    profile_s: float = 2.0  # time budget of the start-up cost profile (goodput policies); 0 = none
+    disable_batch_size: int = 8  # disable-by-batch-size: no speculation above this many running requests
+    batch_size_table: str = "1-4:5,5-16:3,17-:0"  # batch-size-table: LO-HI:K ranges of running requests
     tokenizer: str | None = None  # default: the verifier's model folder, from its Info
     max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
     max_waiting: int = 256  # queued (not yet admitted) requests before RESOURCE_EXHAUSTED
@@ -37,6 +44,7 @@ class SchedulerConfig:
     verifier_backoff_max_s: float = 2.0  # cap of the retry backoff after verifier errors
     step_record_limit: int = 10_000  # StepRecords kept in memory (a ring buffer) for benchmarks
     grace_s: float = 5.0  # graceful-shutdown time for in-flight calls
+    metrics_port: int = 0  # Prometheus /metrics on this port (same host); 0 = none
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -44,6 +52,15 @@ class SchedulerConfig:
             raise ValueError(f"unknown policy {self.policy!r} (choose from {', '.join(POLICIES)})")
         if self.k < 0:
             raise ValueError(f"--k must be >= 0, got {self.k}")
+        if self.max_k < 0:
+            raise ValueError(f"--max-k must be >= 0, got {self.max_k}")
+        if not 0 < self.ema_alpha <= 1:
+            raise ValueError(f"--ema-alpha must be in (0, 1], got {self.ema_alpha}")
+        if self.cost_window < 1 or self.profile_s < 0 or self.disable_batch_size < 0:
+            raise ValueError("--cost-window must be >= 1, --profile-s and --disable-batch-size >= 0")
+        from scheduler_svc.batch_size_policies import parse_batch_size_table  # here: it imports this module
+
+        parse_batch_size_table(self.batch_size_table)
         if self.max_tokens_limit < 1:
             raise ValueError(f"--max-tokens-limit must be >= 1, got {self.max_tokens_limit}")
         if self.max_waiting < 0:
@@ -97,8 +114,22 @@ def build_arg_parser() -> argparse.ArgumentParser:
         metavar="NAME=HOST:PORT",
         help="a proposer service (repeatable); env SPECDEC_PROPOSER takes a comma-separated list",
     )
-    parser.add_argument("--policy", choices=POLICIES, default=_env("POLICY", "fixed"))
-    parser.add_argument("--k", type=int, default=int(_env("K", 3)), help="speculated tokens per step (fixed policy)")
+    parser.add_argument("--policy", choices=POLICIES, default=_env("POLICY", DEFAULT_POLICY),
+                        help="speculation policy (default smartspec: per-request k maximising goodput)")
+    parser.add_argument("--k", type=int, default=int(_env("K", 3)),
+                        help="speculated tokens per step (fixed and disable-by-batch-size policies)")
+    parser.add_argument("--max-k", type=int, default=int(_env("MAX_K", 5)),
+                        help="most tokens speculated per request and step (smartspec, batch-uniform)")
+    parser.add_argument("--ema-alpha", type=float, default=float(_env("EMA_ALPHA", 0.3)),
+                        help="weight of one step in a request's acceptance estimate (smartspec, batch-uniform)")
+    parser.add_argument("--cost-window", type=int, default=int(_env("COST_WINDOW", 256)),
+                        help="recent steps the step-time model is fitted over (smartspec, batch-uniform)")
+    parser.add_argument("--profile-s", type=float, default=float(_env("PROFILE_S", 2.0)),
+                        help="time budget of the start-up cost profile, 0 = none (smartspec, batch-uniform)")
+    parser.add_argument("--disable-batch-size", type=int, default=int(_env("DISABLE_BATCH_SIZE", 8)),
+                        help="disable-by-batch-size: no speculation above this many running requests")
+    parser.add_argument("--batch-size-table", default=_env("BATCH_SIZE_TABLE", "1-4:5,5-16:3,17-:0"),
+                        help="batch-size-table: k per range of running requests, LO-HI:K,...,LO-:K")
     parser.add_argument("--tokenizer", default=_env("TOKENIZER", None),
                         help="tokenizer folder (default: the verifier's model folder)")
     parser.add_argument("--max-tokens-limit", type=int, default=int(_env("MAX_TOKENS_LIMIT", 1024)))
@@ -113,6 +144,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="engine step records kept in memory for benchmarks")
     parser.add_argument("--grace-s", type=float, default=float(_env("GRACE_S", 5.0)),
                         help="graceful-shutdown time for in-flight calls")
+    parser.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", 0)),
+                        help="Prometheus metrics port, 0 = none")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     return parser
 
@@ -135,6 +168,12 @@ def config_from_args(argv: Sequence[str] | None = None) -> SchedulerConfig:
             port=args.port,
             policy=args.policy,
             k=args.k,
+            max_k=args.max_k,
+            ema_alpha=args.ema_alpha,
+            cost_window=args.cost_window,
+            profile_s=args.profile_s,
+            disable_batch_size=args.disable_batch_size,
+            batch_size_table=args.batch_size_table,
             tokenizer=args.tokenizer,
             max_tokens_limit=args.max_tokens_limit,
             max_waiting=args.max_waiting,
@@ -144,6 +183,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> SchedulerConfig:
             verifier_backoff_max_s=args.verifier_backoff_max_s,
             step_record_limit=args.step_record_limit,
             grace_s=args.grace_s,
+            metrics_port=args.metrics_port,
             log_level=args.log_level,
         )
     except ValueError as exc:

@@ -3,7 +3,8 @@
 One step (DESIGN.md "One step of the engine"):
 1. admit waiting requests into free verifier slots and Prefill them in one batch (first token out);
 2. the policy plans a proposer and k per running request (capped by context room and max_tokens);
-3. every proposer used gets one ProposeRequest, all in parallel;
+   free proposers (prompt lookup) may propose before it, for everyone, and are truncated to the plan;
+3. every other proposer used gets one ProposeRequest, all in parallel;
 4. one Verify call for all running requests (k = 0 ones bring no candidates);
 5. commit accepted + bonus tokens, apply EOS / stop strings / max_tokens, stream, release the finished;
 6. record the step's timings (StepRecord) and feed the outcomes to the policy.
@@ -24,9 +25,17 @@ from typing import Mapping, Sequence
 
 import grpc
 
-from scheduler_svc.policy import NO_SPECULATION, Policy, RequestOutcome, RequestView
+from scheduler_svc.policy import (
+    FREE_PROPOSER_KINDS,
+    NO_SPECULATION,
+    Policy,
+    ProposerSpec,
+    RequestOutcome,
+    RequestView,
+)
 from scheduler_svc.proposer_client import ProposeResult, ProposerClient, ProposeWork
 from scheduler_svc.request import FinishReason, Request, RequestFailed, RequestState, StreamChunk
+from scheduler_svc.telemetry import SchedulerTelemetry
 from scheduler_svc.verifier_client import PrefillItem, VerifierClient, VerifierError, VerifyItem
 from specdec.pb import common_pb2
 
@@ -73,6 +82,9 @@ class StepRecord:
     propose_ms: dict[str, float] = field(default_factory=dict)  # per proposer, its own measure
     propose_forward_ms: dict[str, float] = field(default_factory=dict)
     propose_wall_ms: float = 0.0  # the parallel propose phase as the engine saw it
+    free_propose_wall_ms: float = 0.0  # free proposers proposing before the plan, when the policy asks
+    plan_ms: float = 0.0  # the policy's plan() call (part of the overhead)
+    predicted_step_ms: float | None = None  # the policy's prediction of this step, if it makes one
 
     @property
     def forward_ms(self) -> float:
@@ -98,13 +110,16 @@ class Engine:
         max_waiting: int = 256,
         step_record_limit: int = 10_000,
         backoff_max_s: float = 2.0,
+        telemetry: SchedulerTelemetry | None = None,
     ) -> None:
         self.verifier = verifier
         self.proposers = dict(proposers)
         self.policy = policy
+        policy.bind_proposers({name: ProposerSpec(p.kind, p.max_budget) for name, p in self.proposers.items()})
         self.limits = limits
         self.max_waiting = max_waiting
         self.backoff_max_s = backoff_max_s
+        self.telemetry = telemetry or SchedulerTelemetry()
         # Requests in one Verify call are the running ones, so the verifier's batch size caps them too.
         self.capacity = max(1, min(limits.max_slots, limits.max_batch_size))
         self.step_records: collections.deque[StepRecord] = collections.deque(maxlen=step_record_limit)
@@ -136,6 +151,22 @@ class Engine:
         for request in [*self._waiting, *self._running.values()]:
             self._fail(request, "UNAVAILABLE", "the scheduler is shutting down")
         self._waiting.clear()
+        await self._flush_releases()
+
+    async def _flush_releases(self, timeout_s: float = 2.0) -> None:
+        """Best effort at shutdown: send the releases the loop had not sent yet (a request that finished
+        just before the stop), so that a stopped scheduler leaves no state in the verifier or proposers."""
+        async def send() -> None:
+            if self._release_in_verifier:
+                await self.verifier.release(list(self._release_in_verifier))
+                self._release_in_verifier.clear()
+            if any(p.has_releases for p in self.proposers.values()):
+                await self._propose({})
+
+        try:
+            await asyncio.wait_for(send(), timeout_s)
+        except Exception as exc:  # the services may be gone already; nothing more to do at shutdown
+            log.warning("could not release every request's state at shutdown: %s", exc)
 
     def submit(self, request: Request) -> None:
         """Queue a validated request; raises QueueFull when too many are already waiting."""
@@ -179,7 +210,7 @@ class Engine:
                 await self._wake.wait()
                 continue
             try:
-                await self._iterate()
+                await self._traced_iterate()
                 backoff = 0.0
             except VerifierError as exc:
                 self.verifier_failures += 1
@@ -202,6 +233,12 @@ class Engine:
             or any(p.has_releases and p.available() for p in self.proposers.values())
         )
 
+    async def _traced_iterate(self) -> None:
+        """_iterate inside the step's span, so that the calls it makes are the step's children."""
+        served = [*self._running.values(), *list(self._waiting)[: max(0, self._free_slots())]]
+        with self.telemetry.step_span(served):
+            await self._iterate()
+
     async def _iterate(self) -> None:
         for request in self._cancelled:
             if not request.is_finished:
@@ -221,6 +258,7 @@ class Engine:
             record.wall_ms = (time.perf_counter() - record.start_s) * 1e3
             self.step_records.append(record)
             self.policy.observe(outcomes, record)
+            self.telemetry.observe_step(record, outcomes, self.policy)
         elif any(p.has_releases for p in self.proposers.values()):
             await self._propose({})  # nothing runs: send the release lists on their own
 
@@ -285,12 +323,25 @@ class Engine:
     async def _step(self, record: StepRecord) -> list[RequestOutcome]:
         """Plan, propose, verify and commit for every running request; fills `record`."""
         running = list(self._running.values())
-        plans = self.policy.plan([self._view(r) for r in running])
+        offered = await self._free_proposals(running, record)
+        t0 = time.perf_counter()
+        plans = self.policy.plan([self._view(r, offered) for r in running])
+        record.plan_ms = (time.perf_counter() - t0) * 1e3
+        record.predicted_step_ms = self.policy.predicted_step_ms
         work: dict[str, list[ProposeWork]] = collections.defaultdict(list)
         planned: dict[str, tuple[str, int]] = {}  # request id -> (proposer, k) after the caps
+        candidates: dict[str, common_pb2.Candidates] = {}
         for request in running:
             plan = plans.get(request.request_id, NO_SPECULATION)
             proposer = self.proposers.get(plan.proposer) if plan.proposer else None
+            if plan.proposer in offered:
+                # Proposed already: keep the planned prefix (no call).
+                chain = offered[plan.proposer].get(request.request_id)
+                k = min(plan.k, self._room(request), len(chain.token_ids) if chain is not None else 0)
+                if k > 0:
+                    candidates[request.request_id] = truncate_candidates(chain, k)
+                    planned[request.request_id] = (plan.proposer, k)
+                continue
             if proposer is None or not proposer.available():
                 continue
             k = min(plan.k, self._room(request), proposer.max_budget)
@@ -301,8 +352,7 @@ class Engine:
         t0 = time.perf_counter()
         results = await self._propose(work)
         record.propose_wall_ms = (time.perf_counter() - t0) * 1e3
-        answered = {name for name, result in results.items() if result.ok}
-        candidates: dict[str, common_pb2.Candidates] = {}
+        answered = {name for name, result in results.items() if result.ok} | set(offered)
         for name, result in results.items():
             record.propose_ms[name], record.propose_forward_ms[name] = result.propose_ms, result.forward_ms
             candidates.update(result.candidates)
@@ -335,7 +385,11 @@ class Engine:
             accepted = len(out.accepted_token_ids)
             name, k = planned.get(request.request_id, (None, 0))
             self._count(request, name if name in answered else None, n, accepted)
-            outcomes.append(RequestOutcome(request.request_id, name, k, n, accepted))
+            outcomes.append(RequestOutcome(
+                request.request_id, name, k, n, accepted,
+                committed=(*out.accepted_token_ids, out.bonus_token_id),
+                free_candidates=_chains_of(request.request_id, offered),
+            ))
             record.proposed += n
             record.accepted += accepted
             record.committed += accepted + 1
@@ -348,14 +402,46 @@ class Engine:
         results = await asyncio.gather(*(self.proposers[n].step(work.get(n, ())) for n in names))
         return dict(zip(names, results))
 
-    def _view(self, request: Request) -> RequestView:
+    async def _free_proposals(
+        self, running: Sequence[Request], record: StepRecord
+    ) -> dict[str, dict[str, common_pb2.Candidates]]:
+        """Before the plan, when the policy asks: every free proposer proposes its full budget for each
+        request it may serve. Returns proposer name -> request id -> candidates (answered proposers only)."""
+        budget = self.policy.free_proposal_budget
+        if budget <= 0:
+            return {}
+        work: dict[str, list[ProposeWork]] = collections.defaultdict(list)
+        for name, proposer in self.proposers.items():
+            if proposer.kind not in FREE_PROPOSER_KINDS or not proposer.available():
+                continue
+            for request in running:
+                k = min(budget, self._room(request), proposer.max_budget)
+                if request.params.proposer in ("", name) and k > 0:
+                    work[name].append(ProposeWork(request.request_id, request.tokens, k))
+        if not work:
+            return {}
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(self.proposers[name].step(items) for name, items in work.items()))
+        record.free_propose_wall_ms = (time.perf_counter() - t0) * 1e3
+        offered = {}
+        for name, result in zip(work, results):
+            record.propose_ms[name], record.propose_forward_ms[name] = result.propose_ms, result.forward_ms
+            if result.ok:
+                offered[name] = result.candidates
+        return offered
+
+    def _view(
+        self, request: Request, offered: Mapping[str, Mapping[str, common_pb2.Candidates]] | None = None
+    ) -> RequestView:
+        rid, offered = request.request_id, offered or {}
         return RequestView(
-            request_id=request.request_id,
+            request_id=rid,
             proposer=request.params.proposer,
             context_len=len(request.tokens),
             max_k=self._room(request),
             proposed=request.stats.proposed,
             accepted=request.stats.accepted,
+            offered={name: len(c[rid].token_ids) if rid in c else 0 for name, c in offered.items()},
         )
 
     def _room(self, request: Request) -> int:
@@ -429,3 +515,25 @@ class Engine:
             return
         self._finish(request, None)
         request.events.put_nowait(RequestFailed(code, message))
+
+
+def truncate_candidates(cand: common_pb2.Candidates, k: int) -> common_pb2.Candidates:
+    """The first k nodes of a candidate set (a valid tree: a node's parent always comes before it)."""
+    if len(cand.token_ids) <= k:
+        return cand
+    out = common_pb2.Candidates(request_id=cand.request_id, token_ids=cand.token_ids[:k],
+                                parent_indices=cand.parent_indices[:k])
+    out.draft_distributions.extend(cand.draft_distributions[:k])
+    return out
+
+
+def _chains_of(
+    request_id: str, offered: Mapping[str, Mapping[str, common_pb2.Candidates]]
+) -> dict[str, tuple[int, ...]]:
+    """The full chains free proposers gave this request (trees left out), to score them after the step."""
+    chains = {}
+    for name, by_request in offered.items():
+        cand = by_request.get(request_id)
+        if cand is not None and all(p == j - 1 for j, p in enumerate(cand.parent_indices)):
+            chains[name] = tuple(cand.token_ids)
+    return chains

@@ -2,20 +2,41 @@
 
 The engine asks `plan()` once per step with a view of every running request and caps the answer
 (context room, max_tokens, the proposer's max budget), then reports what happened through
-`observe()`. Policies here: `none` (never speculate) and `fixed` (the same k for everyone). A
-goodput-maximising policy plugs into the same two calls.
+`observe()`. Policies here: `none` (never speculate) and `fixed` (the same k for everyone); the
+goodput policies (`smartspec`, `batch-uniform`) are in smartspec.py and the batch-size switches
+(`disable-by-batch-size`, `batch-size-table`) in batch_size_policies.py; make_policy builds any of them.
+
+Proposers that cost nothing to run (FREE_PROPOSER_KINDS: prompt lookup) can propose before the plan:
+a policy that sets `free_proposal_budget` gets, in each RequestView.offered, how many candidates they
+already have for the request, and the engine truncates those to the planned k.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from scheduler_svc.config import NO_PROPOSER
 
 if TYPE_CHECKING:
+    from scheduler_svc.config import SchedulerConfig
     from scheduler_svc.engine import StepRecord
+
+# Proposer kinds whose proposals cost (next to) nothing, so they may propose for everyone before the plan.
+FREE_PROPOSER_KINDS = frozenset({"ngram"})
+
+
+@dataclass(frozen=True)
+class ProposerSpec:
+    """What a policy may know about a configured proposer (from its Info)."""
+
+    kind: str
+    max_budget: int  # most candidates per request and step
+
+    @property
+    def free(self) -> bool:
+        return self.kind in FREE_PROPOSER_KINDS
 
 
 @dataclass(frozen=True)
@@ -39,6 +60,9 @@ class RequestView:
     max_k: int  # most candidates the engine could verify for it this step (context and max_tokens)
     proposed: int = 0  # candidate tokens verified so far, all proposers
     accepted: int = 0  # of those, accepted
+    # Free proposer -> candidates it already proposed this step (0: no match); only when the policy
+    # asked for free proposals. A plan with such a proposer gets at most that many.
+    offered: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -50,12 +74,22 @@ class RequestOutcome:
     k: int  # candidates asked for
     proposed: int  # candidates verified (may be fewer than k, or 0 when the proposer failed)
     accepted: int
+    committed: tuple[int, ...] = ()  # the step's accepted tokens + bonus, as the verifier returned them
+    # Free proposer -> its full chain this step (before truncation to the plan), to score it after the fact.
+    free_candidates: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 class Policy(ABC):
     """Chooses per-request speculation; must be cheap (it runs on every step)."""
 
     name: str
+    # > 0: free proposers propose up to this many candidates per request before plan() (RequestView.offered).
+    free_proposal_budget: int = 0
+    # The policy's prediction of the step it last planned (ms), when it has a cost model.
+    predicted_step_ms: float | None = None
+
+    def bind_proposers(self, proposers: Mapping[str, ProposerSpec]) -> None:
+        """The configured proposers' kinds and budgets, once known (before the first plan). Default: ignore."""
 
     @abstractmethod
     def plan(self, requests: Sequence[RequestView]) -> dict[str, Plan]:
@@ -94,10 +128,36 @@ class FixedPolicy(Policy):
         return Plan(proposer, k) if k > 0 else NO_SPECULATION
 
 
-def make_policy(name: str, proposers: Sequence[str], k: int) -> Policy:
-    """The policy called `name` (see config.POLICIES)."""
+def make_policy(name: str, proposers: Sequence[str], k: int, **options) -> Policy:
+    """The policy called `name` (see config.POLICIES); `options` are the keyword arguments of its class
+    (smartspec / batch-uniform: max_k, ema_alpha, cost_window; disable-by-batch-size: threshold;
+    batch-size-table: table)."""
     if name == "none":
         return NoSpeculationPolicy()
     if name == "fixed":
         return FixedPolicy(proposers, k)
+    # Imported here: those modules build on this one.
+    from scheduler_svc.batch_size_policies import BatchSizeTablePolicy, DisableByBatchSizePolicy
+    from scheduler_svc.smartspec import BatchUniformPolicy, SmartSpecPolicy
+
+    if name == "smartspec":
+        return SmartSpecPolicy(proposers, **options)
+    if name == "batch-uniform":
+        return BatchUniformPolicy(proposers, **options)
+    if name == "disable-by-batch-size":
+        return DisableByBatchSizePolicy(proposers, k, **options)
+    if name == "batch-size-table":
+        return BatchSizeTablePolicy(proposers, **options)
     raise ValueError(f"unknown policy {name!r}")
+
+
+def policy_from_config(config: SchedulerConfig, proposers: Sequence[str]) -> Policy:
+    """The policy a scheduler configuration asks for, with the flags that policy reads."""
+    options: dict = {}
+    if config.policy in ("smartspec", "batch-uniform"):
+        options = dict(max_k=config.max_k, ema_alpha=config.ema_alpha, cost_window=config.cost_window)
+    elif config.policy == "disable-by-batch-size":
+        options = dict(threshold=config.disable_batch_size)
+    elif config.policy == "batch-size-table":
+        options = dict(table=config.batch_size_table)
+    return make_policy(config.policy, proposers, config.k, **options)

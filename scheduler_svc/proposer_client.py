@@ -18,9 +18,11 @@ from typing import Sequence
 
 import grpc
 import numpy as np
+from opentelemetry import trace
 
 from scheduler_svc.verifier_client import CHANNEL_OPTIONS
 from specdec.pb import common_pb2, proposer_pb2, proposer_pb2_grpc
+from specdec.tracing import inject_context, tracer
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class ProposerClient:
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
         self.max_budget = 1 << 30  # from Info; until then no cap
+        self.kind = ""  # from Info (ngram, draft, ...); "" until known
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = proposer_pb2_grpc.ProposerStub(self._channel)
         self._call: grpc.aio.StreamStreamCall | None = None
@@ -86,6 +89,7 @@ class ProposerClient:
         msg = await self._stub.Info(proposer_pb2.ProposerInfoRequest(), timeout=timeout_s)
         if msg.max_budget > 0:
             self.max_budget = msg.max_budget
+        self.kind = msg.kind
         return ProposerInfo(msg.kind, msg.config, msg.max_budget, tuple(msg.active_request_ids))
 
     # -- bookkeeping between steps -----------------------------------------------------------------
@@ -114,13 +118,31 @@ class ProposerClient:
     async def step(self, work: Sequence[ProposeWork]) -> ProposeResult:
         """Send one ProposeRequest (work items + pending releases) and return its checked candidates.
 
-        Never raises for a proposer fault: the result is then empty with ok=False.
+        Never raises for a proposer fault: the result is then empty with ok=False. Inside a trace (an
+        engine step) it is a CLIENT span whose context travels in the message to the proposer's span.
         """
         if not self.available():
             return ProposeResult(ok=False)
+        if not trace.get_current_span().get_span_context().is_valid:
+            return await self._step(work)
+        with tracer().start_as_current_span(f"Propose {self.name}", kind=trace.SpanKind.CLIENT, attributes={
+            "rpc.system": "grpc", "rpc.service": "specdec.v1.Proposer", "rpc.method": "Propose",
+            "specdec.proposer": self.name, "specdec.requests": len(work),
+            "specdec.budget": sum(w.budget for w in work),
+        }) as span:
+            result = await self._step(work)
+            span.set_attributes({"specdec.ok": result.ok,
+                                 "specdec.proposed_tokens": sum(len(c.token_ids) for c in result.candidates.values()),
+                                 "specdec.propose_ms": result.propose_ms, "specdec.forward_ms": result.forward_ms})
+            if not result.ok:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, "the proposer failed or was left out"))
+            return result
+
+    async def _step(self, work: Sequence[ProposeWork]) -> ProposeResult:
         self._step_id += 1
         releases = sorted(self._to_release)
-        request = proposer_pb2.ProposeRequest(step_id=self._step_id, release_request_ids=releases)
+        request = proposer_pb2.ProposeRequest(step_id=self._step_id, release_request_ids=releases,
+                                              trace_context=inject_context())
         for w in work:
             sent = self._sent.get(w.request_id, 0)
             request.items.add(

@@ -19,12 +19,15 @@ from grpc_reflection.v1alpha import reflection
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.detokenizer import IncrementalDetokenizer
 from scheduler_svc.engine import Engine, ModelLimits, QueueFull
-from scheduler_svc.policy import make_policy
+from scheduler_svc.policy import policy_from_config
+from scheduler_svc.profile import profile_costs
 from scheduler_svc.proposer_client import ProposerClient
 from scheduler_svc.request import GenerationParams, Request, RequestFailed, RequestStats, StreamChunk
+from scheduler_svc.telemetry import SchedulerTelemetry
 from scheduler_svc.validation import Limits, validate_request
 from scheduler_svc.verifier_client import VerifierClient, VerifierInfo
 from specdec.pb import generation_pb2, generation_pb2_grpc
+from specdec.tracing import server_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ class Scheduler:
             for p in config.proposers
         }
         self.tokenizer = tokenizer
+        self.telemetry = SchedulerTelemetry()
         self.engine: Engine | None = None
         self.limits: Limits | None = None
         self.verifier_info: VerifierInfo | None = None
@@ -89,13 +93,25 @@ class Scheduler:
         self.engine = Engine(
             verifier=self.verifier,
             proposers=self.proposers,
-            policy=make_policy(self.config.policy, list(self.proposers), self.config.k),
+            policy=policy_from_config(self.config, list(self.proposers)),
             limits=ModelLimits(info.vocab_size, info.eos_token_id, info.max_seq_len, info.max_slots,
                                info.max_batch_size),
             max_waiting=self.config.max_waiting,
             step_record_limit=self.config.step_record_limit,
             backoff_max_s=self.config.verifier_backoff_max_s,
+            telemetry=self.telemetry,
         )
+        engine = self.engine
+        cost_model = getattr(engine.policy, "cost_model", None)
+        if cost_model is not None:  # goodput policies: seed the step-time model before the first step
+            report = await profile_costs(
+                cost_model, self.verifier, self.proposers, max_k=self.config.max_k, vocab_size=info.vocab_size,
+                max_seq_len=info.max_seq_len, slots=engine.capacity, budget_s=self.config.profile_s)
+            log.info("start-up cost profile: %d verifier and %s proposer measurements in %.2fs; verify ms = "
+                     "%s . (1, batch, batched tokens, context tokens)", report.verify_points,
+                     report.proposer_points or 0, report.seconds, cost_model.verify.coef.round(4).tolist())
+        self.telemetry.metrics.watch(running=lambda: engine.num_running, waiting=lambda: engine.num_waiting,
+                                     free_slots=lambda: max(0, engine.capacity - engine.num_running))
         self.engine.start()
         self.ready.set()
 
@@ -159,35 +175,44 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     async def Generate(self, request, context):
         req = await self._submit(request, context)
+        telemetry = self.scheduler.telemetry
+        failed = False
         try:
             while True:
                 event = await req.events.get()
                 if isinstance(event, RequestFailed):
+                    failed = True
                     await context.abort(grpc.StatusCode[event.code], event.message)
                 yield chunk_to_pb(event)
+                telemetry.tokens_sent(len(event.token_ids))  # after the yield: handed to gRPC
                 if event.finish_reason is not None:
                     return
         finally:
             self.scheduler.engine.cancel(req)  # no-op once finished
+            telemetry.request_ended(req, _outcome(req, failed))
 
     async def GenerateUnary(self, request, context):
         req = await self._submit(request, context)
         token_ids: list[int] = []
         text: list[str] = []
+        failed = False
         try:
             while True:
                 event = await req.events.get()
                 if isinstance(event, RequestFailed):
+                    failed = True
                     await context.abort(grpc.StatusCode[event.code], event.message)
                 token_ids.extend(event.token_ids)
                 text.append(event.text)
                 if event.finish_reason is not None:
+                    self.scheduler.telemetry.tokens_sent(len(token_ids))
                     return generation_pb2.GenerateResult(
                         text="".join(text), token_ids=token_ids, finish_reason=event.finish_reason.value,
                         stats=stats_to_pb(event.stats),
                     )
         finally:
             self.scheduler.engine.cancel(req)
+            self.scheduler.telemetry.request_ended(req, _outcome(req, failed))
 
     async def _submit(self, request: generation_pb2.GenerateRequest, context) -> Request:
         scheduler = self.scheduler
@@ -199,11 +224,20 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         req = scheduler.new_request(params)
+        scheduler.telemetry.request_started(req)
         try:
             scheduler.engine.submit(req)
         except QueueFull as exc:
+            scheduler.telemetry.request_ended(req, "rejected")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         return req
+
+
+def _outcome(request: Request, failed: bool) -> str:
+    """The `finish_reason` label of an ended request: length / eos / stop, failed, or cancelled."""
+    if request.finish_reason is not None:
+        return request.finish_reason.name.lower()
+    return "failed" if failed else "cancelled"
 
 
 @dataclass
@@ -227,7 +261,7 @@ class SchedulerServer:
 async def start_server(config: SchedulerConfig, tokenizer: Any = None) -> SchedulerServer:
     """Bind and start the gRPC server now; the scheduler connects in the background (health says when)."""
     scheduler = Scheduler(config, tokenizer)
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=server_interceptors())
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(scheduler), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -13,6 +13,7 @@ import grpc
 
 from scheduler_svc.request import SamplingParams
 from specdec.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
+from specdec.tracing import client_interceptors
 
 # Draft distributions make Verify requests large (k * vocab floats per request).
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -98,7 +99,8 @@ class VerifierClient:
     def __init__(self, address: str, timeout_s: float = 120.0) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        # Calls inside an engine step's span are traced and carry its context to the verifier.
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
         self._stub = verifier_pb2_grpc.VerifierStub(self._channel)
 
     async def close(self) -> None:

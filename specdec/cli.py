@@ -34,7 +34,7 @@ def _split_proposers(value: str) -> list[str]:
 def cmd_up(args: argparse.Namespace) -> int:
     """Start the stack, report where it serves, run until SIGINT/SIGTERM, then stop every process."""
     from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_TARGET, CheckpointError, validate_checkpoint
-    from specdec.launcher import PROPOSER_KINDS, Stack, StackError, local_specs, port_is_free
+    from specdec.launcher import PROPOSER_KINDS, Stack, StackError, local_specs, metrics_port, port_is_free
 
     proposers = _split_proposers(args.proposers)
     model = args.model or str(DEFAULT_TARGET)
@@ -52,7 +52,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         specs = local_specs(args.port, proposers, policy=args.policy, k=args.k, model=model,
-                            draft_model=draft_model, host=args.host, device=args.device)
+                            draft_model=draft_model, host=args.host, device=args.device,
+                            metrics=not args.no_metrics)
         stack = Stack(specs, log_dir=args.log_dir, startup_timeout_s=args.startup_timeout, grace_s=args.grace)
     except StackError as exc:
         _error(str(exc))
@@ -72,6 +73,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"specdec stack ready on {scheduler.address} (policy {args.policy}, k={args.k}, "
               f"proposers: {', '.join(proposers) or 'none'}; {others}); logs in {stack.log_dir}; "
               f"Ctrl-C to stop", flush=True)
+        endpoints = [f"{s.name} http://{s.address.rsplit(':', 1)[0]}:{metrics_port(s)}/metrics"
+                     for s in stack.specs if metrics_port(s)]
+        if endpoints:
+            print(f"metrics: {', '.join(endpoints)}", flush=True)
         while not stop_requested.wait(0.5):
             dead = stack.exited()
             if dead:
@@ -94,6 +99,29 @@ def cmd_up(args: argparse.Namespace) -> int:
         stack.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------
+# specdec compose
+
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    """Write compose.yaml for the stack (from the launcher's definitions) to a file or stdout."""
+    from specdec.compose import compose_specs, compose_yaml
+    from specdec.launcher import StackError
+
+    try:
+        text = compose_yaml(compose_specs(_split_proposers(args.proposers), args.policy, args.k, args.device))
+    except StackError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"specdec: wrote {args.output}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -209,7 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--log-dir", help="folder for the services' logs (default: a new temporary folder)")
     up.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the stack")
     up.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL at stop")
+    up.add_argument("--no-metrics", action="store_true", help="serve no Prometheus metrics endpoints")
     up.set_defaults(run=cmd_up)
+
+    compose = commands.add_parser("compose", help="write compose.yaml from the stack's service definitions")
+    compose.add_argument("-o", "--output", default="compose.yaml", help="file to write, - for stdout")
+    compose.add_argument("--proposers", default="ngram,draft", help="comma-separated proposer kinds, or 'none'")
+    compose.add_argument("--policy", default="fixed", help="default speculation policy (SPECDEC_POLICY overrides)")
+    compose.add_argument("--k", type=int, default=3, help="default k of the fixed policy (SPECDEC_K overrides)")
+    compose.add_argument("--device", default="auto", help="default verifier device (SPECDEC_DEVICE overrides)")
+    compose.set_defaults(run=cmd_compose)
 
     gen = commands.add_parser("generate", help="stream a completion from a running stack")
     gen.add_argument("prompt", help="the prompt text, or - to read it from stdin")

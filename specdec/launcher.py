@@ -81,6 +81,7 @@ def stack_specs(
     device: str | None = None,
     extra_args: Mapping[str, Sequence[str]] | None = None,
     env: Mapping[str, str] | None = None,
+    metrics_ports: Mapping[str, int] | None = None,
 ) -> list[ServiceSpec]:
     """The services of a stack whose scheduler serves the public API on `host:port`.
 
@@ -91,6 +92,8 @@ def stack_specs(
     peer_host: the host the scheduler reaches the internal services on, which bind it too; None means
         "each service is reached by its name and binds 0.0.0.0" (one container per service, as in compose).
     extra_args: more flags per service name; env: more environment for every service.
+    metrics_ports: the Prometheus metrics port of each service by name (--metrics-port); services not
+        named serve no metrics.
     """
     from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_TARGET  # imports torch: only when specs are made
 
@@ -115,14 +118,21 @@ def stack_specs(
     target = Path(model) if model else (Path(models_dir) / DEFAULT_TARGET.name if models_dir else DEFAULT_TARGET)
     draft = Path(draft_model) if draft_model else (Path(models_dir) / DEFAULT_DRAFT.name if models_dir
                                                    else DEFAULT_DRAFT)
+    unknown_metrics = sorted(set(metrics_ports or {}) - set(names))
+    if unknown_metrics:
+        raise StackError(f"metrics port for unknown service(s) {', '.join(unknown_metrics)}; services: "
+                         f"{', '.join(names)}")
     bind = peer_host if peer_host is not None else "0.0.0.0"
     extra_args = extra_args or {}
+    metrics_ports = metrics_ports or {}
     service_env = {**BASE_ENV, **(env or {})}
 
     def reach(name: str) -> str:
         return f"{peer_host if peer_host is not None else name}:{ports[name]}"
 
     def spec(name: str, module: str, args: list[str], the_port: int, the_host: str, after: list[str]):
+        if metrics_ports.get(name):
+            args = [*args, "--metrics-port", str(metrics_ports[name])]
         args = [*args, *extra_args.get(name, ())]
         return ServiceSpec(name, module, args, dict(service_env), the_port, the_host, after)
 
@@ -171,13 +181,24 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def local_specs(port: int = 50051, proposers: Sequence[str] = ("ngram", "draft"), **kwargs) -> list[ServiceSpec]:
-    """stack_specs with every internal service on a free loopback port (port 0: the scheduler's too)."""
-    internal = service_names(proposers)[:-1]
-    chosen = free_ports(len(internal) + (port == 0), exclude=(port,))
+def local_specs(port: int = 50051, proposers: Sequence[str] = ("ngram", "draft"), *, metrics: bool = False,
+                **kwargs) -> list[ServiceSpec]:
+    """stack_specs with every internal service on a free loopback port (port 0: the scheduler's too);
+    with `metrics`, every service also serves Prometheus metrics on a free port of its own."""
+    names = service_names(proposers)
+    internal = names[:-1]
+    chosen = free_ports(len(internal) + (port == 0) + (len(names) if metrics else 0), exclude=(port,))
     if port == 0:
         port = chosen.pop()
-    return stack_specs(port, proposers, ports=dict(zip(internal, chosen)), **kwargs)
+    metrics_ports = {name: chosen.pop() for name in names} if metrics else None
+    return stack_specs(port, proposers, ports=dict(zip(internal, chosen)), metrics_ports=metrics_ports, **kwargs)
+
+
+def metrics_port(spec: ServiceSpec) -> int | None:
+    """The port a spec's service serves Prometheus metrics on, if any."""
+    args = spec.args
+    values = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--metrics-port"]
+    return int(values[-1]) if values and int(values[-1]) else None
 
 
 def _print_stderr(line: str) -> None:

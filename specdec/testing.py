@@ -43,6 +43,33 @@ def make_tiny_checkpoint(folder: Path, arch: str, seed: int = 0, **overrides) ->
     return folder
 
 
+def make_tiny_stack_checkpoints(root: Path, eos_token_id: int = 0) -> tuple[Path, Path]:
+    """A tiny random llama target with the real (embedded) tokenizer in root/target, and a draft in
+    root/draft made from the target's weights plus noise (often, not always, right about the target).
+
+    For stacks started by tests: loads in a second and runs a step in milliseconds on a CPU.
+    eos_token_id 0 is <|endoftext|> of the embedded tokenizer.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from specdec.checkpoint import EMBEDDED_MODELS
+
+    target = make_tiny_checkpoint(root / "target", "llama", vocab_size=4096, max_position_embeddings=512,
+                                  eos_token_id=eos_token_id, bos_token_id=eos_token_id)
+    draft = root / "draft"
+    shutil.copytree(target, draft)
+    weights = load_file(draft / "model.safetensors")
+    gen = torch.Generator().manual_seed(1)
+    save_file({k: v + 0.5 * v.std() * torch.randn(v.shape, generator=gen) for k, v in weights.items()},
+              draft / "model.safetensors", metadata={"format": "pt"})
+    for folder in (target, draft):
+        for f in (EMBEDDED_MODELS / "tokenizer").iterdir():
+            shutil.copy(f, folder / f.name)
+    return target, draft
+
+
 # Chi-square critical values at significance alpha = 0.001, by degrees of freedom.
 CHI2_CRITICAL_0_001 = {
     1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322, 8: 26.124, 9: 27.877,
@@ -73,3 +100,70 @@ def chi_square_passes(
     stat = float(((observed - expected) ** 2 / expected).sum())
     df = len(expected) - 1
     return stat < CHI2_CRITICAL_0_001[df], stat, df
+
+
+class OtlpCollector:
+    """An OTLP/gRPC trace collector on loopback that keeps every span it receives, for tests.
+
+    `spans()` returns them as plain dicts: service (the resource's service.name), name, kind, trace_id,
+    span_id, parent_id (hex; "" for a root), attributes (a dict) and links (span ids, hex).
+    """
+
+    def __init__(self) -> None:
+        import threading
+        from concurrent import futures
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        collector = self
+        self._lock = threading.Lock()
+        self._spans: list[dict] = []
+
+        class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                collector._add(request)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _add(self, request) -> None:
+        new = []
+        for resource_spans in request.resource_spans:
+            resource = {a.key: _any_value(a.value) for a in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    new.append({
+                        "service": resource.get("service.name", ""),
+                        "name": span.name,
+                        "kind": type(span).SpanKind.Name(span.kind),  # SPAN_KIND_SERVER, ...
+                        "trace_id": span.trace_id.hex(),
+                        "span_id": span.span_id.hex(),
+                        "parent_id": span.parent_span_id.hex(),
+                        "attributes": {a.key: _any_value(a.value) for a in span.attributes},
+                        "links": [link.span_id.hex() for link in span.links],
+                    })
+        with self._lock:
+            self._spans.extend(new)
+
+    def spans(self) -> list[dict]:
+        with self._lock:
+            return list(self._spans)
+
+    def stop(self) -> None:
+        self._server.stop(grace=None)
+
+
+def _any_value(value):
+    """An OTLP AnyValue as a Python value."""
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_any_value(v) for v in value.array_value.values]
+    return getattr(value, kind) if kind else None

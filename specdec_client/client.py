@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specdec.pb import generation_pb2, generation_pb2_grpc
 from specdec_client.errors import DeadlineExceeded, SpecdecError, from_rpc_error
+from specdec_client.tracing import CallSpan
 from specdec_client.types import (
     FINISH_EOS,
     FINISH_LENGTH,
@@ -221,12 +222,14 @@ class GenerationStream:
     left and returns it. Leaving the loop early (or `cancel()`) cancels the call on the server.
     """
 
-    def __init__(self, options: _Options, open_call: Callable[[float | None], grpc.Call], deadline: _Deadline):
+    def __init__(self, options: _Options, open_call: Callable[[float | None, Sequence[tuple[str, str]]], grpc.Call],
+                 deadline: _Deadline):
         self._options = options
         self._open_call = open_call
         self._deadline = deadline
         self._assembler = _Assembler()
         self._call: grpc.Call | None = None
+        self._span = CallSpan("Generate")
         self._chunks = self._iterate()
 
     @property
@@ -252,6 +255,7 @@ class GenerationStream:
             self._call.cancel()
         try:
             self._chunks.close()
+            self._span.end()  # when iteration never started
         except ValueError:  # the generator is running in another thread; the cancelled call ends it
             pass
 
@@ -263,9 +267,19 @@ class GenerationStream:
 
     def _iterate(self) -> Iterator[GenerationChunk]:
         try:
+            yield from self._chunks_of_call()
+        except Exception as exc:
+            self._span.fail(exc)
+            raise
+        finally:
+            self._span.end(len(self._assembler._token_ids))
+
+    def _chunks_of_call(self) -> Iterator[GenerationChunk]:
+        metadata = self._span.start()
+        try:
             for attempt in self._options.retrying(self._deadline):
                 with attempt:
-                    self._call = call = self._open_call(self._deadline.remaining())
+                    self._call = call = self._open_call(self._deadline.remaining(), metadata)
                     message = next(call, None)  # the first message: from here on, no retry
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
@@ -321,13 +335,25 @@ class Client:
         """Generate a completion and return it whole. Raises a SpecdecError subclass on failure."""
         request = build_request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, proposer, ignore_eos)
         deadline = self._options.deadline(timeout)
+        span = CallSpan("GenerateUnary")
+        metadata = span.start()
+        tokens = None
         try:
             for attempt in self._options.retrying(deadline):
                 with attempt:
-                    response = self._stub.GenerateUnary(request, timeout=deadline.remaining())
+                    response = self._stub.GenerateUnary(request, timeout=deadline.remaining(), metadata=metadata)
+            result = result_from_proto(response)
+            tokens = len(result.token_ids)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
-        return result_from_proto(response)
+            error = from_rpc_error(exc)
+            span.fail(error)
+            raise error from exc
+        except Exception as exc:
+            span.fail(exc)
+            raise
+        finally:
+            span.end(tokens)
+        return result
 
     def stream(
         self,
@@ -349,7 +375,8 @@ class Client:
         """
         request = build_request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, proposer, ignore_eos)
         return GenerationStream(
-            self._options, lambda t: self._stub.Generate(request, timeout=t), self._options.deadline(timeout)
+            self._options, lambda t, md: self._stub.Generate(request, timeout=t, metadata=md),
+            self._options.deadline(timeout),
         )
 
     def wait_ready(self, timeout: float = 30.0, service: str = "") -> None:
@@ -387,12 +414,14 @@ class Client:
 class AsyncGenerationStream:
     """Async iterator over the chunks of one streamed generation; see GenerationStream."""
 
-    def __init__(self, options: _Options, open_call: Callable[[float | None], grpc.aio.Call], deadline: _Deadline):
+    def __init__(self, options: _Options,
+                 open_call: Callable[[float | None, Sequence[tuple[str, str]]], grpc.aio.Call], deadline: _Deadline):
         self._options = options
         self._open_call = open_call
         self._deadline = deadline
         self._assembler = _Assembler()
         self._call: grpc.aio.Call | None = None
+        self._span = CallSpan("Generate")
         self._chunks = self._iterate()
 
     @property
@@ -416,6 +445,7 @@ class AsyncGenerationStream:
         if self._call is not None:
             self._call.cancel()
         await self._chunks.aclose()
+        self._span.end()  # when iteration never started
 
     async def __aenter__(self) -> AsyncGenerationStream:
         return self
@@ -425,9 +455,20 @@ class AsyncGenerationStream:
 
     async def _iterate(self) -> AsyncIterator[GenerationChunk]:
         try:
+            async for chunk in self._chunks_of_call():
+                yield chunk
+        except Exception as exc:
+            self._span.fail(exc)
+            raise
+        finally:
+            self._span.end(len(self._assembler._token_ids))
+
+    async def _chunks_of_call(self) -> AsyncIterator[GenerationChunk]:
+        metadata = self._span.start()
+        try:
             async for attempt in self._options.async_retrying(self._deadline):
                 with attempt:
-                    self._call = call = self._open_call(self._deadline.remaining())
+                    self._call = call = self._open_call(self._deadline.remaining(), metadata)
                     message = await call.read()  # the first message: from here on, no retry
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
@@ -488,13 +529,25 @@ class AsyncClient:
         request = build_request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, proposer, ignore_eos)
         stub = generation_pb2_grpc.GenerationStub(self._open())
         deadline = self._options.deadline(timeout)
+        span = CallSpan("GenerateUnary")
+        metadata = span.start()
+        tokens = None
         try:
             async for attempt in self._options.async_retrying(deadline):
                 with attempt:
-                    response = await stub.GenerateUnary(request, timeout=deadline.remaining())
+                    response = await stub.GenerateUnary(request, timeout=deadline.remaining(), metadata=metadata)
+            result = result_from_proto(response)
+            tokens = len(result.token_ids)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
-        return result_from_proto(response)
+            error = from_rpc_error(exc)
+            span.fail(error)
+            raise error from exc
+        except Exception as exc:
+            span.fail(exc)
+            raise
+        finally:
+            span.end(tokens)
+        return result
 
     def stream(
         self,
@@ -512,8 +565,8 @@ class AsyncClient:
         """Generate a completion as an async iterator of chunks (`async for chunk in client.stream(...)`)."""
         request = build_request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, proposer, ignore_eos)
 
-        def open_call(t: float | None) -> grpc.aio.Call:
-            return generation_pb2_grpc.GenerationStub(self._open()).Generate(request, timeout=t)
+        def open_call(t: float | None, metadata: Sequence[tuple[str, str]]) -> grpc.aio.Call:
+            return generation_pb2_grpc.GenerationStub(self._open()).Generate(request, timeout=t, metadata=metadata)
 
         return AsyncGenerationStream(self._options, open_call, self._options.deadline(timeout))
 

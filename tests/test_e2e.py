@@ -20,20 +20,17 @@ import asyncio
 import dataclasses
 import itertools
 import random
-import shutil
 import time
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from specdec.checkpoint import EMBEDDED_MODELS
 from specdec.launcher import Stack, free_ports, local_specs
 from specdec.pb import common_pb2, proposer_pb2, proposer_pb2_grpc, verifier_pb2, verifier_pb2_grpc
-from specdec.testing import chi_square_passes, make_tiny_checkpoint
+from specdec.testing import chi_square_passes, make_tiny_stack_checkpoints
 from specdec_client import AsyncClient, Client, InvalidArgument
 
 PROPOSERS = ("ngram", "draft")
@@ -43,19 +40,7 @@ EOS = 0  # <|endoftext|> of the embedded tokenizer
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("models")
-    target = make_tiny_checkpoint(root / "target", "llama", vocab_size=4096, max_position_embeddings=512,
-                                  eos_token_id=EOS, bos_token_id=EOS)
-    draft = root / "draft"
-    shutil.copytree(target, draft)
-    weights = load_file(draft / "model.safetensors")
-    gen = torch.Generator().manual_seed(1)
-    save_file({k: v + 0.5 * v.std() * torch.randn(v.shape, generator=gen) for k, v in weights.items()},
-              draft / "model.safetensors", metadata={"format": "pt"})
-    for folder in (target, draft):
-        for f in (EMBEDDED_MODELS / "tokenizer").iterdir():
-            shutil.copy(f, folder / f.name)
-    return target, draft
+    return make_tiny_stack_checkpoints(tmp_path_factory.mktemp("models"), eos_token_id=EOS)
 
 
 @pytest.fixture(scope="module")

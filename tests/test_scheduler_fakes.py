@@ -290,8 +290,9 @@ async def cluster(verifier: FakeVerifier | None = None, proposers: dict[str, Fak
                 serve_fake(fake, proposer_pb2_grpc.add_ProposerServicer_to_server))
             servers[name] = server
             addresses.append(ProposerAddress(name, addr))
+        # The fixed policy unless a test asks for another: most tests count candidates per step.
         settings = dict(verifier=vaddr, proposers=(*addresses, *extra_proposers), port=0, proposer_timeout_s=2.0,
-                        proposer_backoff_s=0.05, verifier_backoff_max_s=0.1, grace_s=0.0)
+                        proposer_backoff_s=0.05, verifier_backoff_max_s=0.1, grace_s=0.0, policy="fixed")
         settings.update(config)
         sched = await start_server(SchedulerConfig(**settings), tokenizer)
         stack.push_async_callback(sched.stop, 0)

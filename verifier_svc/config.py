@@ -23,6 +23,7 @@ class VerifierConfig:
     max_seq_len: int = 1024  # tokens per request (capped by the model's max_position_embeddings)
     max_batch_size: int = 32  # requests in one Verify call
     torch_threads: int = 0  # intra-op CPU threads; 0 = torch's default
+    metrics_port: int = 0  # Prometheus /metrics on this port (same host); 0 = none
     log_level: str = "INFO"
 
     def validate(self) -> None:
@@ -31,6 +32,8 @@ class VerifierConfig:
         for name in ("max_slots", "max_seq_len", "max_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port {self.metrics_port} is not a TCP port (0 = none)")
         if self.torch_threads < 0:
             raise ValueError(f"--torch-threads must be >= 0, got {self.torch_threads}")
 
@@ -56,6 +59,8 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=default("max_batch_size"), help="env SPECDEC_MAX_BATCH_SIZE")
     p.add_argument("--torch-threads", type=int, default=default("torch_threads"),
                    help="intra-op CPU threads, 0 = torch default (env SPECDEC_TORCH_THREADS)")
+    p.add_argument("--metrics-port", type=int, default=default("metrics_port"),
+                   help="Prometheus metrics port, 0 = none (env SPECDEC_METRICS_PORT)")
     p.add_argument("--log-level", default=default("log_level"), help="env SPECDEC_LOG_LEVEL")
     return p
 

@@ -20,9 +20,12 @@ import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 
+from specdec.metrics import VerifierMetrics, start_metrics_server
 from specdec.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
 from specdec.sampling import SamplingParams
+from specdec.tracing import server_interceptors, setup_tracing
 from verifier_svc.config import VerifierConfig
 from verifier_svc.core import CapacityError, PrefillItem, Timing, VerifierCore, VerifyItem
 
@@ -51,10 +54,25 @@ def timing_to_pb(timing: Timing, total_ms: float) -> verifier_pb2.Timing:
     )
 
 
+def observe_call(metrics: VerifierMetrics, method: str, timing: Timing) -> None:
+    """Count one model call in the metrics and describe it on the current (gRPC server) span."""
+    metrics.calls.labels(method).inc()
+    metrics.batched_tokens.labels(method).inc(timing.batched_tokens)
+    metrics.forward_time.labels(method).observe(timing.forward_ms / 1e3)
+    trace.get_current_span().set_attributes({
+        "specdec.batch_size": timing.batch_size,
+        "specdec.batched_tokens": timing.batched_tokens,
+        "specdec.context_tokens": timing.context_tokens,
+        "specdec.forward_ms": timing.forward_ms,
+    })
+
+
 class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
-    def __init__(self, core: VerifierCore, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, core: VerifierCore, executor: ThreadPoolExecutor,
+                 metrics: VerifierMetrics | None = None) -> None:
         self.core = core
         self._executor = executor
+        self.metrics = metrics or VerifierMetrics()
 
     async def _call(self, context: grpc.aio.ServicerContext, fn, *args):
         """Run a core call on the model thread; bad input and capacity become status codes."""
@@ -72,6 +90,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             params, seed = sampling_from_pb(item.sampling)
             items.append(PrefillItem(item.request_id, list(item.token_ids), params, seed))
         out = await self._call(context, self.core.prefill, items)
+        observe_call(self.metrics, "Prefill", out.timing)
         return verifier_pb2.PrefillResponse(
             results=[verifier_pb2.PrefillResult(request_id=r.request_id, next_token_id=r.next_token_id)
                      for r in out.results],
@@ -96,6 +115,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             for item in request.items
         ]
         out = await self._call(context, self.core.verify, items, request.return_hidden)
+        observe_call(self.metrics, "Verify", out.timing)
         return verifier_pb2.VerifyResponse(
             results=[
                 verifier_pb2.VerifyResult(
@@ -112,6 +132,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
 
     async def Release(self, request: verifier_pb2.ReleaseRequest, context) -> verifier_pb2.ReleaseResponse:
         released = await self._call(context, self.core.release, list(request.request_ids))
+        self.metrics.calls.labels("Release").inc()
         return verifier_pb2.ReleaseResponse(released=released)
 
     async def Info(self, request: verifier_pb2.VerifierInfoRequest, context) -> verifier_pb2.VerifierInfo:
@@ -129,6 +150,7 @@ class VerifierServer:
     core: VerifierCore
     health: health.aio.HealthServicer
     executor: ThreadPoolExecutor
+    metrics: VerifierMetrics
 
     async def stop(self, grace: float | None = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
@@ -138,9 +160,13 @@ class VerifierServer:
 
 async def start_server(core: VerifierCore, host: str = "127.0.0.1", port: int = 0) -> VerifierServer:
     """Serve `core` on host:port (0 = a free port) with health (SERVING once started) and reflection."""
-    server = grpc.aio.server()
+    # Only the scheduler calls the verifier: calls without a trace context are not request work.
+    server = grpc.aio.server(interceptors=server_interceptors(require_context=True))
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-model")
-    verifier_pb2_grpc.add_VerifierServicer_to_server(VerifierServicer(core, executor), server)
+    metrics = VerifierMetrics()
+    # Read without the model thread: a slot count is one int, a scrape may see it one call late.
+    metrics.free_slots.set_function(lambda: core.runner.free_slots)
+    verifier_pb2_grpc.add_VerifierServicer_to_server(VerifierServicer(core, executor, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -153,7 +179,7 @@ async def start_server(core: VerifierCore, host: str = "127.0.0.1", port: int = 
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return VerifierServer(server, bound, core, health_servicer, executor)
+    return VerifierServer(server, bound, core, health_servicer, executor, metrics)
 
 
 async def serve(config: VerifierConfig) -> None:
@@ -161,6 +187,7 @@ async def serve(config: VerifierConfig) -> None:
     logging.basicConfig(stream=sys.stderr, level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"verifier_svc config: {config.describe()}", file=sys.stderr, flush=True)
+    tracing = setup_tracing("specdec-verifier")
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     started = time.perf_counter()
@@ -177,6 +204,8 @@ async def serve(config: VerifierConfig) -> None:
              info.vocab_size, info.eos_token_id, info.max_seq_len, time.perf_counter() - started)
     running = await start_server(core, config.host, config.port)
     log.info("serving %s on %s:%d", SERVICE_NAME, config.host, running.port)
+    if start_metrics_server(config.metrics_port, running.metrics.registry, config.host):
+        log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -187,4 +216,5 @@ async def serve(config: VerifierConfig) -> None:
     finally:
         log.info("shutting down")
         await running.stop(grace=5.0)
+        tracing.shutdown()
         log.info("stopped")

@@ -1,0 +1,163 @@
+"""Online acceptance-rate estimates: per request, starting from a per-proposer prior learned online.
+
+What is estimated is the conditional acceptance rate a: the chance that a candidate is accepted given
+that the ones before it were. A step that proposes n candidates and accepts A of them *tested*
+min(A + 1, n) positions (the one after a rejection was never looked at) and accepted A, so
+a = accepted / tested is the maximum-likelihood estimate for iid acceptance. (accepted / proposed
+would be biased low: with a = 0.5 and n = 5 it reads 0.19.)
+
+Both the proposer's prior and a request's own estimate are exponential moving averages of the
+accepted and tested counts (their ratio is the rate). A request's estimate starts at the prior of the
+proposer it is served by and moves with its own outcomes. Per proposer, the conditional rate of each
+position j (accepted at j given accepted up to j - 1) is tracked as well: it shapes a request's rates
+by position (prompt lookup, once it matches, tends to keep matching; a draft tends to drift).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+# Rates are kept inside (0, 1): a request that missed a few times must still be able to recover when
+# the chooser tries it again, and a = 1 would promise unbounded gains.
+MIN_RATE = 0.01
+MAX_RATE = 0.99
+# Observations of a position before its own rate shapes the estimate (too few are noise).
+MIN_POSITION_OBSERVATIONS = 20.0
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One step's evidence about a proposer on a request: tested positions and how many were accepted."""
+
+    proposer: str
+    tested: int  # candidate positions the verifier looked at (accepted + the first rejected, if any)
+    accepted: int
+
+    @staticmethod
+    def from_verified(proposer: str, proposed: int, accepted: int) -> "Observation":
+        """From a verified chain of `proposed` candidates of which `accepted` were accepted."""
+        return Observation(proposer, min(accepted + 1, proposed), accepted)
+
+    @staticmethod
+    def from_shadow(proposer: str, candidates: Sequence[int], committed: Sequence[int]) -> "Observation":
+        """What a deterministic chain would have scored against the tokens the step committed.
+
+        For a proposer that proposes the same tokens whatever is verified (prompt lookup), comparing
+        its full chain with the committed tokens (accepted + bonus) tells how far the verifier would have
+        accepted it; only as far as there are committed tokens to compare with, though.
+        """
+        m = min(len(candidates), len(committed))
+        matched = 0
+        while matched < m and candidates[matched] == committed[matched]:
+            matched += 1
+        return Observation(proposer, matched + 1 if matched < m else m, matched)
+
+
+@dataclass
+class _Rate:
+    """EMA of accepted and tested counts; the rate is their ratio."""
+
+    accepted: float
+    tested: float
+
+    def update(self, alpha: float, accepted: float, tested: float) -> None:
+        self.accepted += alpha * (accepted - self.accepted)
+        self.tested += alpha * (tested - self.tested)
+
+    @property
+    def rate(self) -> float:
+        return min(MAX_RATE, max(MIN_RATE, self.accepted / self.tested)) if self.tested > 0 else MIN_RATE
+
+
+@dataclass
+class _ProposerStats:
+    """A proposer's prior over all requests, and its per-position conditional rates."""
+
+    prior: _Rate
+    position_accepted: np.ndarray  # [K] EMA of acceptance at position j given j - 1 accepted
+    position_seen: np.ndarray  # [K] how often each position was tested (decayed count)
+    shape: np.ndarray = field(default=None)  # [K] position rate / prior rate, 1 where too few observations
+
+
+class AcceptanceEstimator:
+    """Per-request, per-proposer conditional acceptance rates with learned per-proposer priors.
+
+    alpha: EMA weight of one step in a request's estimate; prior_alpha: in a proposer's prior (smaller:
+    the prior averages many requests). initial_rate: the prior before a proposer was ever observed.
+    """
+
+    def __init__(self, max_k: int, *, alpha: float = 0.3, prior_alpha: float = 0.05,
+                 initial_rate: float = 0.5) -> None:
+        if not 0 < alpha <= 1 or not 0 < prior_alpha <= 1:
+            raise ValueError(f"EMA weights must be in (0, 1], got alpha={alpha} prior_alpha={prior_alpha}")
+        self.max_k = max_k
+        self.alpha = alpha
+        self.prior_alpha = prior_alpha
+        self.initial_rate = initial_rate
+        self._proposers: dict[str, _ProposerStats] = {}
+        self._requests: dict[tuple[str, str], _Rate] = {}  # (request id, proposer) -> its estimate
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def prior(self, proposer: str) -> float:
+        """The proposer's conditional acceptance rate over all requests."""
+        return self._stats(proposer).prior.rate
+
+    def rate(self, request_id: str, proposer: str) -> float:
+        """The request's conditional acceptance rate with this proposer (the prior until it has its own)."""
+        own = self._requests.get((request_id, proposer))
+        return own.rate if own is not None else self.prior(proposer)
+
+    def position_rates(self, request_ids: Sequence[str], proposer: str) -> np.ndarray:
+        """Conditional rates by position for each request [R, K]: its own level, the proposer's shape."""
+        stats = self._stats(proposer)
+        levels = np.fromiter((self.rate(rid, proposer) for rid in request_ids), float, len(request_ids))
+        return np.clip(levels[:, None] * stats.shape[None, :], MIN_RATE, MAX_RATE)
+
+    # -- learning ----------------------------------------------------------------------------------
+
+    def observe(self, request_id: str, observation: Observation) -> None:
+        """Fold one step's evidence into the request's estimate, the proposer's prior and position rates."""
+        if observation.tested <= 0:
+            return
+        stats = self._stats(observation.proposer)
+        key = (request_id, observation.proposer)
+        own = self._requests.get(key)
+        if own is None:
+            # Start at the prior, weighing like a step that tested max_k positions: one early miss (which
+            # tests a single position) must not shut a request out of speculation for good.
+            weight = float(max(self.max_k, observation.tested))
+            own = self._requests[key] = _Rate(stats.prior.rate * weight, weight)
+        own.update(self.alpha, observation.accepted, observation.tested)
+        stats.prior.update(self.prior_alpha, observation.accepted, observation.tested)
+        n = min(observation.tested, self.max_k)
+        hits = (np.arange(n) < observation.accepted).astype(float)
+        stats.position_accepted[:n] += self.prior_alpha * (hits - stats.position_accepted[:n])
+        stats.position_seen[:n] += 1.0
+        self._reshape(stats)
+
+    def forget(self, keep: Iterable[str]) -> None:
+        """Drop the estimates of requests not in `keep` (finished ones)."""
+        keep = set(keep)
+        for key in [key for key in self._requests if key[0] not in keep]:
+            del self._requests[key]
+
+    @property
+    def tracked_requests(self) -> int:
+        return len({rid for rid, _ in self._requests})
+
+    def _stats(self, proposer: str) -> _ProposerStats:
+        stats = self._proposers.get(proposer)
+        if stats is None:
+            stats = self._proposers[proposer] = _ProposerStats(
+                _Rate(self.initial_rate, 1.0), np.full(self.max_k, self.initial_rate), np.zeros(self.max_k))
+            self._reshape(stats)
+        return stats
+
+    @staticmethod
+    def _reshape(stats: _ProposerStats) -> None:
+        shape = np.clip(stats.position_accepted, MIN_RATE, MAX_RATE) / stats.prior.rate
+        stats.shape = np.where(stats.position_seen >= MIN_POSITION_OBSERVATIONS, shape, 1.0)

@@ -1,0 +1,172 @@
+"""The step-time model the goodput chooser scores plans with, fitted online from measured timings.
+
+    T_verify   = c0 + c1 * batch_size + c2 * batched_tokens + c3 * context_tokens   (verifier's total_ms)
+    T_proposer = d0 + d1 * requests + d2 * tokens                                    (per costly proposer)
+    T_overhead = o0 + o1 * batch_size + o2 * batched_tokens                          (RPCs, scheduler work)
+
+Each part is a least-squares fit over a sliding window of recent steps, ridge-regularised towards a
+seed (the start-up profile's fit, or defaults) so that directions the recent steps do not pin down
+(batch size and batched tokens move together at a fixed k) stay sensible, and kept non-negative so
+that no cost is predicted to fall when more work is done.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from scheduler_svc.goodput import StepCost
+
+DEFAULT_WINDOW = 256
+# The seed weighs like this many steps' worth of data, in every coefficient's own scale.
+PRIOR_STEPS = 0.1
+ERROR_EMA_ALPHA = 0.1
+
+# Defaults before any measurement: roughly a small model on a CPU; the start-up profile replaces them.
+DEFAULT_VERIFY_SEED = (5.0, 0.5, 0.5, 0.0)  # c0, c1, c2, c3 (ms, ms/request, ms/token, ms/context token)
+DEFAULT_PROPOSER_SEED = (1.0, 0.2, 0.5)  # d0, d1, d2
+DEFAULT_OVERHEAD_SEED = (1.0, 0.05, 0.0)  # o0, o1, o2
+
+
+class RidgeFit:
+    """y ~ x . w over a sliding window of (x, y), non-negative, ridge-pulled towards `seed`."""
+
+    def __init__(self, seed: Sequence[float], window: int = DEFAULT_WINDOW, prior_steps: float = PRIOR_STEPS):
+        self.seed = np.asarray(seed, dtype=float)
+        self.coef = self.seed.copy()
+        self.prior_steps = prior_steps
+        self._x: collections.deque[np.ndarray] = collections.deque(maxlen=window)
+        self._y: collections.deque[float] = collections.deque(maxlen=window)
+
+    def __len__(self) -> int:
+        return len(self._y)
+
+    def predict(self, x: Sequence[float]) -> float:
+        return float(np.dot(self.coef, x))
+
+    def add(self, x: Sequence[float], y: float, refit: bool = True) -> None:
+        """Add one measurement; refit unless told not to (then call refit() later)."""
+        if not np.isfinite(y):
+            return
+        self._x.append(np.asarray(x, dtype=float))
+        self._y.append(float(y))
+        if refit:
+            self.refit()
+
+    def reseed(self, seed: Sequence[float]) -> None:
+        """Pull towards new coefficients from now on (e.g. the start-up profile's fit)."""
+        self.seed = np.asarray(seed, dtype=float)
+        self.refit()
+
+    def refit(self) -> None:
+        """Solve min |X w - y|^2 + lambda |D (w - seed)|^2 with w >= 0 (an active set: zero the negatives)."""
+        if not self._y:
+            self.coef = self.seed.copy()
+            return
+        x = np.asarray(self._x)
+        y = np.asarray(self._y)
+        # Each coefficient's pull is scaled by its feature's size, so the prior weighs like prior_steps rows.
+        scale = np.maximum(np.mean(x * x, axis=0), 1e-9)
+        reg = self.prior_steps * scale
+        free = np.ones(len(self.seed), dtype=bool)
+        coef = np.zeros(len(self.seed))
+        for _ in range(len(self.seed)):
+            xf = x[:, free]
+            a = xf.T @ xf + np.diag(reg[free])
+            b = xf.T @ y + reg[free] * self.seed[free]
+            coef = np.zeros(len(self.seed))
+            coef[free] = np.linalg.solve(a, b)
+            negative = coef < 0
+            if not negative.any():
+                break
+            free &= ~negative
+            coef[negative] = 0.0
+        self.coef = np.maximum(coef, 0.0)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What a step looks like to the cost model: the plan's totals."""
+
+    batch_size: int
+    batched_tokens: int  # sum over requests of k + 1
+    context_tokens: int  # committed tokens of the requests in the batch
+    proposer_requests: Mapping[str, int]  # costly proposers: requests each served
+    proposer_tokens: Mapping[str, int]  # and candidate tokens asked of each
+
+
+class CostModel:
+    """Verifier, proposer and overhead fits, and the StepCost view of them for one step's chooser."""
+
+    def __init__(self, window: int = DEFAULT_WINDOW) -> None:
+        self.window = window
+        self.verify = RidgeFit(DEFAULT_VERIFY_SEED, window)
+        self.overhead = RidgeFit(DEFAULT_OVERHEAD_SEED, window)
+        self.proposers: dict[str, RidgeFit] = {}
+        self.last_predicted_ms: float | None = None
+        self.last_measured_ms: float | None = None
+        self.last_relative_error: float | None = None  # |predicted - measured| / measured, last step
+        self.relative_error_ema: float | None = None
+        self.steps_observed = 0
+
+    def proposer(self, name: str) -> RidgeFit:
+        fit = self.proposers.get(name)
+        if fit is None:
+            fit = self.proposers[name] = RidgeFit(DEFAULT_PROPOSER_SEED, self.window)
+        return fit
+
+    # -- prediction ----------------------------------------------------------------------------------
+
+    def predict_verify_ms(self, batch_size: int, batched_tokens: int, context_tokens: int) -> float:
+        return self.verify.predict((1.0, batch_size, batched_tokens, context_tokens))
+
+    def predict_step_ms(self, shape: StepShape) -> float:
+        """Predicted step time (no admission) of a plan with these totals."""
+        t = self.predict_verify_ms(shape.batch_size, shape.batched_tokens, shape.context_tokens)
+        t += self.overhead.predict((1.0, shape.batch_size, shape.batched_tokens))
+        for name, requests in shape.proposer_requests.items():
+            if requests > 0:
+                t += self.proposer(name).predict((1.0, requests, shape.proposer_tokens.get(name, 0)))
+        return t
+
+    def step_cost(self, batch_size: int, context_tokens: int, proposers: Sequence[str],
+                  free: Sequence[bool]) -> StepCost:
+        """The linear StepCost for a batch of this size and context, proposers in the chooser's order."""
+        c0, c1, c2, c3 = self.verify.coef
+        o0, o1, o2 = self.overhead.coef
+        fits = [None if is_free else self.proposer(name).coef for name, is_free in zip(proposers, free)]
+        return StepCost(
+            base_ms=c0 + c1 * batch_size + c3 * context_tokens + o0 + o1 * batch_size,
+            token_ms=c2 + o2,
+            fixed_ms=np.array([0.0 if f is None else f[0] for f in fits]),
+            request_ms=np.array([0.0 if f is None else f[1] for f in fits]),
+            proposer_token_ms=np.array([0.0 if f is None else f[2] for f in fits]),
+        )
+
+    # -- learning ------------------------------------------------------------------------------------
+
+    def observe(self, shape: StepShape, *, verify_ms: float, proposer_ms: Mapping[str, float],
+                overhead_ms: float | None, predicted_ms: float | None = None,
+                measured_ms: float | None = None) -> None:
+        """One step's measurements: the verifier's time, each costly proposer's (as the engine waited for
+        it), and the rest (None when the step is not representative, e.g. it also admitted requests)."""
+        self.steps_observed += 1
+        self.verify.add((1.0, shape.batch_size, shape.batched_tokens, shape.context_tokens), verify_ms)
+        for name, ms in proposer_ms.items():
+            requests = shape.proposer_requests.get(name, 0)
+            if requests > 0:
+                self.proposer(name).add((1.0, requests, shape.proposer_tokens.get(name, 0)), ms)
+        if overhead_ms is not None:
+            self.overhead.add((1.0, shape.batch_size, shape.batched_tokens), max(overhead_ms, 0.0))
+        if predicted_ms is not None and measured_ms is not None and measured_ms > 0:
+            self.record_error(predicted_ms, measured_ms)
+
+    def record_error(self, predicted_ms: float, measured_ms: float) -> None:
+        """Keep the relative prediction error of a step (for the metrics exporter)."""
+        error = abs(predicted_ms - measured_ms) / measured_ms
+        self.last_predicted_ms, self.last_measured_ms, self.last_relative_error = predicted_ms, measured_ms, error
+        self.relative_error_ema = error if self.relative_error_ema is None else (
+            self.relative_error_ema + ERROR_EMA_ALPHA * (error - self.relative_error_ema))

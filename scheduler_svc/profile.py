@@ -1,0 +1,144 @@
+"""The start-up cost profile: a few timed calls through the verifier and costly proposers, before SERVING.
+
+It seeds the cost model so that the first steps are not planned blind: dummy requests are prefilled
+in one or two verifier slots, verified with no candidates and with chains of several lengths, and
+released; each costly proposer (not prompt lookup) is asked for chains of a few lengths. The first
+call of each kind only warms up (lazy initialisation) and is not measured. It stays within a time
+budget and never fails start-up: on any error the defaults stay and a warning is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from scheduler_svc.cost_model import CostModel, RidgeFit
+from scheduler_svc.policy import FREE_PROPOSER_KINDS
+from scheduler_svc.proposer_client import ProposerClient, ProposeWork
+from scheduler_svc.request import SamplingParams
+from scheduler_svc.verifier_client import PrefillItem, VerifierClient, VerifyItem
+from specdec.pb import common_pb2
+
+log = logging.getLogger(__name__)
+
+PROFILE_PREFIX = "__specdec_profile_"  # request ids of the dummy requests (never a client's: those are UUIDs)
+PROMPT_TOKENS = 32
+
+
+@dataclass
+class ProfileReport:
+    """What the profile measured (for the log and tests)."""
+
+    verify_points: int = 0
+    proposer_points: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def _chain(length: int, token: int) -> common_pb2.Candidates:
+    return common_pb2.Candidates(token_ids=[token] * length, parent_indices=list(range(-1, length - 1)))
+
+
+async def profile_costs(
+    cost_model: CostModel,
+    verifier: VerifierClient,
+    proposers: Mapping[str, ProposerClient],
+    *,
+    max_k: int,
+    vocab_size: int,
+    max_seq_len: int,
+    slots: int,
+    budget_s: float = 2.0,
+) -> ProfileReport:
+    """Measure, fit and seed `cost_model`; returns what was done. Never raises (except cancellation)."""
+    report = ProfileReport()
+    if budget_s <= 0:
+        return report
+    t0 = time.perf_counter()
+    deadline = t0 + budget_s
+    try:
+        await asyncio.wait_for(
+            _profile(cost_model, verifier, proposers, report, max_k=max(max_k, 1), vocab_size=vocab_size,
+                     max_seq_len=max_seq_len, slots=slots, deadline=deadline),
+            timeout=budget_s + 5.0,  # a hard bound even if one call hangs past the budget
+        )
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the profile only improves the first steps: never let it stop start-up
+        report.error = f"{type(exc).__name__}: {exc}"
+        log.warning("start-up cost profile stopped early (%s); using what it measured", report.error)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+async def _profile(cost_model: CostModel, verifier: VerifierClient, proposers: Mapping[str, ProposerClient],
+                   report: ProfileReport, *, max_k: int, vocab_size: int, max_seq_len: int, slots: int,
+                   deadline: float) -> None:
+    n_slots = max(1, min(2, slots))
+    prompt_len = max(1, min(PROMPT_TOKENS, max_seq_len // 4))
+    ids = [f"{PROFILE_PREFIX}{i}" for i in range(n_slots)]
+    token = 1 % max(vocab_size, 1)
+    prompt = [(7 * i + 3) % max(vocab_size, 1) for i in range(prompt_len)]
+    # Chains of several lengths; each Verify commits up to k + 1 tokens, so stay well inside the context.
+    lengths = sorted({0, max(1, max_k // 2), max_k})
+    context = {rid: prompt_len + 1 for rid in ids}  # committed tokens, the pending one included
+    x, y = [], []
+    try:
+        await verifier.prefill([PrefillItem(rid, prompt, SamplingParams()) for rid in ids])
+        for batch in range(1, n_slots + 1):
+            for i, k in enumerate([lengths[-1], *lengths]):  # the first call of a batch size warms up
+                if time.perf_counter() > deadline or context[ids[0]] + k + 1 >= max_seq_len:
+                    break
+                items = [VerifyItem(rid, _chain(k, token) if k else None) for rid in ids[:batch]]
+                outputs, timing = await verifier.verify(items)
+                if i > 0:
+                    x.append((1.0, batch, batch * (k + 1), sum(context[rid] for rid in ids[:batch])))
+                    y.append(timing.total_ms)
+                for rid in ids[:batch]:
+                    context[rid] += len(outputs[rid].accepted_token_ids) + 1
+    finally:
+        try:
+            await verifier.release(ids)
+        except Exception as exc:  # the leftover dummies are released by the next scheduler's start-up
+            log.warning("could not release the profile's dummy requests: %s", exc)
+    points = [(xi, yi) for xi, yi in zip(x, y) if np.isfinite(yi)]  # features as in CostModel.verify
+    if points:
+        fit = RidgeFit(cost_model.verify.seed, window=len(points))
+        for xi, yi in points:
+            fit.add(xi, yi, refit=False)
+        fit.refit()
+        cost_model.verify.reseed(fit.coef)
+        for xi, yi in points:
+            cost_model.verify.add(xi, yi, refit=False)
+        cost_model.verify.refit()
+        report.verify_points = len(points)
+
+    for name, proposer in proposers.items():
+        if proposer.kind in FREE_PROPOSER_KINDS or not proposer.available():
+            continue
+        rid = f"{PROFILE_PREFIX}{name}"
+        fit = cost_model.proposer(name)
+        measured = []
+        try:
+            for k in [max_k, 1, max(1, max_k // 2), max_k]:
+                if time.perf_counter() > deadline:
+                    break
+                t = time.perf_counter()
+                result = await proposer.step([ProposeWork(rid, prompt, min(k, proposer.max_budget))])
+                if not result.ok:
+                    break
+                measured.append((k, (time.perf_counter() - t) * 1e3))
+        finally:
+            proposer.forget(rid)  # released with the next step
+        points = [((1.0, 1, k), ms) for k, ms in measured[1:]]  # the first call warms up
+        if points:
+            for xi, ms in points:
+                fit.add(xi, ms, refit=False)
+            fit.refit()
+            fit.reseed(fit.coef)
+            report.proposer_points[name] = len(points)

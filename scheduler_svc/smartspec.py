@@ -1,0 +1,178 @@
+"""Goodput policies: choose speculation per step to maximise predicted tokens per second (SmartSpec).
+
+- `smartspec` (the default): per request, a proposer and k in 0..max_k, chosen jointly for the batch
+  (goodput.choose). Free proposers (prompt lookup) have proposed already; a request they have no
+  match for falls to a costly proposer (the draft) or to none.
+- `batch-uniform`: one k for the whole batch, chosen by goodput, each request with its own or the
+  first configured proposer: what the SmartSpec paper's implementation did.
+
+Both learn acceptance rates (acceptance.AcceptanceEstimator) and the step-time model
+(cost_model.CostModel) online from every step's outcomes and timings; the start-up profile
+(profile.py) seeds the cost model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+
+from scheduler_svc.acceptance import AcceptanceEstimator, Observation
+from scheduler_svc.config import NO_PROPOSER
+from scheduler_svc.cost_model import DEFAULT_WINDOW, CostModel, StepShape
+from scheduler_svc.goodput import Choice, StepCost, best_uniform_k, choose, survival
+from scheduler_svc.policy import NO_SPECULATION, Plan, Policy, ProposerSpec, RequestOutcome, RequestView
+
+if TYPE_CHECKING:
+    from scheduler_svc.engine import StepRecord
+
+DEFAULT_MAX_K = 5
+NO_CAP = 1 << 30
+
+
+@dataclass
+class _PlannedStep:
+    """What plan() decided, kept for observe() to compare with what happened."""
+
+    context: dict[str, int]  # request id -> committed tokens
+    predicted_ms: float
+    predicted_goodput: float  # tokens per second
+
+
+class GoodputPolicy(Policy):
+    """The shared machinery: acceptance estimates, the cost model, and the feedback from each step."""
+
+    def __init__(self, proposers: Sequence[str], *, max_k: int = DEFAULT_MAX_K, ema_alpha: float = 0.3,
+                 cost_window: int = DEFAULT_WINDOW) -> None:
+        if max_k < 0:
+            raise ValueError(f"--max-k must be >= 0, got {max_k}")
+        self.proposers = list(proposers)
+        self.max_k = max_k
+        # The prior averages over many requests, so it moves slower than a request's own estimate.
+        self.acceptance = AcceptanceEstimator(max(max_k, 1), alpha=ema_alpha, prior_alpha=ema_alpha / 6)
+        self.cost_model = CostModel(cost_window)
+        self.specs: dict[str, ProposerSpec] = {name: ProposerSpec("", NO_CAP) for name in self.proposers}
+        self.last_plan_ms = 0.0  # the chooser's own time, last step
+        self.predicted_goodput: float | None = None  # tokens per second
+        self._planned: _PlannedStep | None = None
+
+    def bind_proposers(self, proposers: Mapping[str, ProposerSpec]) -> None:
+        self.specs.update({name: spec for name, spec in proposers.items() if name in self.specs})
+
+    def _free(self) -> list[bool]:
+        return [self.specs[name].free for name in self.proposers]
+
+    # -- plan ----------------------------------------------------------------------------------------
+
+    def plan(self, requests: Sequence[RequestView]) -> dict[str, Plan]:
+        t0 = time.perf_counter()
+        ids = [r.request_id for r in requests]
+        max_k = self._caps(requests)  # [B, P]
+        if self.max_k > 0 and max_k.any():
+            surv = np.empty((len(requests), len(self.proposers), self.max_k))
+            for p, name in enumerate(self.proposers):
+                surv[:, p, :] = survival(self.acceptance.position_rates(ids, name))
+        else:
+            surv = np.zeros((len(requests), len(self.proposers), max(self.max_k, 1)))
+        context = sum(r.context_len for r in requests)
+        cost = self.cost_model.step_cost(len(requests), context, self.proposers, self._free())
+        choice = self._choose(surv, max_k, cost)
+        plans = {}
+        for rid, k, p in zip(ids, choice.ks.tolist(), choice.proposer.tolist()):
+            plans[rid] = Plan(self.proposers[p], k) if k > 0 else NO_SPECULATION
+        self.predicted_step_ms = choice.step_ms
+        self.predicted_goodput = choice.goodput * 1e3
+        self._planned = _PlannedStep({r.request_id: r.context_len for r in requests}, choice.step_ms,
+                                     self.predicted_goodput)
+        self.last_plan_ms = (time.perf_counter() - t0) * 1e3
+        return plans
+
+    def _caps(self, requests: Sequence[RequestView]) -> np.ndarray:
+        """Most candidates each proposer may give each request this step [B, P] (0: not an option)."""
+        caps = np.zeros((len(requests), len(self.proposers)), dtype=int)
+        for i, r in enumerate(requests):
+            if r.proposer == NO_PROPOSER:
+                continue
+            for p, name in enumerate(self.proposers):
+                if r.proposer and r.proposer != name:
+                    continue
+                spec = self.specs[name]
+                own = r.offered.get(name, 0) if spec.free and self.free_proposal_budget else spec.max_budget
+                caps[i, p] = min(own, r.max_k, self.max_k)
+        return caps
+
+    def _choose(self, surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
+        raise NotImplementedError
+
+    # -- feedback ------------------------------------------------------------------------------------
+
+    def observe(self, outcomes: Sequence[RequestOutcome], record: StepRecord) -> None:
+        for outcome in outcomes:
+            shadowed = set()
+            for name, candidates in outcome.free_candidates.items():
+                if candidates and outcome.committed:
+                    self.acceptance.observe(outcome.request_id,
+                                            Observation.from_shadow(name, candidates, outcome.committed))
+                    shadowed.add(name)
+            if outcome.proposer is not None and outcome.proposed > 0 and outcome.proposer not in shadowed:
+                self.acceptance.observe(outcome.request_id, Observation.from_verified(
+                    outcome.proposer, outcome.proposed, outcome.accepted))
+        planned, self._planned = self._planned, None
+        if planned is not None:
+            self._observe_costs(outcomes, record, planned)
+        if self.acceptance.tracked_requests > 2 * len(outcomes) + 16:
+            self.acceptance.forget(o.request_id for o in outcomes)
+
+    def _observe_costs(self, outcomes: Sequence[RequestOutcome], record: StepRecord, planned: _PlannedStep) -> None:
+        free = dict(zip(self.proposers, self._free()))
+        requests: dict[str, int] = {}
+        tokens: dict[str, int] = {}
+        for o in outcomes:
+            if o.proposer is not None and o.k > 0 and not free.get(o.proposer, False):
+                requests[o.proposer] = requests.get(o.proposer, 0) + 1
+                tokens[o.proposer] = tokens.get(o.proposer, 0) + o.k
+        shape = StepShape(
+            batch_size=len(outcomes),
+            batched_tokens=sum(o.proposed + 1 for o in outcomes),
+            context_tokens=sum(planned.context.get(o.request_id, 0) for o in outcomes),
+            proposer_requests=requests,
+            proposer_tokens=tokens,
+        )
+        # The costly proposers run in parallel: each is charged its own time plus the phase's waiting
+        # beyond the slowest one's own time (the RPC), which is what the step waited for it.
+        own = {name: record.propose_ms.get(name, 0.0) for name in requests}
+        rpc = max(record.propose_wall_ms - max(own.values(), default=0.0), 0.0)
+        proposer_ms = {name: ms + rpc for name, ms in own.items() if ms > 0}
+        # Steps that also admitted requests carry a Prefill call: not what the model predicts.
+        clean = record.admitted == 0
+        overhead = record.wall_ms - record.verify_total_ms - record.propose_wall_ms if clean else None
+        self.cost_model.observe(shape, verify_ms=record.verify_total_ms, proposer_ms=proposer_ms,
+                                overhead_ms=overhead, predicted_ms=planned.predicted_ms if clean else None,
+                                measured_ms=record.wall_ms if clean else None)
+
+
+class SmartSpecPolicy(GoodputPolicy):
+    """Per-request proposer and k maximising predicted batch goodput (see the module docstring)."""
+
+    name = "smartspec"
+
+    def __init__(self, proposers: Sequence[str], **options) -> None:
+        super().__init__(proposers, **options)
+        self.free_proposal_budget = self.max_k
+
+    def _choose(self, surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
+        return choose(surv, max_k, cost)
+
+
+class BatchUniformPolicy(GoodputPolicy):
+    """One k for the whole batch, chosen by predicted goodput; each request's own or the first proposer."""
+
+    name = "batch-uniform"
+
+    def _choose(self, surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
+        # A request's proposer: the only one it may use, else the first configured (column order).
+        usable = max_k > 0
+        proposer = np.where(usable.any(axis=1), np.argmax(usable, axis=1), -1)
+        return best_uniform_k(surv, max_k, cost, proposer)

@@ -1,0 +1,142 @@
+"""Goodput maths and the chooser (scheduler_svc/goodput.py)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import pytest
+
+from scheduler_svc.goodput import (
+    StepCost,
+    best_uniform_k,
+    choose,
+    expected_tokens,
+    plan_goodput,
+    survival,
+)
+
+
+def iid(rates: list[list[float]], k_max: int) -> np.ndarray:
+    """Survival table [B, P, K] for iid acceptance rates[b][p]."""
+    a = np.asarray(rates, dtype=float)[..., None]
+    return survival(np.broadcast_to(a, (*a.shape[:2], k_max)).copy())
+
+
+def cost(base=10.0, token=1.0, fixed=(0.0,), request=(0.0,), prop_token=(0.0,)) -> StepCost:
+    return StepCost(base, token, np.array(fixed, float), np.array(request, float), np.array(prop_token, float))
+
+
+def exhaustive(surv: np.ndarray, max_k: np.ndarray, step: StepCost) -> float:
+    """Best goodput over every (proposer, k) per request."""
+    b, p, k_max = surv.shape
+    options = [[(-1, 0)] + [(q, k) for q in range(p) for k in range(1, min(max_k[i, q], k_max) + 1)]
+               for i in range(b)]
+    best = 0.0
+    for combo in itertools.product(*options):
+        props, ks = zip(*combo)
+        best = max(best, plan_goodput(surv, ks, props, step))
+    return best
+
+
+def test_expected_tokens_formula_and_edge_cases():
+    assert expected_tokens(0, 0.7) == 1.0
+    assert expected_tokens(3, 1.0) == 4.0
+    assert expected_tokens(2, 0.5) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens(4, 0.0) == 1.0
+    # Same as 1 + sum of the survival probabilities.
+    assert expected_tokens(5, 0.8) == pytest.approx(1 + survival(np.full(5, 0.8)).sum())
+
+
+def test_low_acceptance_gives_k_zero_and_high_acceptance_batch_one_gives_long_k():
+    # A candidate token costs 15% of a plain step: worth it only when it is likely to be accepted.
+    step = cost(base=10.0, token=1.5)
+    low = choose(iid([[0.1]], 8), np.array([[8]]), step)
+    assert low.ks.tolist() == [0] and low.proposer.tolist() == [-1]
+    high = choose(iid([[0.9]], 8), np.array([[8]]), step)
+    assert high.ks.tolist()[0] >= 6 and high.proposer.tolist() == [0]
+
+
+def test_large_batch_with_expensive_tokens_gives_k_zero():
+    b = 32
+    # Base cost small next to the per-token cost: the batch is compute bound, extra tokens cost full price.
+    step = cost(base=2.0, token=3.0)
+    choice = choose(iid([[0.6]] * b, 5), np.full((b, 1), 5), step)
+    assert choice.ks.sum() == 0
+    # The same acceptance at batch 1 with a large fixed cost per step: speculation pays.
+    assert choose(iid([[0.6]], 5), np.array([[5]]), cost(base=20.0, token=0.5)).ks[0] > 0
+
+
+def test_k_respects_max_k_and_unavailable_options():
+    choice = choose(iid([[0.95, 0.95], [0.95, 0.95]], 6), np.array([[2, 0], [0, 0]]), cost(fixed=(0, 0),
+                    request=(0, 0), prop_token=(0, 0)))
+    assert choice.ks.tolist() == [2, 0] and choice.proposer.tolist() == [0, -1]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_matches_exhaustive_search_on_small_cases(seed):
+    rng = np.random.default_rng(seed)
+    b, p, k_max = int(rng.integers(1, 4)), int(rng.integers(1, 3)), int(rng.integers(1, 5))
+    # Per-position rates (not only iid), so marginal gains are any decreasing sequence.
+    surv = survival(rng.uniform(0.0, 1.0, size=(b, p, k_max)))
+    max_k = rng.integers(0, k_max + 1, size=(b, p))
+    step = StepCost(
+        base_ms=float(rng.uniform(0.5, 20)),
+        token_ms=float(rng.uniform(0.0, 3)),
+        fixed_ms=rng.uniform(0, 5, p) * (rng.random(p) < 0.7),
+        request_ms=rng.uniform(0, 1, p),
+        proposer_token_ms=rng.uniform(0, 1, p),
+    )
+    choice = choose(surv, max_k, step)
+    assert choice.goodput == pytest.approx(exhaustive(surv, max_k, step), rel=1e-9, abs=1e-12)
+    # The reported numbers are those of the plan it returns.
+    assert choice.goodput == pytest.approx(plan_goodput(surv, choice.ks, choice.proposer, step), rel=1e-12)
+    assert np.all(choice.ks <= np.where(choice.proposer >= 0, max_k[np.arange(b), choice.proposer], 0))
+
+
+def test_free_proposer_preferred_where_it_matches_costly_one_elsewhere():
+    # Proposer 0: free prompt lookup (matched for request 0 only), proposer 1: a draft with costs.
+    surv = iid([[0.8, 0.7], [0.8, 0.7]], 4)
+    max_k = np.array([[4, 4], [0, 4]])
+    step = cost(base=20.0, token=0.3, fixed=(0.0, 1.0), request=(0.0, 0.2), prop_token=(0.0, 0.5))
+    choice = choose(surv, max_k, step)
+    assert choice.proposer.tolist() == [0, 1] and choice.ks.min() > 0
+
+
+def test_batch_uniform_picks_one_k_for_all():
+    surv = iid([[0.9], [0.2], [0.5]], 5)
+    step = cost(base=10.0, token=0.5)
+    choice = best_uniform_k(surv, np.full((3, 1), 5), step, np.zeros(3, dtype=int))
+    assert len(set(choice.ks.tolist())) == 1
+    best = max(plan_goodput(surv, [k] * 3, [0 if k else -1] * 3, step) for k in range(6))
+    assert choice.goodput == pytest.approx(best)
+    # Per-request choice can only do better.
+    assert choose(surv, np.full((3, 1), 5), step).goodput >= choice.goodput - 1e-12
+
+
+def test_chooser_is_fast_enough(capsys):
+    """Prints the chooser's own time for a large batch (part of the step overhead); bounds it loosely."""
+    rng = np.random.default_rng(0)
+    b, p, k_max = 64, 2, 8
+    surv = survival(rng.uniform(0.3, 0.95, size=(b, p, k_max)))
+    max_k = rng.integers(0, k_max + 1, size=(b, p))
+    step = cost(base=15.0, token=0.2, fixed=(0.0, 2.0), request=(0.0, 0.3), prop_token=(0.0, 0.4))
+    choose(surv, max_k, step)
+    t0 = time.perf_counter()
+    runs = 20
+    for _ in range(runs):
+        choose(surv, max_k, step)
+    ms = (time.perf_counter() - t0) / runs * 1e3
+    with capsys.disabled():
+        print(f"\nchooser: {ms:.3f} ms per plan for batch {b}, {p} proposers, K={k_max}")
+    assert ms < 50  # generous: shared CPUs; typically well under 1 ms
+
+
+def test_no_options_means_no_speculation():
+    step = cost()
+    for choice in (choose(np.zeros((3, 0, 4)), np.zeros((3, 0), int), step),
+                   choose(iid([[0.9]] * 3, 4), np.zeros((3, 1), int), step),
+                   best_uniform_k(np.zeros((2, 0, 4)), np.zeros((2, 0), int), step, np.full(2, -1))):
+        assert choice.ks.sum() == 0 and (choice.proposer == -1).all()
+    assert choose(np.zeros((0, 1, 4)), np.zeros((0, 1), int), step).ks.size == 0

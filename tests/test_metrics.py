@@ -1,0 +1,135 @@
+"""Each service's Prometheus endpoint, scraped before and after a few requests through the whole stack:
+the counters must move consistently with what the client saw (generated tokens = tokens received,
+accepted <= proposed per proposer, the proposers sent at least what the scheduler verified, one
+latency and time-to-first-token observation per request) and the gauges settle once all is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from specdec.launcher import metrics_port
+from specdec_client import AsyncClient
+
+SCRAPE_TIMEOUT_S = 5.0
+
+
+def scrape(stack, name: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a service's /metrics as {(sample name, sorted labels): value}."""
+    spec = stack.spec(name)
+    url = f"http://127.0.0.1:{metrics_port(spec)}/metrics"
+    with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def delta(before, after, name: str, **labels) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+SERVICES = ("scheduler", "verifier", "proposer-ngram", "proposer-draft")
+
+
+def test_counters_move_consistently(observed_stack):
+    stack, _ = observed_stack
+    assert all(metrics_port(stack.spec(name)) for name in SERVICES)
+    before = {name: scrape(stack, name) for name in SERVICES}
+
+    requests = [([5, 6, 7, 8] * 5, 10, "ngram"), ([9, 10, 11] * 4, 7, "draft"), ([3, 1, 4, 1, 5], 9, ""),
+                ([2, 7, 1, 8, 2, 8] * 3, 6, "draft")]
+
+    async def run():
+        async with AsyncClient(stack.spec("scheduler").address, timeout=60) as client:
+            async def one(prompt, max_tokens, proposer):
+                tokens = []
+                async for chunk in client.stream(prompt, max_tokens=max_tokens, proposer=proposer, ignore_eos=True):
+                    tokens.extend(chunk.token_ids)
+                return tokens
+            return await asyncio.gather(*(one(*r) for r in requests))
+
+    received = asyncio.run(run())
+    assert [len(t) for t in received] == [r[1] for r in requests]
+    after = {name: scrape(stack, name) for name in SERVICES}
+    s0, s1 = before["scheduler"], after["scheduler"]
+
+    assert delta(s0, s1, "specdec_generated_tokens_total") == sum(len(t) for t in received)
+    assert delta(s0, s1, "specdec_prompt_tokens_total") == sum(len(r[0]) for r in requests)
+    assert delta(s0, s1, "specdec_requests_total", finish_reason="length") == len(requests)
+    assert delta(s0, s1, "specdec_request_latency_seconds_count") == len(requests)
+    assert delta(s0, s1, "specdec_time_to_first_token_seconds_count") == len(requests)
+    steps = delta(s0, s1, "specdec_step_seconds_count")
+    assert steps >= max(r[1] for r in requests) / 4  # at most k + 1 = 4 tokens per step
+    # Every request's first token comes from a Prefill, the rest from steps.
+    assert delta(s0, s1, "specdec_step_committed_tokens_total") >= sum(len(t) for t in received)
+
+    for proposer in ("ngram", "draft"):
+        proposed = delta(s0, s1, "specdec_proposed_tokens_total", proposer=proposer)
+        accepted = delta(s0, s1, "specdec_accepted_tokens_total", proposer=proposer)
+        assert 0 < proposed and 0 <= accepted <= proposed, (proposer, proposed, accepted)
+        # What the proposer service sent is what the scheduler verified (no proposer faults here).
+        sent = delta(before[f"proposer-{proposer}"], after[f"proposer-{proposer}"],
+                     "specdec_proposer_proposed_tokens_total", kind=proposer)
+        assert sent == proposed, (proposer, sent, proposed)
+        assert delta(s0, s1, "specdec_chosen_k_count", proposer=proposer) > 0
+
+    # Verifier: one Verify per step, one Prefill at least, tokens through the model.
+    v0, v1 = before["verifier"], after["verifier"]
+    assert delta(v0, v1, "specdec_verifier_requests_total", method="Verify") == steps
+    assert delta(v0, v1, "specdec_verifier_requests_total", method="Prefill") >= 1
+    assert delta(v0, v1, "specdec_verifier_batched_tokens_total", method="Prefill") == \
+        sum(len(r[0]) for r in requests)
+
+    # Gauges settle: nothing running or waiting, every slot free again (finished requests are released
+    # by the engine's next iteration, so allow it a moment).
+    deadline = time.monotonic() + 10
+    while True:
+        s, v = scrape(stack, "scheduler"), scrape(stack, "verifier")
+        settled = (value(s, "specdec_running_requests") == 0 and value(s, "specdec_waiting_requests") == 0
+                   and value(s, "specdec_free_verifier_slots") == value(v, "specdec_verifier_free_slots") > 0)
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert settled, {k: (value(s, k)) for k in ("specdec_running_requests", "specdec_waiting_requests",
+                                                   "specdec_free_verifier_slots")} | {
+        "verifier_free": value(v, "specdec_verifier_free_slots")}
+
+
+def test_metrics_port_zero_serves_nothing():
+    from specdec.metrics import SchedulerMetrics, start_metrics_server
+
+    assert start_metrics_server(0, SchedulerMetrics().registry) is None
+
+
+@pytest.mark.parametrize("module", ["verifier_svc.config", "proposer_svc.config", "scheduler_svc.config"])
+def test_metrics_port_flag_and_env(module, monkeypatch):
+    """--metrics-port, with SPECDEC_METRICS_PORT as fallback and 0 (off) as default, in every service."""
+    import importlib
+
+    config_module = importlib.import_module(module)
+    if module.startswith("verifier"):
+        def parse(argv):
+            return config_module.parse_config(argv, env={})
+    else:
+        parse = getattr(config_module, "parse_config", None) or config_module.config_from_args
+    base = ["--verifier", "127.0.0.1:1"] if module.startswith("scheduler") else []
+    monkeypatch.delenv("SPECDEC_METRICS_PORT", raising=False)
+    assert parse(base).metrics_port == 0
+    assert parse([*base, "--metrics-port", "9464"]).metrics_port == 9464
+    if module.startswith("verifier"):
+        assert config_module.parse_config(base, env={"SPECDEC_METRICS_PORT": "9100"}).metrics_port == 9100
+    else:
+        monkeypatch.setenv("SPECDEC_METRICS_PORT", "9100")
+        assert parse(base).metrics_port == 9100

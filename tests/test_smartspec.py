@@ -1,0 +1,148 @@
+"""Goodput policies (scheduler_svc/smartspec.py) and the batch-size baselines (batch_size_policies.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler_svc.batch_size_policies import (
+    BatchSizeRange,
+    BatchSizeTablePolicy,
+    DisableByBatchSizePolicy,
+    parse_batch_size_table,
+)
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.engine import StepRecord
+from scheduler_svc.policy import NO_SPECULATION, Plan, ProposerSpec, RequestOutcome, RequestView, make_policy, \
+    policy_from_config
+from scheduler_svc.smartspec import BatchUniformPolicy, SmartSpecPolicy
+
+
+def view(rid: str, proposer: str = "", max_k: int = 100, offered: dict | None = None, context: int = 50):
+    return RequestView(request_id=rid, proposer=proposer, context_len=context, max_k=max_k, offered=offered or {})
+
+
+def smartspec(verify=(20.0, 0.1, 0.5, 0.0), draft=(1.0, 0.2, 0.5), max_k: int = 4) -> SmartSpecPolicy:
+    """A policy over ngram (free) + draft with a known cost model (no data: the seeds are the model)."""
+    policy = SmartSpecPolicy(["ngram", "draft"], max_k=max_k)
+    policy.bind_proposers({"ngram": ProposerSpec("ngram", 8), "draft": ProposerSpec("draft", 8)})
+    policy.cost_model.verify.reseed(verify)
+    policy.cost_model.overhead.reseed((0.0, 0.0, 0.0))
+    policy.cost_model.proposer("draft").reseed(draft)
+    return policy
+
+
+def teach(policy, proposer: str, tested: int, accepted: int, steps: int = 60) -> None:
+    """Feed outcomes of many requests to set a proposer's prior."""
+    from scheduler_svc.acceptance import Observation
+
+    for i in range(steps):
+        policy.acceptance.observe(f"teach{i}", Observation(proposer, tested, accepted))
+
+
+def test_smartspec_uses_prompt_lookup_where_it_matched_and_the_draft_elsewhere():
+    policy = smartspec()
+    teach(policy, "ngram", 4, 3)
+    teach(policy, "draft", 4, 3)
+    plans = policy.plan([view("a", offered={"ngram": 3}), view("b", offered={"ngram": 0})])
+    assert plans["a"].proposer == "ngram" and 0 < plans["a"].k <= 3  # capped by what it offered
+    assert plans["b"].proposer == "draft" and plans["b"].k > 0
+    assert policy.free_proposal_budget == 4
+    assert policy.predicted_step_ms > 0 and policy.predicted_goodput > 0 and policy.last_plan_ms > 0
+
+
+def test_smartspec_honours_request_choices_and_room():
+    policy = smartspec()
+    teach(policy, "ngram", 4, 3)
+    teach(policy, "draft", 4, 3)
+    plans = policy.plan([view("a", "none", offered={"ngram": 4}), view("b", "draft", offered={"ngram": 4}),
+                         view("c", max_k=0, offered={"ngram": 4}), view("d", max_k=1)])
+    assert plans["a"] == NO_SPECULATION and plans["c"] == NO_SPECULATION
+    assert plans["b"].proposer == "draft" and plans["d"].k <= 1
+
+
+def test_smartspec_stops_speculating_when_acceptance_is_low_or_the_batch_is_large():
+    policy = smartspec()
+    teach(policy, "draft", 1, 0, steps=200)  # the draft is never right
+    assert policy.plan([view("a")]) == {"a": NO_SPECULATION}
+    # A good draft but a batch where candidate tokens cost as much as the whole step's fixed part.
+    policy = smartspec(verify=(2.0, 0.1, 3.0, 0.0))
+    teach(policy, "draft", 4, 2)
+    plans = policy.plan([view(f"r{i}") for i in range(32)])
+    assert all(p == NO_SPECULATION for p in plans.values())
+    # The same draft with batch 1 and a costly fixed step: long speculation.
+    policy = smartspec(verify=(30.0, 0.1, 0.2, 0.0))
+    teach(policy, "draft", 5, 5)
+    assert policy.plan([view("a")])["a"].k == 4
+
+
+def test_smartspec_learns_from_outcomes_and_timings():
+    policy = smartspec()
+    views = [view("a", offered={"ngram": 4}), view("b", offered={"ngram": 0})]
+    for step in range(30):
+        plans = policy.plan(views)
+        outcomes = []
+        for v in views:
+            plan = plans[v.request_id]
+            if plan.proposer == "draft":
+                outcomes.append(RequestOutcome(v.request_id, "draft", plan.k, plan.k, 0, committed=(9,)))
+            else:
+                # Prompt lookup offered [1, 2, 3, 4]; the target produced 1, 2 then 7: two would be accepted.
+                k = plan.k
+                outcomes.append(RequestOutcome(v.request_id, plan.proposer, k, k, min(k, 2),
+                                               committed=(1, 2, 7)[: min(k, 2) + 1],
+                                               free_candidates={"ngram": (1, 2, 3, 4)}))
+        record = StepRecord(step_id=step, start_s=0.0, wall_ms=30.0, verify_total_ms=22.0,
+                            propose_ms={"draft": 3.0}, propose_wall_ms=4.0)
+        policy.observe(outcomes, record)
+    # The draft keeps missing for b: it is dropped; prompt lookup on a is scored from its full chain.
+    assert policy.acceptance.rate("b", "draft") < 0.4
+    assert policy.plan(views)["b"] == NO_SPECULATION
+    assert policy.acceptance.rate("a", "ngram") == pytest.approx(2 / 3, abs=0.05)
+    assert policy.cost_model.steps_observed == 30
+    assert policy.cost_model.last_relative_error is not None
+
+
+def test_batch_uniform_gives_everyone_the_same_k():
+    policy = BatchUniformPolicy(["draft"], max_k=4)
+    policy.bind_proposers({"draft": ProposerSpec("draft", 8)})
+    teach(policy, "draft", 4, 3)
+    policy.acceptance.observe("low", __import__("scheduler_svc.acceptance").acceptance.Observation("draft", 3, 0))
+    plans = policy.plan([view("a"), view("low"), view("c")])
+    assert len({p.k for p in plans.values()}) == 1
+    assert policy.free_proposal_budget == 0
+
+
+def test_disable_by_batch_size():
+    policy = DisableByBatchSizePolicy(["ngram"], k=3, threshold=2)
+    assert policy.plan([view("a"), view("b")]) == {"a": Plan("ngram", 3), "b": Plan("ngram", 3)}
+    assert set(policy.plan([view("a"), view("b"), view("c")]).values()) == {NO_SPECULATION}
+
+
+def test_batch_size_table_parsing_and_lookup():
+    assert parse_batch_size_table("1-4:5, 5-16:3,17-:0") == (
+        BatchSizeRange(1, 4, 5), BatchSizeRange(5, 16, 3), BatchSizeRange(17, None, 0))
+    assert parse_batch_size_table("2:1") == (BatchSizeRange(2, 2, 1),)
+    for bad in ("", "1-4", "a-b:3", "4-1:2", "1-4:-1", "1-4:2,3-5:1", "1-:2,5-:1"):
+        with pytest.raises(ValueError, match="--batch-size-table"):
+            parse_batch_size_table(bad)
+    policy = BatchSizeTablePolicy(["d"], "1-2:4,3-:1")
+    assert policy.plan([view("a")]) == {"a": Plan("d", 4)}
+    assert policy.plan([view(str(i)) for i in range(5)])["0"] == Plan("d", 1)
+    assert BatchSizeTablePolicy(["d"], "2-3:4").plan([view("a")]) == {"a": NO_SPECULATION}  # not covered
+
+
+def test_make_policy_and_config_select_every_policy_by_name():
+    for name, cls in (("smartspec", SmartSpecPolicy), ("batch-uniform", BatchUniformPolicy),
+                      ("disable-by-batch-size", DisableByBatchSizePolicy),
+                      ("batch-size-table", BatchSizeTablePolicy)):
+        config = SchedulerConfig(verifier="h:1", policy=name, max_k=6, disable_batch_size=3,
+                                 batch_size_table="1-:2")
+        policy = policy_from_config(config, ["p"])
+        assert isinstance(policy, cls) and policy.name == name
+    assert policy_from_config(SchedulerConfig(verifier="h:1", policy="smartspec", max_k=6), ["p"]).max_k == 6
+    assert make_policy("smartspec", ["p"], 3).max_k == 5
+    assert SchedulerConfig(verifier="h:1").policy == "smartspec"  # the default
+    with pytest.raises(ValueError, match="batch-size-table"):
+        SchedulerConfig(verifier="h:1", batch_size_table="x")
+    with pytest.raises(ValueError, match="ema-alpha"):
+        SchedulerConfig(verifier="h:1", ema_alpha=0.0)
