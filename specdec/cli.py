@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1", help="address the scheduler binds (default 127.0.0.1)")
     up.add_argument("--proposers", default="ngram,draft",
                     help="comma-separated proposer kinds, or 'none' (default ngram,draft)")
-    up.add_argument("--policy", default="fixed", help="speculation policy of the scheduler (default fixed)")
+    up.add_argument("--policy", default="smartspec", help="speculation policy of the scheduler (default smartspec)")
     up.add_argument("--k", type=int, default=3, help="tokens to speculate per step for the fixed policy")
     up.add_argument("--model", help="target checkpoint folder (default: the embedded models/code-target)")
     up.add_argument("--draft-model", help="draft checkpoint folder (default: the embedded models/code-draft)")
@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     compose = commands.add_parser("compose", help="write compose.yaml from the stack's service definitions")
     compose.add_argument("-o", "--output", default="compose.yaml", help="file to write, - for stdout")
     compose.add_argument("--proposers", default="ngram,draft", help="comma-separated proposer kinds, or 'none'")
-    compose.add_argument("--policy", default="fixed", help="default speculation policy (SPECDEC_POLICY overrides)")
+    compose.add_argument("--policy", default="smartspec", help="default speculation policy (SPECDEC_POLICY overrides)")
     compose.add_argument("--k", type=int, default=3, help="default k of the fixed policy (SPECDEC_K overrides)")
     compose.add_argument("--device", default="auto", help="default verifier device (SPECDEC_DEVICE overrides)")
     compose.set_defaults(run=cmd_compose)

@@ -68,7 +68,7 @@ def resolve_defaults(value: str) -> str:
 
 
 def compose_specs(
-    proposers: Sequence[str] = ("ngram", "draft"), policy: str = "fixed", k: int = 3, device: str = "auto"
+    proposers: Sequence[str] = ("ngram", "draft"), policy: str = "smartspec", k: int = 3, device: str = "auto"
 ) -> list[ServiceSpec]:
     """The stack's specs as containers run them: reached by service name, models mounted under /models,
     metrics on METRICS_PORT, spans exported to Jaeger."""

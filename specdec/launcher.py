@@ -69,7 +69,7 @@ def service_names(proposers: Sequence[str]) -> list[str]:
 def stack_specs(
     port: int = 50051,
     proposers: Sequence[str] = ("ngram", "draft"),
-    policy: str = "fixed",
+    policy: str = "smartspec",
     k: int = 3,
     models_dir: str | Path | None = None,
     *,
