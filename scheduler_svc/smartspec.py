@@ -13,6 +13,8 @@ Both learn acceptance rates (acceptance.AcceptanceEstimator) and the step-time m
 
 from __future__ import annotations
 
+import abc
+
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -103,8 +105,9 @@ class GoodputPolicy(Policy):
                 caps[i, p] = min(own, r.max_k, self.max_k)
         return caps
 
+    @abc.abstractmethod
     def _choose(self, surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
-        raise NotImplementedError
+        """The plan's search: per-request (SmartSpec) or one k for the whole batch (batch-uniform)."""
 
     # -- feedback ------------------------------------------------------------------------------------
 
