@@ -23,7 +23,10 @@ def observed_stack(tmp_path_factory):
         "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "100",  # ms: spans reach the collector quickly
     }
-    specs = local_specs(0, ("ngram", "draft"), model=target, draft_model=draft, env=env, metrics=True)
+    # The fixed policy: every request is served by the proposer it names, with k = 3 and no free prompt
+    # lookup before the plan, so the spans and counters each test expects follow from its requests alone.
+    specs = local_specs(0, ("ngram", "draft"), policy="fixed", k=3, model=target, draft_model=draft, env=env,
+                        metrics=True)
     try:
         with Stack(specs, startup_timeout_s=180, grace_s=5, echo=None) as stack:
             yield stack, collector
