@@ -218,6 +218,41 @@ def _end_line(needed: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# specdec bench
+
+
+def _serving_bench():
+    """bench/serving.py of this repository (bench/ is not an installed package)."""
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from bench import serving
+
+    return serving
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the serving benchmark sweep (bench/serving.py) and write its JSON, markdown and plots."""
+    from specdec.launcher import StackError
+
+    try:
+        return _serving_bench().main(args)
+    except ValueError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except StackError as exc:
+        _error(str(exc))
+        return EXIT_FAILED
+
+
+def _bench_unavailable(args: argparse.Namespace) -> int:
+    _error("the benchmark needs bench/serving.py: run `specdec bench` from a checkout of the repository")
+    return EXIT_FAILED
+
+
+# ---------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-stats", action="store_true", help="do not print the stats")
     gen.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
     gen.set_defaults(run=cmd_generate)
+
+    bench = commands.add_parser("bench", help="serving benchmark: latency and goodput per policy, rate, workload")
+    try:
+        _serving_bench().add_arguments(bench)
+        bench.set_defaults(run=cmd_bench)
+    except ImportError:  # an install without the repository's bench/ folder (the service image)
+        bench.set_defaults(run=_bench_unavailable)
     return parser
 
 
