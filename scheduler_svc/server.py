@@ -111,9 +111,15 @@ class Scheduler:
                      "%s . (1, batch, batched tokens, context tokens)", report.verify_points,
                      report.proposer_points or 0, report.seconds, cost_model.verify.coef.round(4).tolist())
         self.telemetry.metrics.watch(running=lambda: engine.num_running, waiting=lambda: engine.num_waiting,
-                                     free_slots=lambda: max(0, engine.capacity - engine.num_running))
+                                     free_slots=lambda: max(0, engine.capacity - engine.num_running),
+                                     cost_model_error=self._cost_model_error)
         self.engine.start()
         self.ready.set()
+
+    def _cost_model_error(self) -> float:
+        cost_model = getattr(self.engine.policy, "cost_model", None)
+        error = cost_model.relative_error_ema if cost_model is not None else None
+        return float("nan") if error is None else error
 
     async def close(self) -> None:
         if self.engine is not None:

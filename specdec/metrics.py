@@ -47,13 +47,18 @@ class SchedulerMetrics:
         self.waiting = Gauge("specdec_waiting_requests", "Requests queued for a slot", registry=r)
         self.free_slots = Gauge("specdec_free_verifier_slots", "Verifier slots the scheduler may still fill",
                                 registry=r)
+        self.cost_model_error = Gauge(
+            "specdec_cost_model_relative_error", "Moving average of |predicted - measured| / measured step time "
+            "of the policy's cost model (NaN until it has predicted a step, or under policies without one)",
+            registry=r)
 
     def watch(self, running: Callable[[], float], waiting: Callable[[], float],
-              free_slots: Callable[[], float]) -> None:
+              free_slots: Callable[[], float], cost_model_error: Callable[[], float] | None = None) -> None:
         """Read the gauges from these callables at scrape time (nothing to keep in step)."""
         self.running.set_function(running)
         self.waiting.set_function(waiting)
         self.free_slots.set_function(free_slots)
+        self.cost_model_error.set_function(cost_model_error or (lambda: float("nan")))
 
 
 class VerifierMetrics:

@@ -133,3 +133,18 @@ def test_metrics_port_flag_and_env(module, monkeypatch):
     else:
         monkeypatch.setenv("SPECDEC_METRICS_PORT", "9100")
         assert parse(base).metrics_port == 9100
+
+
+def test_cost_model_error_gauge_reads_the_policy_at_scrape_time():
+    from prometheus_client import generate_latest
+
+    from specdec.metrics import SchedulerMetrics
+
+    error = [float("nan")]
+    metrics = SchedulerMetrics()
+    metrics.watch(running=lambda: 1, waiting=lambda: 0, free_slots=lambda: 3, cost_model_error=lambda: error[0])
+    error[0] = 0.125
+    text = generate_latest(metrics.registry).decode()
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["specdec_cost_model_relative_error"] == 0.125
+    assert samples["specdec_running_requests"] == 1 and samples["specdec_free_verifier_slots"] == 3
