@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 PROFILE_PREFIX = "__specdec_profile_"  # request ids of the dummy requests (never a client's: those are UUIDs)
 PROMPT_TOKENS = 32
+PROPOSER_PROFILE_BATCH = 4  # the larger batch size costly proposers are profiled at
 
 
 @dataclass
@@ -121,21 +122,27 @@ async def _profile(cost_model: CostModel, verifier: VerifierClient, proposers: M
     for name, proposer in proposers.items():
         if proposer.kind in FREE_PROPOSER_KINDS or not proposer.available():
             continue
-        rid = f"{PROFILE_PREFIX}{name}"
         fit = cost_model.proposer(name)
-        measured = []
+        # Two batch sizes, so that the per-request and per-token costs are told apart (at batch 1 alone
+        # they are collinear with the fixed cost, and the fit would extrapolate to large batches blindly).
+        batches = sorted({1, max(1, min(PROPOSER_PROFILE_BATCH, slots))})
+        rids = [f"{PROFILE_PREFIX}{name}-{i}" for i in range(batches[-1])]
+        points = []
         try:
-            for k in [max_k, 1, max(1, max_k // 2), max_k]:
-                if time.perf_counter() > deadline:
-                    break
-                t = time.perf_counter()
-                result = await proposer.step([ProposeWork(rid, prompt, min(k, proposer.max_budget))])
-                if not result.ok:
-                    break
-                measured.append((k, (time.perf_counter() - t) * 1e3))
+            for batch in batches:
+                for i, k in enumerate([max_k, 1, max(1, max_k // 2), max_k]):  # the first call warms up
+                    if time.perf_counter() > deadline:
+                        break
+                    k = min(k, proposer.max_budget)
+                    t = time.perf_counter()
+                    result = await proposer.step([ProposeWork(rid, prompt, k) for rid in rids[:batch]])
+                    if not result.ok:
+                        break
+                    if i > 0:
+                        points.append(((1.0, batch, batch * k), (time.perf_counter() - t) * 1e3))
         finally:
-            proposer.forget(rid)  # released with the next step
-        points = [((1.0, 1, k), ms) for k, ms in measured[1:]]  # the first call warms up
+            for rid in rids:
+                proposer.forget(rid)  # released with the next step
         if points:
             for xi, ms in points:
                 fit.add(xi, ms, refit=False)
