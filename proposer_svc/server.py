@@ -1,8 +1,8 @@
 """gRPC front of a proposer: a thin grpc.aio servicer over `Proposer`, plus health, reflection and shutdown.
 
-The proposer's state is not thread-safe and its steps are blocking compute, so every call into it runs
-on one dedicated worker thread: calls are serialised, and the event loop stays free for health checks,
-Info and other streams meanwhile.
+The proposer's state is not thread-safe and its steps are blocking compute: every call into it runs on
+the event-loop thread, one at a time. A hop to a worker thread cost more per step than it saved (torch
+ran its forward slower there too, docs/step_overhead.md); health checks wait for the step in progress.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import logging
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,13 +51,9 @@ class ProposerService(proposer_pb2_grpc.ProposerServicer):
     def __init__(self, proposer: Proposer, metrics: ProposerMetrics | None = None) -> None:
         self.proposer = proposer
         self.metrics = metrics or ProposerMetrics(proposer.kind)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{proposer.kind}-proposer")
-
-    async def _on_worker(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     def step(self, message: proposer_pb2.ProposeRequest) -> proposer_pb2.ProposeResponse:
-        """One ProposeRequest -> its ProposeResponse (runs on the worker thread; no gRPC context needed).
+        """One ProposeRequest -> its ProposeResponse (plain Python; no gRPC context needed).
 
         Traced as a child of the engine step that sent it (the context travels in the message, the
         stream outlives the step); a message without one (not part of a trace) makes no span."""
@@ -110,7 +105,7 @@ class ProposerService(proposer_pb2_grpc.ProposerServicer):
         steps = 0
         try:
             async for message in request_iterator:
-                yield await self._on_worker(self.step, message)
+                yield self.step(message)
                 steps += 1
         finally:
             # Per-request state is kept: the scheduler may reconnect, and it resets what it needs.
@@ -118,13 +113,10 @@ class ProposerService(proposer_pb2_grpc.ProposerServicer):
 
     async def Info(self, request, context: grpc.aio.ServicerContext) -> proposer_pb2.ProposerInfo:
         proposer = self.proposer
-        active = await self._on_worker(proposer.active_request_ids)
+        active = proposer.active_request_ids()
         return proposer_pb2.ProposerInfo(
             kind=proposer.kind, config=proposer.describe(), active_request_ids=active, max_budget=proposer.max_budget
         )
-
-    def close(self) -> None:
-        self._worker.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -137,10 +129,9 @@ class RunningServer:
     service: ProposerService
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Report NOT_SERVING, let in-flight calls finish (up to grace_s), then free the worker thread."""
+        """Report NOT_SERVING and let in-flight calls finish (up to grace_s)."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
-        self.service.close()
 
 
 async def start_server(proposer: Proposer, host: str = "127.0.0.1", port: int = 0) -> RunningServer:

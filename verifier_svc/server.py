@@ -1,7 +1,7 @@
 """gRPC front of the verifier: a thin grpc.aio servicer over VerifierCore, plus health and reflection.
 
-Model calls run on one dedicated worker thread, so calls are serialised (VerifierCore is not
-thread-safe) while the event loop stays free for health checks and Info during a forward pass.
+Model calls run on the event-loop thread, one at a time (VerifierCore is not thread-safe, and each call
+is a whole step of the scheduler): a hop to a worker thread cost more per step than it saved.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ import logging
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 
 import grpc
 import numpy as np
@@ -68,16 +66,19 @@ def observe_call(metrics: VerifierMetrics, method: str, timing: Timing) -> None:
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
-    def __init__(self, core: VerifierCore, executor: ThreadPoolExecutor,
-                 metrics: VerifierMetrics | None = None) -> None:
+    def __init__(self, core: VerifierCore, metrics: VerifierMetrics | None = None) -> None:
         self.core = core
-        self._executor = executor
         self.metrics = metrics or VerifierMetrics()
 
     async def _call(self, context: grpc.aio.ServicerContext, fn, *args):
-        """Run a core call on the model thread; bad input and capacity become status codes."""
+        """Run a core call; bad input and capacity become status codes.
+
+        The call runs on the event-loop thread itself: handing it to a worker thread cost about 0.3 ms per
+        step (docs/step_overhead.md), and every call is one step of one scheduler anyway, so calls are
+        serialised either way; health checks simply wait for the forward in progress.
+        """
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
+            return fn(*args)
         except CapacityError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ValueError as exc:
@@ -136,7 +137,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         return verifier_pb2.ReleaseResponse(released=released)
 
     async def Info(self, request: verifier_pb2.VerifierInfoRequest, context) -> verifier_pb2.VerifierInfo:
-        # Read on the model thread too, so that it never sees a half-applied batch.
+        # Between two model calls, like every other call: it never sees a half-applied batch.
         info = await self._call(context, self.core.info)
         return verifier_pb2.VerifierInfo(**vars(info))
 
@@ -149,24 +150,22 @@ class VerifierServer:
     port: int
     core: VerifierCore
     health: health.aio.HealthServicer
-    executor: ThreadPoolExecutor
     metrics: VerifierMetrics
 
     async def stop(self, grace: float | None = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        self.executor.shutdown(wait=True)
 
 
 async def start_server(core: VerifierCore, host: str = "127.0.0.1", port: int = 0) -> VerifierServer:
     """Serve `core` on host:port (0 = a free port) with health (SERVING once started) and reflection."""
     # Only the scheduler calls the verifier: calls without a trace context are not request work.
     server = grpc.aio.server(interceptors=server_interceptors(require_context=True))
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier-model")
     metrics = VerifierMetrics()
-    # Read without the model thread: a slot count is one int, a scrape may see it one call late.
+    # The metrics server thread reads this between calls: a slot count is one int, a scrape may see it a
+    # call late.
     metrics.free_slots.set_function(lambda: core.runner.free_slots)
-    verifier_pb2_grpc.add_VerifierServicer_to_server(VerifierServicer(core, executor, metrics), server)
+    verifier_pb2_grpc.add_VerifierServicer_to_server(VerifierServicer(core, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -174,12 +173,11 @@ async def start_server(core: VerifierCore, host: str = "127.0.0.1", port: int = 
     )
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
-        executor.shutdown()
         raise OSError(f"could not bind {host}:{port}")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return VerifierServer(server, bound, core, health_servicer, executor, metrics)
+    return VerifierServer(server, bound, core, health_servicer, metrics)
 
 
 async def serve(config: VerifierConfig) -> None:
