@@ -7,10 +7,8 @@ ran its forward slower there too, docs/step_overhead.md); health checks wait for
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from proposer_svc.base import Proposal, ProposalRequest, Proposer
 from proposer_svc.config import ProposerConfig
 from specdec.metrics import ProposerMetrics, start_metrics_server
 from specdec.pb import common_pb2, proposer_pb2, proposer_pb2_grpc
+from specdec.signals import stop_event
 from specdec.tracing import extract_context, server_interceptors, setup_tracing, tracer
 
 log = logging.getLogger(__name__)
@@ -199,10 +198,7 @@ async def serve(config: ProposerConfig) -> None:
     log.info("serving %s (%s) on %s:%d", SERVICE_NAME, proposer.kind, config.host, running.port)
     if start_metrics_server(config.metrics_port, running.service.metrics.registry, config.host):
         log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     try:
         await stop.wait()
         log.info("shutting down (grace %.1f s)", config.grace_s)

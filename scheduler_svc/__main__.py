@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 
 from scheduler_svc.config import SchedulerConfig, config_from_args
 from scheduler_svc.server import start_server
 from specdec.metrics import start_metrics_server
+from specdec.signals import stop_event
 from specdec.tracing import setup_tracing
 
 log = logging.getLogger("scheduler_svc")
@@ -21,10 +21,7 @@ async def serve(config: SchedulerConfig) -> int:
     running = await start_server(config)
     if start_metrics_server(config.metrics_port, running.scheduler.telemetry.metrics.registry, config.host):
         log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     log.info("listening on %s:%d", config.host, running.port)
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({stopper, running.connect_task}, return_when=asyncio.FIRST_COMPLETED)

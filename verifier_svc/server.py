@@ -6,9 +6,7 @@ is a whole step of the scheduler): a hop to a worker thread cost more per step t
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from opentelemetry import trace
 from specdec.metrics import VerifierMetrics, start_metrics_server
 from specdec.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
 from specdec.sampling import SamplingParams
+from specdec.signals import stop_event
 from specdec.tracing import server_interceptors, setup_tracing
 from verifier_svc.config import VerifierConfig
 from verifier_svc.core import CapacityError, PrefillItem, Timing, VerifierCore, VerifyItem
@@ -205,10 +204,7 @@ async def serve(config: VerifierConfig) -> None:
     if start_metrics_server(config.metrics_port, running.metrics.registry, config.host):
         log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     try:
         await stop.wait()
     finally:
