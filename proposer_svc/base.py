@@ -5,7 +5,8 @@ proposer keeps per-request state built from committed tokens and implements thre
 (bring valid items up to date and propose), `_drop` (forget one request) and `active_request_ids`.
 Validation of items (vocab, budget, duplicates) lives here, once, so every proposer treats malformed
 input the same way: that item gets an empty proposal and a warning, the rest of the batch proceeds.
-A proposer answers chains only for now (parent_indices -1, 0, 1, ...); trees fit the same Proposal.
+A proposer answers chains (a list of tokens: parent_indices -1, 0, 1, ...) or trees (a Proposal with
+its own parent indices, e.g. the Medusa heads' candidate trees).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class Proposer(ABC):
     """
 
     kind: str = "base"
+    # Size of the target hidden state the proposer reads from each item (0: it reads none).
+    hidden_size: int = 0
 
     def __init__(self, *, max_budget: int, vocab_size: int | None = None) -> None:
         if max_budget < 1:
@@ -106,7 +109,8 @@ class Proposer(ABC):
                 if item.budget > 0:  # an invalid item that asked for candidates gets an empty answer
                     out.append(Proposal(item.request_id))
             elif item.budget > 0:
-                out.append(Proposal.chain(item.request_id, proposed[work_of[i]]))
+                answer = proposed[work_of[i]]
+                out.append(answer if isinstance(answer, Proposal) else Proposal.chain(item.request_id, answer))
         return out
 
     def release(self, request_ids: Iterable[str]) -> None:
@@ -125,10 +129,11 @@ class Proposer(ABC):
     # -- hooks ----------------------------------------------------------------------------------
 
     @abstractmethod
-    def _propose(self, items: list[ProposalRequest]) -> list[list[int]]:
-        """Bring each item (unique ids, 0 <= budget <= max_budget) up to date; return one chain per item.
+    def _propose(self, items: list[ProposalRequest]) -> list[list[int] | Proposal]:
+        """Bring each item (unique ids, 0 <= budget <= max_budget) up to date; return one answer per item:
+        a chain (list of tokens) or a tree (Proposal, parents before children).
 
-        The chain for an item with budget 0 is empty; any chain may be shorter than its budget.
+        The answer for an item with budget 0 is empty; any answer may hold fewer nodes than its budget.
         """
 
     @abstractmethod

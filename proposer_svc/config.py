@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from specdec.checkpoint import DEFAULT_DRAFT
+from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_MEDUSA
 
-KINDS = ("ngram", "draft")
+KINDS = ("ngram", "draft", "medusa")
 
 
 @dataclass
@@ -19,10 +19,11 @@ class ProposerConfig:
     kind: str = "ngram"
     port: int = 0  # 0: any free port (logged at start)
     host: str = "127.0.0.1"
-    model: Path | None = None  # draft checkpoint folder (draft: defaults to models/code-draft)
+    model: Path | None = None  # draft checkpoint / medusa heads folder (defaults: models/code-draft, models/code-medusa)
     min_n: int = 1  # ngram: shortest suffix looked up
     max_n: int = 4  # ngram: longest suffix looked up (tried first)
-    max_budget: int = 8  # most candidates per request per step; larger budgets are capped
+    max_budget: int = 8  # most candidate nodes per request per step; larger budgets are capped
+    top_k: int = 4  # medusa: candidates per head a tree node may branch into
     max_slots: int = 64  # draft: KV-cache slots, i.e. requests with a draft cache at once
     max_seq_len: int = 1024  # draft: tokens one slot holds
     device: str = "auto"  # draft: auto | cpu | cuda[:i]
@@ -43,13 +44,15 @@ class ProposerConfig:
             raise ValueError(f"--metrics-port must be in 0..65535 (0 = none), got {self.metrics_port}")
         if not 1 <= self.min_n <= self.max_n:
             raise ValueError(f"need 1 <= --min-n <= --max-n, got {self.min_n} and {self.max_n}")
-        for name in ("max_budget", "max_slots", "max_seq_len"):
+        for name in ("max_budget", "max_slots", "max_seq_len", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"--vocab-size must be >= 1, got {self.vocab_size}")
         if self.kind == "draft" and self.model is None:
             self.model = DEFAULT_DRAFT
+        if self.kind == "medusa" and self.model is None:
+            self.model = DEFAULT_MEDUSA
         return self
 
     def describe(self) -> str:
@@ -72,10 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=_env("port", d.port), help="0 = any free port (logged)")
     p.add_argument("--host", default=_env("host", d.host))
     p.add_argument("--model", type=Path, default=_env("model", None),
-                   help=f"draft checkpoint folder (default {DEFAULT_DRAFT}); for ngram, only its vocab size is read")
+                   help=f"draft checkpoint folder (default {DEFAULT_DRAFT}), or medusa heads folder (default "
+                   f"{DEFAULT_MEDUSA}); for ngram, only its vocab size is read")
     p.add_argument("--min-n", type=int, default=_env("min_n", d.min_n))
     p.add_argument("--max-n", type=int, default=_env("max_n", d.max_n))
     p.add_argument("--max-budget", type=int, default=_env("max_budget", d.max_budget))
+    p.add_argument("--top-k", type=int, default=_env("top_k", d.top_k),
+                   help="medusa: candidates per head a tree node may branch into")
     p.add_argument("--max-slots", type=int, default=_env("max_slots", d.max_slots))
     p.add_argument("--max-seq-len", type=int, default=_env("max_seq_len", d.max_seq_len))
     p.add_argument("--device", default=_env("device", d.device))

@@ -114,7 +114,8 @@ class ProposerService(proposer_pb2_grpc.ProposerServicer):
         proposer = self.proposer
         active = proposer.active_request_ids()
         return proposer_pb2.ProposerInfo(
-            kind=proposer.kind, config=proposer.describe(), active_request_ids=active, max_budget=proposer.max_budget
+            kind=proposer.kind, config=proposer.describe(), active_request_ids=active, max_budget=proposer.max_budget,
+            hidden_size=proposer.hidden_size,
         )
 
 
@@ -178,6 +179,16 @@ def build_proposer(config: ProposerConfig) -> Proposer:
             max_slots=config.max_slots,
             max_seq_len=config.max_seq_len,
             max_budget=config.max_budget,
+        )
+    if config.kind == "medusa":
+        from proposer_svc.medusa import MedusaProposer
+
+        return MedusaProposer.from_folder(
+            config.model,
+            device=None if config.device == "auto" else config.device,
+            dtype=config.dtype,
+            max_budget=config.max_budget,
+            top_k=config.top_k,
         )
     raise ValueError(f"unknown proposer kind {config.kind!r}")
 

@@ -11,6 +11,33 @@ accepted and tested counts (their ratio is the rate). A request's estimate start
 proposer it is served by and moves with its own outcomes. Per proposer, the conditional rate of each
 position j (accepted at j given accepted up to j - 1) is tracked as well: it shapes a request's rates
 by position (prompt lookup, once it matches, tends to keep matching; a draft tends to drift).
+
+Exploration: a request whose estimate fell (by noise, or in a hard stretch of text) gets k = 0, and
+then, served by a costly proposer, gives no evidence that could raise it again. So an estimate drifts
+back towards the proposer's prior while steps pass without evidence for it: after n such steps its
+counts are regressed to
+
+    accepted <- w * accepted + (1 - w) * prior_rate * tested,   w = (1 - drift)^n,   tested unchanged
+
+i.e. the rate moves from its own value to the prior's, a fraction `drift` of the way per step (a half
+life of ln 2 / drift steps), keeping the weight of the evidence. The chooser re-tries the request
+once the rate is back where speculation pays, which takes a bounded number of steps when the prior
+says it pays; a prior that says it does not keeps the request at k = 0.
+
+The drift reads as a mixture: with probability w the request is as its evidence says, with 1 - w it
+changed and is like any other (the prior). A re-try's evidence (evidence after steps without any)
+first updates that mixture by Bayes' rule, w' = w L_own / (w L_own + (1 - w) L_prior) with
+L_a = a^accepted (1 - a)^(tested - accepted), and the counts are regressed with w' instead of w
+before the usual EMA update: a miss where the request's own rate expected one takes the drift back,
+a hit where only the prior expected one completes it. A re-try that fails (nothing accepted) also
+doubles the request's `patience`, up to MAX_PATIENCE: its drift then runs that many times slower
+(n / patience steps in the formula above); one that accepts something resets it to 1. So a request
+that keeps failing is re-tried at exponentially spaced steps (it would be every few steps where
+little acceptance pays), while one that fell by noise comes back within a half life or two.
+
+The clock is the policy's plans: it calls advance() once per plan (without those calls nothing
+drifts). The drift is applied lazily, when an estimate is read or updated, so a step costs O(1)
+whatever the number of requests.
 """
 
 from __future__ import annotations
@@ -26,6 +53,11 @@ MIN_RATE = 0.01
 MAX_RATE = 0.99
 # Observations of a position before its own rate shapes the estimate (too few are noise).
 MIN_POSITION_OBSERVATIONS = 20.0
+# Fraction of the way from a request's own rate to the prior's covered per step without evidence:
+# a half life of about 10 steps, short next to a request's life (tens to hundreds of steps).
+DEFAULT_DRIFT = 0.07
+# Most a request's drift is slowed by failed re-tries (x2 each): a half life of about 80 steps.
+MAX_PATIENCE = 8.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +94,12 @@ class _Rate:
 
     accepted: float
     tested: float
+    step: int = 0  # the estimator's clock when evidence (or drift) was last folded in
+    patience: float = 1.0  # the drift runs this many times slower (doubled by each failed re-try)
+
+    def drifted(self, prior_rate: float, weight: float) -> float:
+        """Accepted count after drifting a fraction 1 - weight of the way to the prior's rate."""
+        return weight * self.accepted + (1.0 - weight) * prior_rate * self.tested
 
     def update(self, alpha: float, accepted: float, tested: float) -> None:
         self.accepted += alpha * (accepted - self.accepted)
@@ -87,16 +125,22 @@ class AcceptanceEstimator:
 
     alpha: EMA weight of one step in a request's estimate; prior_alpha: in a proposer's prior (smaller:
     the prior averages many requests). initial_rate: the prior before a proposer was ever observed.
+    drift: per step without evidence, the fraction of the way a request's rate moves back to the
+    prior (see the module docstring; 0 turns it off).
     """
 
     def __init__(self, max_k: int, *, alpha: float = 0.3, prior_alpha: float = 0.05,
-                 initial_rate: float = 0.5) -> None:
+                 initial_rate: float = 0.5, drift: float = DEFAULT_DRIFT) -> None:
         if not 0 < alpha <= 1 or not 0 < prior_alpha <= 1:
             raise ValueError(f"EMA weights must be in (0, 1], got alpha={alpha} prior_alpha={prior_alpha}")
+        if not 0 <= drift < 1:
+            raise ValueError(f"drift must be in [0, 1), got {drift}")
         self.max_k = max_k
         self.alpha = alpha
         self.prior_alpha = prior_alpha
         self.initial_rate = initial_rate
+        self.drift = drift
+        self.steps = 0  # the clock: plans so far (advance())
         self._proposers: dict[str, _ProposerStats] = {}
         self._requests: dict[tuple[str, str], _Rate] = {}  # (request id, proposer) -> its estimate
 
@@ -107,9 +151,15 @@ class AcceptanceEstimator:
         return self._stats(proposer).prior.rate
 
     def rate(self, request_id: str, proposer: str) -> float:
-        """The request's conditional acceptance rate with this proposer (the prior until it has its own)."""
+        """The request's conditional acceptance rate with this proposer (the prior until it has its own),
+        drifted towards the prior for the steps without evidence since its last."""
         own = self._requests.get((request_id, proposer))
-        return own.rate if own is not None else self.prior(proposer)
+        if own is None:
+            return self.prior(proposer)
+        weight = self._drift_weight(own)
+        if weight >= 1.0:
+            return own.rate
+        return _Rate(own.drifted(self.prior(proposer), weight), own.tested).rate
 
     def position_rates(self, request_ids: Sequence[str], proposer: str) -> np.ndarray:
         """Conditional rates by position for each request [R, K]: its own level, the proposer's shape."""
@@ -118,6 +168,10 @@ class AcceptanceEstimator:
         return np.clip(levels[:, None] * stats.shape[None, :], MIN_RATE, MAX_RATE)
 
     # -- learning ----------------------------------------------------------------------------------
+
+    def advance(self) -> None:
+        """One more step is being planned: the clock of the drift towards the prior. Call once per plan."""
+        self.steps += 1
 
     def observe(self, request_id: str, observation: Observation) -> None:
         """Fold one step's evidence into the request's estimate, the proposer's prior and position rates."""
@@ -130,8 +184,16 @@ class AcceptanceEstimator:
             # Start at the prior, weighing like a step that tested max_k positions: one early miss (which
             # tests a single position) must not shut a request out of speculation for good.
             weight = float(max(self.max_k, observation.tested))
-            own = self._requests[key] = _Rate(stats.prior.rate * weight, weight)
+            own = self._requests[key] = _Rate(stats.prior.rate * weight, weight, self.steps)
+        else:
+            weight = self._drift_weight(own)
+            if weight < 1.0:  # a re-try after steps without evidence: was the drift right?
+                unchanged = weight * _likelihood(own.rate, observation)
+                changed = (1.0 - weight) * _likelihood(stats.prior.rate, observation)
+                own.accepted = own.drifted(stats.prior.rate, unchanged / (unchanged + changed))
+                own.patience = min(2.0 * own.patience, MAX_PATIENCE) if observation.accepted == 0 else 1.0
         own.update(self.alpha, observation.accepted, observation.tested)
+        own.step = self.steps
         stats.prior.update(self.prior_alpha, observation.accepted, observation.tested)
         n = min(observation.tested, self.max_k)
         hits = (np.arange(n) < observation.accepted).astype(float)
@@ -144,6 +206,15 @@ class AcceptanceEstimator:
         keep = set(keep)
         for key in [key for key in self._requests if key[0] not in keep]:
             del self._requests[key]
+
+    def _drift_weight(self, own: _Rate) -> float:
+        """(1 - drift)^(n / patience) for the n steps since own's last evidence that brought none.
+
+        A step's evidence is folded in between its plan's advance() and the next one (at clock s), so
+        the next plan reads at s + 1 with n = 0, and each plan after it that brings nothing adds one.
+        """
+        idle = self.steps - own.step - 1
+        return (1.0 - self.drift) ** (idle / own.patience) if idle > 0 and self.drift > 0 else 1.0
 
     @property
     def tracked_requests(self) -> int:
@@ -161,3 +232,8 @@ class AcceptanceEstimator:
     def _reshape(stats: _ProposerStats) -> None:
         shape = np.clip(stats.position_accepted, MIN_RATE, MAX_RATE) / stats.prior.rate
         stats.shape = np.where(stats.position_seen >= MIN_POSITION_OBSERVATIONS, shape, 1.0)
+
+
+def _likelihood(rate: float, observation: Observation) -> float:
+    """P(the observation | iid conditional acceptance `rate`): accepted hits, then a miss if one was tested."""
+    return rate ** observation.accepted * (1.0 - rate) ** (observation.tested - observation.accepted)

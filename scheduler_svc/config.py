@@ -30,6 +30,7 @@ class SchedulerConfig:
     policy: str = DEFAULT_POLICY
     k: int = 3  # speculated tokens per request and step under `fixed` and `disable-by-batch-size`
     max_k: int = 5  # most tokens the goodput policies (smartspec, batch-uniform) speculate per request
+    max_tree_nodes: int = 16  # most tree nodes (tree proposers) the goodput policies verify per request
     ema_alpha: float = 0.3  # weight of one step in a request's acceptance-rate estimate (goodput policies)
     cost_window: int = 256  # recent steps the cost model is fitted over (goodput policies)
     profile_s: float = 2.0  # time budget of the start-up cost profile (goodput policies); 0 = none
@@ -54,6 +55,8 @@ class SchedulerConfig:
             raise ValueError(f"--k must be >= 0, got {self.k}")
         if self.max_k < 0:
             raise ValueError(f"--max-k must be >= 0, got {self.max_k}")
+        if self.max_tree_nodes < 0:
+            raise ValueError(f"--max-tree-nodes must be >= 0, got {self.max_tree_nodes}")
         if not 0 < self.ema_alpha <= 1:
             raise ValueError(f"--ema-alpha must be in (0, 1], got {self.ema_alpha}")
         if self.cost_window < 1 or self.profile_s < 0 or self.disable_batch_size < 0:
@@ -120,6 +123,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="speculated tokens per step (fixed and disable-by-batch-size policies)")
     parser.add_argument("--max-k", type=int, default=int(_env("MAX_K", 5)),
                         help="most tokens speculated per request and step (smartspec, batch-uniform)")
+    parser.add_argument("--max-tree-nodes", type=int, default=int(_env("MAX_TREE_NODES", 16)),
+                        help="most candidate-tree nodes verified per request and step, for tree proposers "
+                             "(medusa) (smartspec, batch-uniform)")
     parser.add_argument("--ema-alpha", type=float, default=float(_env("EMA_ALPHA", 0.3)),
                         help="weight of one step in a request's acceptance estimate (smartspec, batch-uniform)")
     parser.add_argument("--cost-window", type=int, default=int(_env("COST_WINDOW", 256)),
@@ -169,6 +175,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> SchedulerConfig:
             policy=args.policy,
             k=args.k,
             max_k=args.max_k,
+            max_tree_nodes=args.max_tree_nodes,
             ema_alpha=args.ema_alpha,
             cost_window=args.cost_window,
             profile_s=args.profile_s,

@@ -1,8 +1,13 @@
 """The step-time model the goodput chooser scores plans with, fitted online from measured timings.
 
     T_verify   = c0 + c1 * batch_size + c2 * batched_tokens + c3 * context_tokens   (verifier's total_ms)
-    T_proposer = d0 + d1 * requests + d2 * tokens                                    (per costly proposer)
+    T_proposer = d0 + d1 * requests + d2 * tokens + d3 * max_k                      (per costly proposer)
     T_overhead = o0 + o1 * batch_size + o2 * batched_tokens                          (RPCs, scheduler work)
+
+A batched draft model proposes chains one token per forward pass over its requests, so it runs
+max_k = max_i k_i passes (the longest chain asked of it): d3 is the cost of a pass, d1 and d2 what
+requests and tokens add on top. The proposer terms need steps (or a profile) with several batch
+sizes and chain lengths to be told apart; the ridge pull keeps them sensible meanwhile.
 
 Each part is a least-squares fit over a sliding window of recent steps, ridge-regularised towards a
 seed (the start-up profile's fit, or defaults) so that directions the recent steps do not pin down
@@ -13,7 +18,7 @@ that no cost is predicted to fall when more work is done.
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -27,7 +32,9 @@ ERROR_EMA_ALPHA = 0.1
 
 # Defaults before any measurement: roughly a small model on a CPU; the start-up profile replaces them.
 DEFAULT_VERIFY_SEED = (5.0, 0.5, 0.5, 0.0)  # c0, c1, c2, c3 (ms, ms/request, ms/token, ms/context token)
-DEFAULT_PROPOSER_SEED = (1.0, 0.2, 0.5)  # d0, d1, d2
+# d0, d1, d2, d3 (ms, ms/request, ms/token, ms/pass): about the embedded draft on two CPU cores, where a
+# pass over the batch costs five times what each token in it adds.
+DEFAULT_PROPOSER_SEED = (0.5, 0.05, 0.2, 1.0)
 DEFAULT_OVERHEAD_SEED = (1.0, 0.05, 0.0)  # o0, o1, o2
 
 
@@ -57,8 +64,14 @@ class RidgeFit:
             self.refit()
 
     def reseed(self, seed: Sequence[float]) -> None:
-        """Pull towards new coefficients from now on (e.g. the start-up profile's fit)."""
-        self.seed = np.asarray(seed, dtype=float)
+        """Pull towards new coefficients from now on (e.g. the start-up profile's fit).
+
+        A shorter seed leaves the trailing coefficients at 0 (a seed written before a feature was added).
+        """
+        given = np.asarray(seed, dtype=float)
+        if len(given) > len(self.seed):
+            raise ValueError(f"seed has {len(given)} coefficients, the fit {len(self.seed)}")
+        self.seed = np.concatenate([given, np.zeros(len(self.seed) - len(given))])
         self.refit()
 
     def refit(self) -> None:
@@ -96,6 +109,17 @@ class StepShape:
     context_tokens: int  # committed tokens of the requests in the batch
     proposer_requests: Mapping[str, int]  # costly proposers: requests each served
     proposer_tokens: Mapping[str, int]  # and candidate tokens asked of each
+    # and the longest chain asked of each (its sequential passes); where missing, the mean chain
+    proposer_max_k: Mapping[str, int] = field(default_factory=dict)
+
+    def proposer_features(self, name: str) -> tuple[float, float, float, float]:
+        """(1, requests, tokens, max_k) of a costly proposer: what CostModel.proposer(name) is fitted on."""
+        requests = self.proposer_requests.get(name, 0)
+        tokens = self.proposer_tokens.get(name, 0)
+        longest = self.proposer_max_k.get(name)
+        if longest is None:
+            longest = -(-tokens // requests) if requests > 0 else 0
+        return (1.0, float(requests), float(tokens), float(longest))
 
 
 class CostModel:
@@ -129,12 +153,12 @@ class CostModel:
         t += self.overhead.predict((1.0, shape.batch_size, shape.batched_tokens))
         for name, requests in shape.proposer_requests.items():
             if requests > 0:
-                t += self.proposer(name).predict((1.0, requests, shape.proposer_tokens.get(name, 0)))
+                t += self.proposer(name).predict(shape.proposer_features(name))
         return t
 
     def step_cost(self, batch_size: int, context_tokens: int, proposers: Sequence[str],
                   free: Sequence[bool]) -> StepCost:
-        """The linear StepCost for a batch of this size and context, proposers in the chooser's order."""
+        """The StepCost for a batch of this size and context, proposers in the chooser's order."""
         c0, c1, c2, c3 = self.verify.coef
         o0, o1, o2 = self.overhead.coef
         fits = [None if is_free else self.proposer(name).coef for name, is_free in zip(proposers, free)]
@@ -144,6 +168,7 @@ class CostModel:
             fixed_ms=np.array([0.0 if f is None else f[0] for f in fits]),
             request_ms=np.array([0.0 if f is None else f[1] for f in fits]),
             proposer_token_ms=np.array([0.0 if f is None else f[2] for f in fits]),
+            depth_ms=np.array([0.0 if f is None else f[3] for f in fits]),
         )
 
     # -- learning ------------------------------------------------------------------------------------
@@ -156,9 +181,8 @@ class CostModel:
         self.steps_observed += 1
         self.verify.add((1.0, shape.batch_size, shape.batched_tokens, shape.context_tokens), verify_ms)
         for name, ms in proposer_ms.items():
-            requests = shape.proposer_requests.get(name, 0)
-            if requests > 0:
-                self.proposer(name).add((1.0, requests, shape.proposer_tokens.get(name, 0)), ms)
+            if shape.proposer_requests.get(name, 0) > 0:
+                self.proposer(name).add(shape.proposer_features(name), ms)
         if overhead_ms is not None:
             self.overhead.add((1.0, shape.batch_size, shape.batched_tokens), max(overhead_ms, 0.0))
         if predicted_ms is not None and measured_ms is not None and measured_ms > 0:

@@ -28,6 +28,7 @@ import grpc
 from scheduler_svc.policy import (
     FREE_PROPOSER_KINDS,
     NO_SPECULATION,
+    TREE_PROPOSER_KINDS,
     Policy,
     ProposerSpec,
     RequestOutcome,
@@ -123,6 +124,8 @@ class Engine:
         # Requests in one Verify call are the running ones, so the verifier's batch size caps them too.
         self.capacity = max(1, min(limits.max_slots, limits.max_batch_size))
         self.step_records: collections.deque[StepRecord] = collections.deque(maxlen=step_record_limit)
+        # Tree heads read the target's hidden state: the verifier returns it only when someone needs it.
+        self.wants_hidden = any(p.hidden_size > 0 for p in self.proposers.values())
         self.steps = 0
         self.verifier_failures = 0
         self._waiting: collections.deque[Request] = collections.deque()
@@ -280,7 +283,7 @@ class Engine:
             return
         items = [PrefillItem(r.request_id, r.tokens, r.params.sampling) for r in batch]
         try:
-            first, timing = await self.verifier.prefill(items)
+            first, timing, hidden = await self.verifier.prefill(items, self.wants_hidden)
         except VerifierError as exc:
             # Some of them may hold state now: release before they are tried again.
             self._release_in_verifier.extend(r.request_id for r in batch)
@@ -300,6 +303,7 @@ class Engine:
             self._running[request.request_id] = request
             request.first_token_s = now
             request.stats.time_to_first_token_ms = (now - request.arrival_s) * 1e3
+            request.hidden_state = hidden.get(request.request_id, b"")
             record.committed += 1
             self._commit(request, [first[request.request_id]])
 
@@ -307,15 +311,17 @@ class Engine:
         """Rebuild every running request in the verifier from its committed tokens."""
         running = list(self._running.values())
         first: dict[str, int] = {}
+        hidden: dict[str, bytes] = {}
         if running:
             await self.verifier.release([r.request_id for r in running])
             items = [PrefillItem(r.request_id, r.tokens, r.params.sampling) for r in running]
-            first, _ = await self.verifier.prefill(items)
+            first, _, hidden = await self.verifier.prefill(items, self.wants_hidden)
             log.warning("re-prefilled %d running requests in the verifier from their committed tokens", len(running))
         for proposer in self.proposers.values():
             proposer.resync()
         self._needs_reprefill = False
         for request in running:
+            request.hidden_state = hidden.get(request.request_id, b"")
             self._commit(request, [first[request.request_id]])
 
     # -- 2.-5. one speculative step ------------------------------------------------------------------
@@ -336,17 +342,19 @@ class Engine:
             proposer = self.proposers.get(plan.proposer) if plan.proposer else None
             if plan.proposer in offered:
                 # Proposed already: keep the planned prefix (no call).
-                chain = offered[plan.proposer].get(request.request_id)
-                k = min(plan.k, self._room(request), len(chain.token_ids) if chain is not None else 0)
-                if k > 0:
-                    candidates[request.request_id] = truncate_candidates(chain, k)
-                    planned[request.request_id] = (plan.proposer, k)
+                cand = offered[plan.proposer].get(request.request_id)
+                if cand is not None:
+                    cand = fit_candidates(cand, min(plan.k, self._node_room(request)), self._room(request))
+                if cand is not None and cand.token_ids:
+                    candidates[request.request_id] = cand
+                    planned[request.request_id] = (plan.proposer, len(cand.token_ids))
                 continue
             if proposer is None or not proposer.available():
                 continue
-            k = min(plan.k, self._room(request), proposer.max_budget)
+            k = min(plan.k, self._node_room(request) if proposer.kind in TREE_PROPOSER_KINDS else self._room(request),
+                    proposer.max_budget)
             if k > 0:
-                work[proposer.name].append(ProposeWork(request.request_id, request.tokens, k))
+                work[proposer.name].append(self._work(request, proposer, k))
                 planned[request.request_id] = (proposer.name, k)
 
         t0 = time.perf_counter()
@@ -355,11 +363,15 @@ class Engine:
         answered = {name for name, result in results.items() if result.ok} | set(offered)
         for name, result in results.items():
             record.propose_ms[name], record.propose_forward_ms[name] = result.propose_ms, result.forward_ms
-            candidates.update(result.candidates)
+            for rid, cand in result.candidates.items():
+                # A tree may be deeper than max_tokens can use; chains were asked for no more than that.
+                cand = fit_candidates(cand, len(cand.token_ids), self._room(self._running[rid]))
+                if cand.token_ids:
+                    candidates[rid] = cand
 
         items = [VerifyItem(r.request_id, candidates.get(r.request_id)) for r in running]
         try:
-            outputs, timing = await self.verifier.verify(items)
+            outputs, timing = await self.verifier.verify(items, self.wants_hidden)
         except VerifierError as exc:
             # The verifier's state is unknown now: rebuild it from the committed tokens.
             self._needs_reprefill = True
@@ -379,20 +391,28 @@ class Engine:
                 self._needs_reprefill = True
                 raise VerifierError(f"verifier accepted {accepted} of {n} candidates for {item.request_id}")
 
+        # Tree proposers' answers are scored as trees even when one happens to be a chain.
+        tree_offers = {name: c for name, c in offered.items() if self.proposers[name].kind in TREE_PROPOSER_KINDS}
+        chain_offers = {name: c for name, c in offered.items() if name not in tree_offers}
         outcomes = []
         for request, n in zip(running, proposed):
             out = outputs[request.request_id]
             accepted = len(out.accepted_token_ids)
             name, k = planned.get(request.request_id, (None, 0))
             self._count(request, name if name in answered else None, n, accepted)
+            verified = candidates.get(request.request_id)
             outcomes.append(RequestOutcome(
                 request.request_id, name, k, n, accepted,
                 committed=(*out.accepted_token_ids, out.bonus_token_id),
-                free_candidates=_chains_of(request.request_id, offered),
+                free_candidates=_chains_of(request.request_id, chain_offers),
+                free_trees=_trees_of(request.request_id, tree_offers),
+                verified_parents=tuple(verified.parent_indices) if verified is not None else (),
+                accepted_indices=out.accepted_indices,
             ))
             record.proposed += n
             record.accepted += accepted
             record.committed += accepted + 1
+            request.hidden_state = out.hidden_state
             self._commit(request, [*out.accepted_token_ids, out.bonus_token_id])
         return outcomes
 
@@ -407,17 +427,17 @@ class Engine:
     ) -> dict[str, dict[str, common_pb2.Candidates]]:
         """Before the plan, when the policy asks: every free proposer proposes its full budget for each
         request it may serve. Returns proposer name -> request id -> candidates (answered proposers only)."""
-        budget = self.policy.free_proposal_budget
-        if budget <= 0:
-            return {}
+        chain_budget, tree_budget = self.policy.free_proposal_budget, self.policy.free_tree_budget
         work: dict[str, list[ProposeWork]] = collections.defaultdict(list)
         for name, proposer in self.proposers.items():
             if proposer.kind not in FREE_PROPOSER_KINDS or not proposer.available():
                 continue
+            tree = proposer.kind in TREE_PROPOSER_KINDS
             for request in running:
-                k = min(budget, self._room(request), proposer.max_budget)
+                room = self._node_room(request) if tree else self._room(request)
+                k = min(tree_budget if tree else chain_budget, room, proposer.max_budget)
                 if request.params.proposer in ("", name) and k > 0:
-                    work[name].append(ProposeWork(request.request_id, request.tokens, k))
+                    work[name].append(self._work(request, proposer, k))
         if not work:
             return {}
         t0 = time.perf_counter()
@@ -442,12 +462,23 @@ class Engine:
             proposed=request.stats.proposed,
             accepted=request.stats.accepted,
             offered={name: len(c[rid].token_ids) if rid in c else 0 for name, c in offered.items()},
+            offered_trees={name: tuple(c[rid].parent_indices) for name, c in offered.items()
+                           if rid in c and self.proposers[name].kind in TREE_PROPOSER_KINDS},
+            max_nodes=self._node_room(request),
         )
 
+    def _work(self, request: Request, proposer: ProposerClient, budget: int) -> ProposeWork:
+        hidden = request.hidden_state if proposer.hidden_size else b""
+        return ProposeWork(request.request_id, request.tokens, budget, hidden)
+
     def _room(self, request: Request) -> int:
-        """Most candidates worth verifying: within the context, and no more than max_tokens can use."""
-        context_room = self.limits.max_seq_len - len(request.tokens) - 1
-        return max(0, min(context_room, request.remaining_tokens - 1))
+        """Most candidates worth verifying in a chain (the depth of a tree): within the context, and no
+        more than max_tokens can use."""
+        return max(0, min(self._node_room(request), request.remaining_tokens - 1))
+
+    def _node_room(self, request: Request) -> int:
+        """Most candidate nodes the request's context has room for (the verifier caches every node)."""
+        return max(0, self.limits.max_seq_len - len(request.tokens) - 1)
 
     @staticmethod
     def _count(request: Request, proposer: str | None, proposed: int, accepted: int) -> None:
@@ -527,6 +558,25 @@ def truncate_candidates(cand: common_pb2.Candidates, k: int) -> common_pb2.Candi
     return out
 
 
+def fit_candidates(cand: common_pb2.Candidates, max_nodes: int, max_depth: int) -> common_pb2.Candidates:
+    """The first max_nodes nodes of a candidate tree, without the nodes deeper than max_depth (a root is at
+    depth 1). Parents precede children, so what remains is a tree; parent indices are renumbered."""
+    cand = truncate_candidates(cand, max_nodes)
+    parents = list(cand.parent_indices)
+    if len(parents) <= max_depth:
+        return cand  # no node can be deeper than the node count
+    depth: list[int] = []
+    for p in parents:
+        depth.append(1 if p < 0 else depth[p] + 1)
+    keep = [j for j, d in enumerate(depth) if d <= max_depth]
+    new_index = {old: new for new, old in enumerate(keep)}
+    out = common_pb2.Candidates(request_id=cand.request_id, token_ids=[cand.token_ids[j] for j in keep],
+                                parent_indices=[new_index[parents[j]] if parents[j] >= 0 else -1 for j in keep])
+    if cand.draft_distributions:
+        out.draft_distributions.extend(cand.draft_distributions[j] for j in keep)
+    return out
+
+
 def _chains_of(
     request_id: str, offered: Mapping[str, Mapping[str, common_pb2.Candidates]]
 ) -> dict[str, tuple[int, ...]]:
@@ -537,3 +587,15 @@ def _chains_of(
         if cand is not None and all(p == j - 1 for j, p in enumerate(cand.parent_indices)):
             chains[name] = tuple(cand.token_ids)
     return chains
+
+
+def _trees_of(
+    request_id: str, offered: Mapping[str, Mapping[str, common_pb2.Candidates]]
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The full trees free tree proposers gave this request, as (tokens, parents), to score them."""
+    trees = {}
+    for name, by_request in offered.items():
+        cand = by_request.get(request_id)
+        if cand is not None:
+            trees[name] = (tuple(cand.token_ids), tuple(cand.parent_indices))
+    return trees

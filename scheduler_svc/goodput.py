@@ -4,18 +4,26 @@ goodput(plan) = sum_i E_i(k_i) / T_step(plan)                      (DESIGN.md)
 E_i(k)        = 1 + sum_{j<=k} s_ij,  s_ij = P(the first j candidates are accepted)
               = (1 - a^(k+1)) / (1 - a) for iid acceptance a
 
-The step time is linear in what a plan controls (see StepCost): every batched token costs the same,
-and a proposer costs a fixed amount when anyone uses it, plus per request and per token it serves.
-Then the best plan is found exactly by Dinkelbach's method for ratio objectives: for a trial goodput g,
-maximise sum_i [E_i(k_i) - g * cost_i(k_i)], which splits into one small scan per request; set g to
-the goodput of that plan and repeat until it stops rising (a few rounds). Proposers with a fixed cost
-couple the requests, so each subset of them is tried (there are one or two in practice).
+The step time (see StepCost) is linear in what a plan controls, but for one coupling term: every
+batched token costs the same, and a proposer costs a fixed amount when anyone uses it, plus per
+request and per token it serves, plus per *sequential* forward pass -- a batched draft model runs
+max_i(k_i) passes over its requests, so its time grows with the longest chain asked of it.
+
+The best plan is found exactly. For a fixed choice of which costly proposers may be used and, for
+those with a per-pass cost, a cap m on their chains (k_i <= m, charged as if m passes ran), the step
+time is linear and Dinkelbach's method for ratio objectives solves it: for a trial goodput g, maximise
+sum_i [E_i(k_i) - g * cost_i(k_i)], which splits into one small scan per request; set g to the goodput
+of that plan and repeat until it stops rising (a few rounds). Every (subset, caps) combination is
+tried, all at once as one array (there are one or two costly proposers and caps 1..K in practice).
+Exactness: a charged time is never below the plan's true time, and the optimal plan is charged its
+true time in the combination whose caps are its own longest chains, so the best charged goodput is
+the optimum.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -39,13 +47,16 @@ def survival(rates: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class StepCost:
-    """The linear step-time model a plan is scored with, all in milliseconds.
+    """The step-time model a plan is scored with, all in milliseconds.
 
     T(plan) = base_ms + token_ms * sum_i (k_i + 1)
-              + sum_p [p used] * fixed_ms[p] + requests_p * request_ms[p] + tokens_p * proposer_token_ms[p]
+              + sum_p [p used] * (fixed_ms[p] + depth_ms[p] * max_{i served by p} k_i)
+                               + requests_p * request_ms[p] + tokens_p * proposer_token_ms[p]
 
-    Proposers run in parallel, so the true proposer phase is the slowest of them, not the sum; with one
-    costly proposer (the usual ngram + draft) the two agree, and the sum is an upper bound otherwise.
+    depth_ms is the cost of one sequential pass of a proposer that builds chains one token per batched
+    forward (a draft model): its chains take as many passes as the longest one. Proposers run in
+    parallel, so the true proposer phase is the slowest of them, not the sum; with one costly proposer
+    (the usual ngram + draft) the two agree, and the sum is an upper bound otherwise.
     """
 
     base_ms: float  # what no plan changes: fixed costs, batch size and context terms, overheads
@@ -53,16 +64,28 @@ class StepCost:
     fixed_ms: np.ndarray  # [P] per proposer, when it serves anyone this step
     request_ms: np.ndarray  # [P] per request it serves
     proposer_token_ms: np.ndarray  # [P] per candidate token it proposes
+    depth_ms: np.ndarray = field(default=None)  # [P] per unit of its longest chain; None: zeros
+
+    def __post_init__(self) -> None:
+        if self.depth_ms is None:
+            object.__setattr__(self, "depth_ms", np.zeros(len(self.fixed_ms)))
 
     def step_ms(self, ks: np.ndarray, choice: np.ndarray) -> float:
         """Time of a plan: ks [B] candidates per request, choice [B] proposer index (-1 = none)."""
-        used = choice >= 0
+        ks, choice = np.asarray(ks), np.asarray(choice)
+        used = (choice >= 0) & (ks > 0)
         t = self.base_ms + self.token_ms * float(np.sum(ks + 1))
         if used.any():
-            props = choice[used]
-            t += float(self.fixed_ms[np.unique(props)].sum())
-            t += float(self.request_ms[props].sum() + (self.proposer_token_ms[props] * ks[used]).sum())
+            props, served = choice[used], ks[used]
+            t += float(self.request_ms[props].sum() + (self.proposer_token_ms[props] * served).sum())
+            longest = np.zeros(len(self.fixed_ms))
+            np.maximum.at(longest, props, served)
+            t += float(self.fixed_ms[longest > 0].sum() + (self.depth_ms * longest).sum())
         return t
+
+    def coupled(self) -> np.ndarray:
+        """[P] proposers whose cost is not a sum over requests (a fixed or a per-pass cost)."""
+        return (self.fixed_ms > 0) | (self.depth_ms > 0)
 
 
 @dataclass(frozen=True)
@@ -98,8 +121,30 @@ def gains_table(surv: np.ndarray, max_k: np.ndarray) -> np.ndarray:
     return table
 
 
+def _cap_options(cost: StepCost, longest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every combination of caps to try: caps [C, P] (0: proposer not used) and their charged ms [C].
+
+    longest [P]: the longest chain any request may get from each proposer. A proposer with no coupled
+    cost is never capped below it; one with only a fixed cost is used at its full length or not at all;
+    one with a per-pass cost is also tried at every shorter cap (a cap above `longest` cannot matter).
+    """
+    coupled = cost.coupled() & (longest > 0)
+    per_proposer = []
+    for p, top in enumerate(longest.tolist()):
+        if not coupled[p]:
+            per_proposer.append([top])
+        elif cost.depth_ms[p] > 0:
+            per_proposer.append(list(range(top + 1)))
+        else:
+            per_proposer.append([0, top])
+    caps = np.array(list(itertools.product(*per_proposer)), dtype=int).reshape(-1, len(longest))
+    on = (caps > 0) & coupled[None, :]
+    charged = (on * (cost.fixed_ms + cost.depth_ms * caps)).sum(axis=1)
+    return caps, charged
+
+
 def choose(surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
-    """The plan of largest goodput sum_i E_i / T(plan) (exact for the linear StepCost).
+    """The plan of largest goodput sum_i E_i / T(plan) (exact for StepCost, see the module docstring).
 
     surv [B, P, K]: P(first j of proposer p's candidates accepted) for request i; max_k [B, P]: most
     candidates proposer p may give request i (0: not an option).
@@ -107,50 +152,51 @@ def choose(surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
     b, n_prop, k_max = surv.shape
     if b == 0 or n_prop == 0 or not (max_k > 0).any():
         return no_speculation(b, cost)
-    table = gains_table(surv, np.minimum(max_k, k_max))
-    ks_axis = np.arange(k_max + 1, dtype=float)
-    # Cost of (p, k) for one request, without the proposers' fixed costs: [P, K+1].
-    marginal = ks_axis[None, :] * (cost.token_ms + cost.proposer_token_ms[:, None]) + np.where(
-        ks_axis[None, :] > 0, cost.request_ms[:, None], 0.0)
-    coupled = [p for p in range(n_prop) if cost.fixed_ms[p] > 0 and np.any(max_k[:, p] > 0)]
-    best: Choice | None = None
-    for r in range(len(coupled) + 1):
-        for excluded in itertools.combinations(coupled, r):
-            allowed = table
-            if excluded:
-                allowed = table.copy()
-                allowed[:, list(excluded), 1:] = -np.inf
-            charged = float(sum(cost.fixed_ms[p] for p in coupled if p not in excluded))
-            choice = _dinkelbach(allowed, marginal, cost, charged)
-            if best is None or choice.goodput > best.goodput:
-                best = choice
-    return best
+    max_k = np.minimum(max_k, k_max)
+    table = gains_table(surv, max_k)  # [B, P, K+1]
+    width = k_max + 1
+    ks_axis = np.arange(width)
+    # Cost of (p, k) for one request, without the proposers' coupled costs: [P * (K+1)].
+    marginal = (ks_axis[None, :] * (cost.token_ms + cost.proposer_token_ms[:, None]) + np.where(
+        ks_axis[None, :] > 0, cost.request_ms[:, None], 0.0)).reshape(-1)
+    caps, charged = _cap_options(cost, max_k.max(axis=0))
+    # Each combination's table: [C, B, P * (K+1)], -inf beyond its caps.
+    beyond = (ks_axis[None, None, :] > caps[:, :, None]).reshape(len(caps), 1, -1)
+    tables = np.where(beyond, -np.inf, table.reshape(1, b, -1))
+    base = cost.base_ms + cost.token_ms * b + charged  # [C]
+    picked = _dinkelbach(tables, marginal, base)  # [C, B]
+    expected = b + np.take_along_axis(tables, picked[..., None], axis=2)[..., 0].sum(axis=1)
+    charged_goodput = expected / (base + marginal[picked].sum(axis=1))
+    best = int(np.argmax(charged_goodput))  # ties: the first, i.e. the fewest proposers and shortest caps
+    ks = picked[best] % width
+    proposer = np.where(ks > 0, picked[best] // width, -1)
+    return Choice(ks, proposer, float(expected[best]), cost.step_ms(ks, proposer))
 
 
-def _dinkelbach(table: np.ndarray, marginal: np.ndarray, cost: StepCost, charged_ms: float) -> Choice:
-    """Best plan when the allowed proposers' fixed costs (charged_ms) are paid whether used or not."""
-    b, n_prop, width = table.shape
-    base = cost.base_ms + cost.token_ms * b + charged_ms
-    flat_table = table.reshape(b, n_prop * width)
-    flat_marginal = marginal.reshape(n_prop * width)
-    g = b / base  # all k = 0 is always possible, so this is a lower bound of the optimum
-    picked = np.zeros(b, dtype=int)  # index into the flattened (proposer, k) axis; 0 is k = 0
+def _dinkelbach(tables: np.ndarray, marginal: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Per combination c, the plan maximising (B + gains) / (base[c] + costs): [C, B] flat (p, k) picks.
+
+    tables [C, B, W] gains per flat (proposer, k) option (-inf: not allowed); marginal [W] each option's
+    cost; base [C] the time every plan of combination c pays. All combinations iterate together, each
+    keeping its own trial goodput g; one that stops rising is done (its g stays, so its picks do too).
+    """
+    n_comb, b, _ = tables.shape
+    g = b / base  # all k = 0 is always allowed, so this is a lower bound of each optimum
+    picked = np.zeros((n_comb, b), dtype=int)  # 0 is k = 0
+    active = np.ones(n_comb, dtype=bool)
     for _ in range(MAX_ROUNDS):
-        net = flat_table - g * flat_marginal[None, :]
-        new_pick = np.argmax(net, axis=1)  # ties go to the first: k = 0 before any speculation
-        rows = np.arange(b)
-        expected = b + float(flat_table[rows, new_pick].sum())
-        step = base + float(flat_marginal[new_pick].sum())
-        g_new = expected / step
-        if g_new <= g * (1 + 1e-12):
-            if g_new >= g:
-                picked = new_pick
+        net = tables - g[:, None, None] * marginal[None, None, :]
+        new_pick = np.argmax(net, axis=2)  # ties go to the first: k = 0 before any speculation
+        expected = b + np.take_along_axis(tables, new_pick[..., None], axis=2)[..., 0].sum(axis=1)
+        g_new = expected / (base + marginal[new_pick].sum(axis=1))
+        rising = active & (g_new > g * (1 + 1e-12))
+        settled = active & ~rising & (g_new >= g)  # the same optimum reached again: keep its plan
+        picked[rising | settled] = new_pick[rising | settled]
+        g = np.where(rising, g_new, g)
+        active = rising
+        if not active.any():
             break
-        g, picked = g_new, new_pick
-    ks = picked % width
-    proposer = np.where(ks > 0, picked // width, -1)
-    return Choice(ks, proposer, b + float(table[np.arange(b), picked // width, ks].sum()),
-                  cost.step_ms(ks, proposer))
+    return picked
 
 
 def best_uniform_k(surv: np.ndarray, max_k: np.ndarray, cost: StepCost, proposer: np.ndarray) -> Choice:

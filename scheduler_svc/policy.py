@@ -23,8 +23,12 @@ if TYPE_CHECKING:
     from scheduler_svc.config import SchedulerConfig
     from scheduler_svc.engine import StepRecord
 
-# Proposer kinds whose proposals cost (next to) nothing, so they may propose for everyone before the plan.
-FREE_PROPOSER_KINDS = frozenset({"ngram"})
+# Proposer kinds whose proposals cost (next to) nothing, so they may propose for everyone before the plan
+# (prompt lookup; Medusa heads, a few small matrix products on one hidden state per request).
+FREE_PROPOSER_KINDS = frozenset({"ngram", "medusa"})
+# Proposer kinds that answer trees: their budget counts nodes, and the depth of a tree (not its size) is
+# what max_tokens bounds.
+TREE_PROPOSER_KINDS = frozenset({"medusa"})
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,10 @@ class ProposerSpec:
     @property
     def free(self) -> bool:
         return self.kind in FREE_PROPOSER_KINDS
+
+    @property
+    def tree(self) -> bool:
+        return self.kind in TREE_PROPOSER_KINDS
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,9 @@ class RequestView:
     # Free proposer -> candidates it already proposed this step (0: no match); only when the policy
     # asked for free proposals. A plan with such a proposer gets at most that many.
     offered: Mapping[str, int] = field(default_factory=dict)
+    # Free tree proposer -> the parent indices of the tree it proposed (a plan keeps its first k nodes).
+    offered_trees: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    max_nodes: int = 0  # most tree nodes that fit its context this step (trees may be wider than max_k)
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,10 @@ class RequestOutcome:
     committed: tuple[int, ...] = ()  # the step's accepted tokens + bonus, as the verifier returned them
     # Free proposer -> its full chain this step (before truncation to the plan), to score it after the fact.
     free_candidates: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    # Free tree proposer -> its full tree this step as (token ids, parent indices), likewise.
+    free_trees: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    verified_parents: tuple[int, ...] = ()  # parent indices of the candidates verified (a chain: -1, 0, ...)
+    accepted_indices: tuple[int, ...] = ()  # the accepted path's node indices in them
 
 
 class Policy(ABC):
@@ -85,6 +100,8 @@ class Policy(ABC):
     name: str
     # > 0: free proposers propose up to this many candidates per request before plan() (RequestView.offered).
     free_proposal_budget: int = 0
+    # The same for free tree proposers, in tree nodes (0: they propose after the plan, like costly ones).
+    free_tree_budget: int = 0
     # The policy's prediction of the step it last planned (ms), when it has a cost model.
     predicted_step_ms: float | None = None
 
@@ -116,6 +133,10 @@ class FixedPolicy(Policy):
     def __init__(self, proposers: Sequence[str], k: int) -> None:
         self.proposers = list(proposers)
         self.k = k
+        self.trees: set[str] = set()  # proposers answering trees: k counts nodes, capped by max_nodes
+
+    def bind_proposers(self, proposers: Mapping[str, ProposerSpec]) -> None:
+        self.trees = {name for name, spec in proposers.items() if spec.tree}
 
     def plan(self, requests: Sequence[RequestView]) -> dict[str, Plan]:
         return {r.request_id: self._plan_one(r) for r in requests}
@@ -124,7 +145,7 @@ class FixedPolicy(Policy):
         if request.proposer == NO_PROPOSER or not self.proposers:
             return NO_SPECULATION
         proposer = request.proposer or self.proposers[0]
-        k = min(self.k, request.max_k)
+        k = min(self.k, request.max_nodes if proposer in self.trees else request.max_k)
         return Plan(proposer, k) if k > 0 else NO_SPECULATION
 
 
@@ -155,7 +176,8 @@ def policy_from_config(config: SchedulerConfig, proposers: Sequence[str]) -> Pol
     """The policy a scheduler configuration asks for, with the flags that policy reads."""
     options: dict = {}
     if config.policy in ("smartspec", "batch-uniform"):
-        options = dict(max_k=config.max_k, ema_alpha=config.ema_alpha, cost_window=config.cost_window)
+        options = dict(max_k=config.max_k, ema_alpha=config.ema_alpha, cost_window=config.cost_window,
+                       max_tree_nodes=config.max_tree_nodes)
     elif config.policy == "disable-by-batch-size":
         options = dict(threshold=config.disable_batch_size)
     elif config.policy == "batch-size-table":

@@ -2,8 +2,12 @@
 
 It seeds the cost model so that the first steps are not planned blind: dummy requests are prefilled
 in one or two verifier slots, verified with no candidates and with chains of several lengths, and
-released; each costly proposer (not prompt lookup) is asked for chains of a few lengths. The first
-call of each kind only warms up (lazy initialisation) and is not measured. It stays within a time
+released; each costly proposer (not prompt lookup) is asked for chains of a few lengths at batch 1 and
+at a larger batch, plus one larger batch of mixed lengths, so that its per-request, per-token and
+per-pass costs (d1, d2, d3 in cost_model) are told apart: at batch 1 tokens and passes are the same
+number, at a larger batch with one length they differ by the batch size, and mixed lengths separate
+tokens from the longest chain. The first call of each kind only warms up (lazy initialisation) and
+is not measured. It stays within a time
 budget and never fails start-up: on any error the defaults stay and a warning is logged.
 """
 
@@ -123,25 +127,25 @@ async def _profile(cost_model: CostModel, verifier: VerifierClient, proposers: M
         if proposer.kind in FREE_PROPOSER_KINDS or not proposer.available():
             continue
         fit = cost_model.proposer(name)
-        # Two batch sizes, so that the per-request and per-token costs are told apart (at batch 1 alone
-        # they are collinear with the fixed cost, and the fit would extrapolate to large batches blindly).
-        batches = sorted({1, max(1, min(PROPOSER_PROFILE_BATCH, slots))})
-        rids = [f"{PROFILE_PREFIX}{name}-{i}" for i in range(batches[-1])]
         points = []
+        warmed: set[int] = set()  # batch sizes called once already
+        asked: set[str] = set()
         try:
-            for batch in batches:
-                for i, k in enumerate([max_k, 1, max(1, max_k // 2), max_k]):  # the first call warms up
-                    if time.perf_counter() > deadline:
-                        break
-                    k = min(k, proposer.max_budget)
-                    t = time.perf_counter()
-                    result = await proposer.step([ProposeWork(rid, prompt, k) for rid in rids[:batch]])
-                    if not result.ok:
-                        break
-                    if i > 0:
-                        points.append(((1.0, batch, batch * k), (time.perf_counter() - t) * 1e3))
+            for ks in _proposer_batches(max(1, min(max_k, proposer.max_budget)), slots):
+                if time.perf_counter() > deadline:
+                    break
+                rids = [f"{PROFILE_PREFIX}{name}-{j}" for j in range(len(ks))]
+                asked.update(rids)
+                t = time.perf_counter()
+                result = await proposer.step([ProposeWork(rid, prompt, k) for rid, k in zip(rids, ks)])
+                if not result.ok:
+                    break
+                # The first call at a batch size warms up (new requests' prompts are fed then).
+                if len(ks) in warmed:
+                    points.append((_proposer_features(ks), (time.perf_counter() - t) * 1e3))
+                warmed.add(len(ks))
         finally:
-            for rid in rids:
+            for rid in sorted(asked):
                 proposer.forget(rid)  # released with the next step
         if points:
             for xi, ms in points:
@@ -149,3 +153,22 @@ async def _profile(cost_model: CostModel, verifier: VerifierClient, proposers: M
             fit.refit()
             fit.reseed(fit.coef)
             report.proposer_points[name] = len(points)
+
+
+def _proposer_batches(max_k: int, slots: int) -> list[list[int]]:
+    """The chains a costly proposer is asked for, one list of k per call (the first per batch size warms up).
+
+    Batch 1 at a few lengths, then the larger batch at the same lengths, then the larger batch with one
+    long chain among short ones (the only call where the longest chain and the total disagree in ratio).
+    """
+    batch = max(1, min(PROPOSER_PROFILE_BATCH, slots))
+    lengths = [1, max(1, max_k // 2), max_k]
+    calls = [[max_k]] + [[k] for k in lengths]
+    if batch > 1:
+        calls += [[max_k] * batch] + [[k] * batch for k in lengths] + [[max_k] + [1] * (batch - 1)]
+    return calls
+
+
+def _proposer_features(ks: list[int]) -> tuple[float, float, float, float]:
+    """(1, requests, tokens, max_k) of one proposer call: what CostModel.proposer fits are fitted on."""
+    return (1.0, float(len(ks)), float(sum(ks)), float(max(ks)))

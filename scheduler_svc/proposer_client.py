@@ -38,6 +38,7 @@ class ProposeWork:
     request_id: str
     tokens: Sequence[int]  # every committed token of the request; only the unsent tail goes out
     budget: int  # most candidate nodes wanted (> 0)
+    hidden_state: bytes = b""  # the target's hidden state for proposers that read it (tree heads)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class ProposerInfo:
     config: str
     max_budget: int
     active_request_ids: tuple[str, ...]
+    hidden_size: int = 0  # size of the target hidden state it reads (0: none)
 
 
 class ProposerClient:
@@ -71,6 +73,7 @@ class ProposerClient:
         self.backoff_s = backoff_s
         self.max_budget = 1 << 30  # from Info; until then no cap
         self.kind = ""  # from Info (ngram, draft, ...); "" until known
+        self.hidden_size = 0  # from Info: > 0 when it reads the target's hidden state (tree heads)
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = proposer_pb2_grpc.ProposerStub(self._channel)
         self._call: grpc.aio.StreamStreamCall | None = None
@@ -90,7 +93,8 @@ class ProposerClient:
         if msg.max_budget > 0:
             self.max_budget = msg.max_budget
         self.kind = msg.kind
-        return ProposerInfo(msg.kind, msg.config, msg.max_budget, tuple(msg.active_request_ids))
+        self.hidden_size = msg.hidden_size
+        return ProposerInfo(msg.kind, msg.config, msg.max_budget, tuple(msg.active_request_ids), msg.hidden_size)
 
     # -- bookkeeping between steps -----------------------------------------------------------------
 
@@ -145,9 +149,8 @@ class ProposerClient:
                                               trace_context=inject_context())
         for w in work:
             sent = self._sent.get(w.request_id, 0)
-            request.items.add(
-                request_id=w.request_id, new_token_ids=w.tokens[sent:], reset=sent == 0, budget=w.budget
-            )
+            request.items.add(request_id=w.request_id, new_token_ids=w.tokens[sent:], reset=sent == 0,
+                              budget=w.budget, hidden_state=w.hidden_state)
             self._maybe_held.add(w.request_id)  # before the answer: a failed step may still have built state
         try:
             response = await asyncio.wait_for(self._exchange(request), self.timeout_s)

@@ -110,6 +110,9 @@ class Request:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # StreamChunk | RequestFailed
     first_token_s: float | None = None
     finished_s: float | None = None
+    # The target's hidden state at the position its pending token was sampled from (float32 bytes),
+    # kept only when a proposer reads it (tree heads).
+    hidden_state: bytes = b""
 
     def __post_init__(self) -> None:
         if not self.tokens:

@@ -42,6 +42,10 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+class StartupError(RuntimeError):
+    """The configured services cannot work together (the scheduler exits with this message)."""
+
+
 class Scheduler:
     """Clients, tokenizer and engine of one scheduler; ready once the verifier and every proposer answer Info."""
 
@@ -70,6 +74,11 @@ class Scheduler:
             pinfo = await _until_answered(f"proposer {proposer.name} at {proposer.address}", proposer.info)
             log.info("proposer %s: kind=%s max_budget=%d (%s)", proposer.name, pinfo.kind, pinfo.max_budget,
                      pinfo.config)
+            if pinfo.hidden_size and pinfo.hidden_size != info.hidden_size:
+                raise StartupError(
+                    f"proposer {proposer.name} ({pinfo.kind}) reads hidden states of size {pinfo.hidden_size}, but "
+                    f"the verifier's model {info.model} has hidden size {info.hidden_size}: its heads were trained "
+                    f"for another target; give it heads trained on this one")
         if self.tokenizer is None:
             path = self.config.tokenizer or info.model
             log.info("loading the tokenizer from %s", path)

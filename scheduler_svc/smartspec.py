@@ -26,11 +26,13 @@ from scheduler_svc.config import NO_PROPOSER
 from scheduler_svc.cost_model import DEFAULT_WINDOW, CostModel, StepShape
 from scheduler_svc.goodput import Choice, StepCost, best_uniform_k, choose, survival
 from scheduler_svc.policy import NO_SPECULATION, Plan, Policy, ProposerSpec, RequestOutcome, RequestView
+from scheduler_svc.tree_acceptance import TreeAcceptance
 
 if TYPE_CHECKING:
     from scheduler_svc.engine import StepRecord
 
 DEFAULT_MAX_K = 5
+DEFAULT_MAX_TREE_NODES = 16
 NO_CAP = 1 << 30
 
 
@@ -47,11 +49,16 @@ class GoodputPolicy(Policy):
     """The shared machinery: acceptance estimates, the cost model, and the feedback from each step."""
 
     def __init__(self, proposers: Sequence[str], *, max_k: int = DEFAULT_MAX_K, ema_alpha: float = 0.3,
-                 cost_window: int = DEFAULT_WINDOW) -> None:
+                 cost_window: int = DEFAULT_WINDOW, max_tree_nodes: int = DEFAULT_MAX_TREE_NODES) -> None:
         if max_k < 0:
             raise ValueError(f"--max-k must be >= 0, got {max_k}")
+        if max_tree_nodes < 0:
+            raise ValueError(f"--max-tree-nodes must be >= 0, got {max_tree_nodes}")
         self.proposers = list(proposers)
         self.max_k = max_k
+        self.max_tree_nodes = max_tree_nodes
+        # Tree proposers' nodes, per (depth, rank); the tree's depth is bounded by its size.
+        self.trees = TreeAcceptance(max_depth=max(max_tree_nodes, 1))
         # The prior averages over many requests, so it moves slower than a request's own estimate.
         self.acceptance = AcceptanceEstimator(max(max_k, 1), alpha=ema_alpha, prior_alpha=ema_alpha / 6)
         self.cost_model = CostModel(cost_window)
@@ -66,18 +73,18 @@ class GoodputPolicy(Policy):
     def _free(self) -> list[bool]:
         return [self.specs[name].free for name in self.proposers]
 
+    def _is_tree(self, name: str) -> bool:
+        spec = self.specs.get(name)
+        return spec is not None and spec.tree
+
     # -- plan ----------------------------------------------------------------------------------------
 
     def plan(self, requests: Sequence[RequestView]) -> dict[str, Plan]:
         t0 = time.perf_counter()
+        self.acceptance.advance()  # the drift clock: one tick per plan (see acceptance.py)
         ids = [r.request_id for r in requests]
         max_k = self._caps(requests)  # [B, P]
-        if self.max_k > 0 and max_k.any():
-            surv = np.empty((len(requests), len(self.proposers), self.max_k))
-            for p, name in enumerate(self.proposers):
-                surv[:, p, :] = survival(self.acceptance.position_rates(ids, name))
-        else:
-            surv = np.zeros((len(requests), len(self.proposers), max(self.max_k, 1)))
+        surv = self._gains(requests, max_k)
         context = sum(r.context_len for r in requests)
         cost = self.cost_model.step_cost(len(requests), context, self.proposers, self._free())
         choice = self._choose(surv, max_k, cost)
@@ -101,9 +108,41 @@ class GoodputPolicy(Policy):
                 if r.proposer and r.proposer != name:
                     continue
                 spec = self.specs[name]
-                own = r.offered.get(name, 0) if spec.free and self.free_proposal_budget else spec.max_budget
-                caps[i, p] = min(own, r.max_k, self.max_k)
+                if spec.tree:
+                    own = r.offered.get(name, 0) if spec.free and self.free_tree_budget else spec.max_budget
+                    caps[i, p] = min(own, r.max_nodes, self.max_tree_nodes)
+                else:
+                    own = r.offered.get(name, 0) if spec.free and self.free_proposal_budget else spec.max_budget
+                    caps[i, p] = min(own, r.max_k, self.max_k)
         return caps
+
+    def _gains(self, requests: Sequence[RequestView], caps: np.ndarray) -> np.ndarray:
+        """Expected gain of each candidate node, in order, for every (request, proposer) [B, P, K]: the
+        chance that the path to it is accepted (for a chain, that its first j candidates are)."""
+        trees = any(self.specs[name].tree for name in self.proposers)
+        width = max(self.max_k, self.max_tree_nodes if trees else 0, 1)
+        surv = np.zeros((len(requests), len(self.proposers), width))
+        ids = [r.request_id for r in requests]
+        for p, name in enumerate(self.proposers):
+            if not caps[:, p].any():
+                continue
+            if not self.specs[name].tree:
+                if self.max_k > 0:
+                    surv[:, p, :self.max_k] = survival(self.acceptance.position_rates(ids, name))
+                continue
+            expected: np.ndarray | None = None
+            for i, r in enumerate(requests):
+                if caps[i, p] <= 0:
+                    continue
+                parents = r.offered_trees.get(name)
+                if parents is not None:  # proposed already: the gains of its very nodes
+                    gains = self.trees.node_gains(name, parents[:width])
+                else:  # proposed after the plan: the best tree the rates allow
+                    if expected is None:
+                        expected = self.trees.best_tree_gains(name, width)
+                    gains = expected
+                surv[i, p, :len(gains)] = gains
+        return surv
 
     @abc.abstractmethod
     def _choose(self, surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
@@ -114,6 +153,14 @@ class GoodputPolicy(Policy):
     def observe(self, outcomes: Sequence[RequestOutcome], record: StepRecord) -> None:
         for outcome in outcomes:
             shadowed = set()
+            for name, (tokens, parents) in outcome.free_trees.items():
+                if tokens and outcome.committed:
+                    self.trees.observe(name, tokens, parents, outcome.committed)
+                    shadowed.add(name)
+            if (outcome.proposer is not None and outcome.proposed > 0 and outcome.proposer not in shadowed
+                    and self._is_tree(outcome.proposer)):
+                self.trees.observe_verified(outcome.proposer, outcome.verified_parents, outcome.accepted_indices)
+                shadowed.add(outcome.proposer)
             for name, candidates in outcome.free_candidates.items():
                 if candidates and outcome.committed:
                     self.acceptance.observe(outcome.request_id,
@@ -132,16 +179,19 @@ class GoodputPolicy(Policy):
         free = dict(zip(self.proposers, self._free()))
         requests: dict[str, int] = {}
         tokens: dict[str, int] = {}
+        longest: dict[str, int] = {}  # a draft runs as many passes as its longest chain
         for o in outcomes:
             if o.proposer is not None and o.k > 0 and not free.get(o.proposer, False):
                 requests[o.proposer] = requests.get(o.proposer, 0) + 1
                 tokens[o.proposer] = tokens.get(o.proposer, 0) + o.k
+                longest[o.proposer] = max(longest.get(o.proposer, 0), o.k)
         shape = StepShape(
             batch_size=len(outcomes),
             batched_tokens=sum(o.proposed + 1 for o in outcomes),
             context_tokens=sum(planned.context.get(o.request_id, 0) for o in outcomes),
             proposer_requests=requests,
             proposer_tokens=tokens,
+            proposer_max_k=longest,
         )
         # The costly proposers run in parallel: each is charged its own time plus the phase's waiting
         # beyond the slowest one's own time (the RPC), which is what the step waited for it.
@@ -164,6 +214,7 @@ class SmartSpecPolicy(GoodputPolicy):
     def __init__(self, proposers: Sequence[str], **options) -> None:
         super().__init__(proposers, **options)
         self.free_proposal_budget = self.max_k
+        self.free_tree_budget = self.max_tree_nodes
 
     def _choose(self, surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
         return choose(surv, max_k, cost)

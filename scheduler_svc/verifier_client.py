@@ -78,6 +78,8 @@ class VerifyItem:
 class VerifyOutput:
     accepted_token_ids: list[int]  # a root path of the candidates, in order
     bonus_token_id: int  # sampled after the accepted path; the new pending token
+    accepted_indices: tuple[int, ...] = ()  # their node indices in the candidates (the path in a tree)
+    hidden_state: bytes = b""  # the target's hidden state the bonus was sampled from, when asked
 
 
 def sampling_to_pb(sampling: SamplingParams) -> common_pb2.SamplingParams:
@@ -122,30 +124,41 @@ class VerifierClient:
             hidden_size=msg.hidden_size,
         )
 
-    async def prefill(self, items: Sequence[PrefillItem]) -> tuple[dict[str, int], Timing]:
-        """Admit requests; returns each one's first sampled token (its pending token) by id."""
+    async def prefill(
+        self, items: Sequence[PrefillItem], return_hidden: bool = False
+    ) -> tuple[dict[str, int], Timing, dict[str, bytes]]:
+        """Admit requests; returns each one's first sampled token (its pending token) by id, the timing,
+        and (with return_hidden) each one's hidden state at its last token by id."""
         request = verifier_pb2.PrefillRequest(
             items=[
                 verifier_pb2.PrefillItem(
                     request_id=i.request_id, token_ids=i.token_ids, sampling=sampling_to_pb(i.sampling)
                 )
                 for i in items
-            ]
+            ],
+            return_hidden=return_hidden,
         )
         msg = await self._call(self._stub.Prefill, request)
         first = {r.request_id: r.next_token_id for r in msg.results}
         self._check_covered("Prefill", [i.request_id for i in items], first)
-        return first, _timing(msg.timing)
+        hidden = {r.request_id: r.hidden_state for r in msg.results if r.hidden_state}
+        return first, _timing(msg.timing), hidden
 
-    async def verify(self, items: Sequence[VerifyItem]) -> tuple[dict[str, VerifyOutput], Timing]:
+    async def verify(
+        self, items: Sequence[VerifyItem], return_hidden: bool = False
+    ) -> tuple[dict[str, VerifyOutput], Timing]:
         """One engine step for a ragged batch; returns accepted tokens and the bonus token by id."""
-        request = verifier_pb2.VerifyRequest()
+        request = verifier_pb2.VerifyRequest(return_hidden=return_hidden)
         for item in items:
             entry = request.items.add(request_id=item.request_id)
             if item.candidates is not None:
                 entry.candidates.CopyFrom(item.candidates)
         msg = await self._call(self._stub.Verify, request)
-        outputs = {r.request_id: VerifyOutput(list(r.accepted_token_ids), r.bonus_token_id) for r in msg.results}
+        outputs = {
+            r.request_id: VerifyOutput(list(r.accepted_token_ids), r.bonus_token_id, tuple(r.accepted_indices),
+                                       r.hidden_state)
+            for r in msg.results
+        }
         self._check_covered("Verify", [i.request_id for i in items], outputs)
         return outputs, _timing(msg.timing)
 

@@ -18,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODELS = REPO_ROOT / "models"
 DEFAULT_TARGET = EMBEDDED_MODELS / "code-target"
 DEFAULT_DRAFT = EMBEDDED_MODELS / "code-draft"
+DEFAULT_MEDUSA = EMBEDDED_MODELS / "code-medusa"
 
 
 class CheckpointError(ValueError):

@@ -33,26 +33,30 @@ def _split_proposers(value: str) -> list[str]:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Start the stack, report where it serves, run until SIGINT/SIGTERM, then stop every process."""
-    from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_TARGET, CheckpointError, validate_checkpoint
+    from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_MEDUSA, DEFAULT_TARGET, CheckpointError, validate_checkpoint
     from specdec.launcher import PROPOSER_KINDS, Stack, StackError, local_specs, metrics_port, port_is_free
+    from specdec.medusa import MedusaError, load_medusa_heads
 
     proposers = _split_proposers(args.proposers)
     model = args.model or str(DEFAULT_TARGET)
     draft_model = args.draft_model or str(DEFAULT_DRAFT)
+    medusa_model = args.medusa_model or str(DEFAULT_MEDUSA)
     try:
         # Checked here because a service that fails on its model only says so in its log.
         validate_checkpoint(model)
         if any(PROPOSER_KINDS.get(kind) == "draft" for kind in proposers):
             validate_checkpoint(draft_model)
-    except CheckpointError as exc:
-        _error(f"{exc} (pass --model / --draft-model)")
+        if any(PROPOSER_KINDS.get(kind) == "medusa" for kind in proposers):
+            load_medusa_heads(medusa_model)
+    except (CheckpointError, MedusaError) as exc:
+        _error(f"{exc} (pass --model / --draft-model / --medusa-model)")
         return EXIT_USAGE
     if args.port and not port_is_free(args.host, args.port):
         _error(f"port {args.port} on {args.host} is in use (another `specdec up`?); pick one with --port")
         return EXIT_USAGE
     try:
         specs = local_specs(args.port, proposers, policy=args.policy, k=args.k, model=model,
-                            draft_model=draft_model, host=args.host, device=args.device,
+                            draft_model=draft_model, medusa_model=medusa_model, host=args.host, device=args.device,
                             metrics=not args.no_metrics)
         stack = Stack(specs, log_dir=args.log_dir, startup_timeout_s=args.startup_timeout, grace_s=args.grace)
     except StackError as exc:
@@ -234,7 +238,8 @@ def _serving_bench():
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Run the serving benchmark sweep (bench/serving.py) and write its JSON, markdown and plots."""
+    """Run the serving benchmark sweep (bench/serving.py): the stack per policy, then the Hugging Face
+    peers; write its JSON, markdown table, plots and summary.md (the must-show checks)."""
     from specdec.launcher import StackError
 
     try:
@@ -263,11 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=50051, help="public port of the scheduler (default 50051)")
     up.add_argument("--host", default="127.0.0.1", help="address the scheduler binds (default 127.0.0.1)")
     up.add_argument("--proposers", default="ngram,draft",
-                    help="comma-separated proposer kinds, or 'none' (default ngram,draft)")
+                    help="comma-separated proposer kinds (ngram, draft, medusa), or 'none' (default ngram,draft)")
     up.add_argument("--policy", default="smartspec", help="speculation policy of the scheduler (default smartspec)")
     up.add_argument("--k", type=int, default=3, help="tokens to speculate per step for the fixed policy")
     up.add_argument("--model", help="target checkpoint folder (default: the embedded models/code-target)")
     up.add_argument("--draft-model", help="draft checkpoint folder (default: the embedded models/code-draft)")
+    up.add_argument("--medusa-model", help="Medusa heads folder (default: the embedded models/code-medusa)")
     up.add_argument("--device", help="verifier device: auto, cpu or cuda (default: the verifier's)")
     up.add_argument("--log-dir", help="folder for the services' logs (default: a new temporary folder)")
     up.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the stack")
@@ -300,7 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
     gen.set_defaults(run=cmd_generate)
 
-    bench = commands.add_parser("bench", help="serving benchmark: latency and goodput per policy, rate, workload")
+    bench = commands.add_parser(
+        "bench", help="serving benchmark: latency and goodput per policy, proposer, rate and workload, "
+                      "against Hugging Face peers; writes JSON, a table, plots and summary.md",
+        description="Replays seeded Poisson traces against the stack (one scheduler per policy), then serves "
+                    "the same traces with Hugging Face transformers (generate, assisted, prompt lookup) one "
+                    "request at a time; writes serving.json, serving.md, PNG plots and summary.md (the "
+                    "must-show checks) under --out. Progress goes to stderr.")
     try:
         _serving_bench().add_arguments(bench)
         bench.set_defaults(run=cmd_bench)

@@ -23,7 +23,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # What each proposer kind needs besides its port: the flag value of its checkpoint, or None.
-PROPOSER_KINDS: dict[str, str | None] = {"ngram": None, "draft": "draft"}
+PROPOSER_KINDS: dict[str, str | None] = {"ngram": None, "draft": "draft", "medusa": "medusa"}
+# Most candidate nodes a Medusa proposer builds per request: trees are wider than chains are long.
+MEDUSA_MAX_BUDGET = 16
 SERVICE_MODULES = {"verifier": "verifier_svc", "proposer": "proposer_svc", "scheduler": "scheduler_svc"}
 # Every service's stderr goes to a log file: flush each line so a crash leaves its last words there.
 BASE_ENV = {"PYTHONUNBUFFERED": "1"}
@@ -75,6 +77,7 @@ def stack_specs(
     *,
     model: str | Path | None = None,
     draft_model: str | Path | None = None,
+    medusa_model: str | Path | None = None,
     host: str = "127.0.0.1",
     ports: Mapping[str, int] | None = None,
     peer_host: str | None = "127.0.0.1",
@@ -86,8 +89,8 @@ def stack_specs(
     """The services of a stack whose scheduler serves the public API on `host:port`.
 
     proposers: proposer kinds, one service each, registered with the scheduler under the kind's name.
-    models_dir: folder holding code-target and code-draft (default: the embedded models); `model` and
-        `draft_model` override the target and draft checkpoint folders.
+    models_dir: folder holding code-target, code-draft and code-medusa (default: the embedded models);
+        `model`, `draft_model` and `medusa_model` override the target, draft and Medusa heads folders.
     ports: port of each internal service by name (see service_names); default port+1, port+2, ...
     peer_host: the host the scheduler reaches the internal services on, which bind it too; None means
         "each service is reached by its name and binds 0.0.0.0" (one container per service, as in compose).
@@ -95,7 +98,7 @@ def stack_specs(
     metrics_ports: the Prometheus metrics port of each service by name (--metrics-port); services not
         named serve no metrics.
     """
-    from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_TARGET  # imports torch: only when specs are made
+    from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_MEDUSA, DEFAULT_TARGET  # imports torch: only when needed
 
     proposers = list(proposers)
     unknown = [kind for kind in proposers if kind not in PROPOSER_KINDS]
@@ -118,6 +121,8 @@ def stack_specs(
     target = Path(model) if model else (Path(models_dir) / DEFAULT_TARGET.name if models_dir else DEFAULT_TARGET)
     draft = Path(draft_model) if draft_model else (Path(models_dir) / DEFAULT_DRAFT.name if models_dir
                                                    else DEFAULT_DRAFT)
+    medusa = Path(medusa_model) if medusa_model else (Path(models_dir) / DEFAULT_MEDUSA.name if models_dir
+                                                      else DEFAULT_MEDUSA)
     unknown_metrics = sorted(set(metrics_ports or {}) - set(names))
     if unknown_metrics:
         raise StackError(f"metrics port for unknown service(s) {', '.join(unknown_metrics)}; services: "
@@ -145,6 +150,8 @@ def stack_specs(
         args = ["--kind", kind, "--port", str(ports[name]), "--host", bind]
         if PROPOSER_KINDS[kind] == "draft":
             args += ["--model", str(draft)]
+        elif PROPOSER_KINDS[kind] == "medusa":
+            args += ["--model", str(medusa), "--max-budget", str(MEDUSA_MAX_BUDGET)]
         specs.append(spec(name, SERVICE_MODULES["proposer"], args, ports[name], bind, []))
     scheduler_args = ["--port", str(port), "--host", host, "--verifier", reach("verifier"),
                       "--policy", policy, "--k", str(k)]

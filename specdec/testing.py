@@ -167,3 +167,28 @@ def _any_value(value):
     if kind == "array_value":
         return [_any_value(v) for v in value.array_value.values]
     return getattr(value, kind) if kind else None
+
+
+def make_tiny_medusa_heads(target_folder: Path, out: Path, num_heads: int = 3, steps: int = 150,
+                           seed: int = 0) -> Path:
+    """Medusa heads for a tiny test target (e.g. from make_tiny_checkpoint / make_tiny_stack_checkpoints),
+    saved into `out`: trained for a few seconds on the target's own greedy continuations of random
+    prompts, so that their guesses are often accepted and end-to-end tests exercise tree acceptance."""
+    from specdec.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
+    from specdec.medusa_train import fit_heads, greedy_rollouts, head_examples
+    from specdec.runner import ModelRunner
+
+    prompts_n, prompt_len, new_tokens = 48, 8, 40
+    runner = ModelRunner(target_folder, device="cpu", dtype=torch.float32, max_slots=prompts_n,
+                         max_seq_len=prompt_len + new_tokens)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, runner.vocab_size, (prompts_n, prompt_len), generator=gen).tolist()
+    x, y = head_examples(greedy_rollouts(runner, prompts, new_tokens, batch_size=prompts_n), num_heads)
+    config = MedusaConfig(hidden_size=runner.weights.hidden_size, vocab_size=runner.vocab_size,
+                          num_heads=num_heads, target=Path(target_folder).name)
+    torch.manual_seed(seed)
+    heads = MedusaHeads(config)
+    heads.init_from_lm_head(runner.weights.lm_head.float())
+    fit_heads(heads, x, y, steps=steps, lr=3e-3, batch_size=256, seed=seed)
+    save_medusa_heads(heads, out)
+    return Path(out)

@@ -67,3 +67,123 @@ def test_position_rates_shape_the_estimate_once_observed():
     rates = est.position_rates(["fresh"], "p")[0]
     assert rates[0] < 0.7 and rates[1] > rates[0] and rates[2] > rates[0]
     assert rates.max() <= 0.99
+
+
+def fallen(est: AcceptanceEstimator, rid: str = "x", misses: int = 10) -> None:
+    """Let `rid` miss `misses` times in a row, while other requests teach the draft's prior 0.8."""
+    for _ in range(misses):
+        est.observe(rid, Observation("draft", 1, 0))
+    for i in range(100):
+        est.observe(f"teach{i % 5}", Observation("draft", 5, 4))
+
+
+def test_an_estimate_without_evidence_drifts_back_to_the_prior():
+    est = AcceptanceEstimator(5, alpha=0.3, prior_alpha=0.05, drift=0.1)
+    fallen(est)
+    low, prior = est.rate("x", "draft"), est.prior("draft")
+    assert low < 0.15 and prior == pytest.approx(0.8, abs=0.02)
+    est.advance()  # the plan after the last evidence: no step without evidence yet
+    assert est.rate("x", "draft") == pytest.approx(low)
+    for n in range(1, 30):
+        est.advance()
+        assert est.rate("x", "draft") == pytest.approx(prior + (low - prior) * 0.9 ** n)
+    assert est.rate("x", "draft") == pytest.approx(prior, abs=0.05)
+    # Without the clock nothing drifts (and drift=0 turns it off).
+    still = AcceptanceEstimator(5, alpha=0.3, prior_alpha=0.05)
+    fallen(still)
+    assert still.rate("x", "draft") == pytest.approx(low)
+    off = AcceptanceEstimator(5, alpha=0.3, prior_alpha=0.05, drift=0.0)
+    fallen(off)
+    for _ in range(50):
+        off.advance()
+    assert off.rate("x", "draft") == pytest.approx(low)
+    with pytest.raises(ValueError, match="drift"):
+        AcceptanceEstimator(5, drift=1.0)
+
+
+def test_a_retry_updates_the_drift_by_its_evidence_and_failed_retries_slow_it():
+    est = AcceptanceEstimator(5, alpha=0.3, prior_alpha=0.05, drift=0.1)
+    fallen(est)
+    low = est.rate("x", "draft")
+    for _ in range(8):
+        est.advance()
+    drifted = est.rate("x", "draft")
+    assert drifted > 0.4
+    # A miss at the first position: far more likely for this request than for the prior's 0.8, so
+    # most of the drift is taken back before the miss counts, unlike an EMA step from the drifted rate.
+    own = est._requests[("x", "draft")]
+    ema_alone = 0.7 * drifted * own.tested / (0.7 * own.tested + 0.3)
+    est.observe("x", Observation("draft", 1, 0))
+    assert est.rate("x", "draft") < 0.6 * ema_alone
+    assert own.patience == 2.0
+    # The next drift is twice as slow; each further failed re-try doubles it again, up to a cap.
+    est.advance()
+    before = est.rate("x", "draft")
+    for _ in range(8):
+        est.advance()
+    assert est.rate("x", "draft") == pytest.approx(
+        est.prior("draft") + (before - est.prior("draft")) * 0.9 ** (8 / 2))
+    for expected in (4.0, 8.0, 8.0):
+        est.observe("x", Observation("draft", 1, 0))
+        est.advance()
+        est.advance()
+        assert own.patience == expected
+    # A re-try that hits resets it, and hits where only the prior expected them complete the drift.
+    for _ in range(20):
+        est.advance()
+    est.observe("x", Observation("draft", 4, 4))
+    assert own.patience == 1.0 and est.rate("x", "draft") > 0.6
+    # Evidence in every step: no drift at all (the EMA alone moves the estimate).
+    steady = AcceptanceEstimator(5, alpha=0.3, prior_alpha=0.05, drift=0.1)
+    fallen(steady)
+    for _ in range(20):
+        steady.advance()
+        steady.observe("x", Observation("draft", 1, 0))
+    assert steady.rate("x", "draft") < 0.02
+
+
+def closed_loop(true_rate: float, cost, *, drift: float, steps: int, seed: int = 0) -> list[int]:
+    """The policy's loop for one request pinned to a costly draft: advance the clock, plan with the
+    chooser, verify what it asked for (iid acceptance true_rate), observe. Returns its k per step."""
+    from scheduler_svc.goodput import choose, survival
+
+    rng = np.random.default_rng(seed)
+    est = AcceptanceEstimator(5, alpha=0.3, prior_alpha=0.05, drift=drift)
+    fallen(est)
+    ks = []
+    for _ in range(steps):
+        est.advance()
+        surv = survival(est.position_rates(["x"], "draft"))[:, None, :]  # [1, 1, K]
+        k = int(choose(surv, np.array([[5]]), cost).ks[0])
+        ks.append(k)
+        if k > 0:
+            accepted = geometric_steps(rng, true_rate, k, 1)[0]
+            est.observe("x", Observation.from_verified("draft", k, accepted))
+        est.observe("other", Observation("draft", 5, 4))  # the rest of the batch keeps the prior at 0.8
+    return ks
+
+
+def draft_cost(token_ms: float, pass_ms: float):
+    """A 10 ms step, each batched token token_ms, a draft of 1 ms + 0.2 per request + 0.1 per token + passes."""
+    from scheduler_svc.goodput import StepCost
+
+    return StepCost(10.0, token_ms, np.array([1.0]), np.array([0.2]), np.array([0.1]), np.array([pass_ms]))
+
+
+@pytest.mark.parametrize("token_ms, pass_ms", [(1.0, 0.4), (2.0, 1.0)])
+def test_a_request_that_fell_by_noise_is_retried_and_recovers(token_ms, pass_ms):
+    cost = draft_cost(token_ms, pass_ms)
+    ks = closed_loop(0.8, cost, drift=0.07, steps=120)
+    first = next(i for i, k in enumerate(ks) if k > 0)
+    assert first <= 30  # about three half lives at most
+    assert np.mean(ks[-60:]) >= 3  # back to long chains once its evidence comes in
+    # Without the drift the fallen estimate never gets a chance: k = 0 for good.
+    assert sum(closed_loop(0.8, cost, drift=0.0, steps=120)) == 0
+
+
+@pytest.mark.parametrize("token_ms, pass_ms", [(1.0, 0.4), (2.0, 1.0), (0.3, 0.4)])
+def test_a_request_that_keeps_failing_stays_mostly_at_k_zero(token_ms, pass_ms):
+    ks = np.array(closed_loop(0.0, draft_cost(token_ms, pass_ms), drift=0.07, steps=300))
+    retries = int((ks > 0).sum())
+    assert 3 <= retries <= 0.08 * len(ks)  # still explored now and then, but rarely
+    assert ks[ks > 0].max() <= 2  # and never with a long chain

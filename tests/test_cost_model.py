@@ -46,27 +46,68 @@ def test_ridge_fit_window_forgets_old_regimes():
     assert fit.coef == pytest.approx([3.0, 4.0], rel=0.1)
 
 
+def draft_steps(rng: np.random.Generator, n: int):
+    """Chains asked of a draft in varied steps: 1 to 16 requests, each k in 1..m for a step's cap m in 1..5."""
+    for _ in range(n):
+        yield rng.integers(1, int(rng.integers(1, 6)) + 1, size=int(rng.integers(1, 17)))
+
+
 def test_cost_model_learns_verify_proposer_and_overhead_and_reports_its_error():
     rng = np.random.default_rng(2)
     model = CostModel(window=200)
     for b, n, c in synthetic_steps(rng, 200):
-        drafted = n - b
-        shape = StepShape(b, n, c, {"draft": b if drafted else 0}, {"draft": drafted})
+        ks = rng.integers(0, 6, size=b)
+        drafted = ks[ks > 0]
+        n = int(b + ks.sum())
+        served = {"draft": len(drafted)}, {"draft": int(drafted.sum())}, {"draft": int(ks.max())}
+        shape = StepShape(b, n, c, *served)
         verify = 3.0 + 0.5 * b + 0.2 * n + 0.001 * c
-        draft = 1.0 + 0.1 * b + 0.6 * drafted
+        draft = 1.0 + 0.1 * len(drafted) + 0.2 * drafted.sum() + 0.4 * ks.max()
         overhead = 0.5 + 0.05 * b
         predicted = model.predict_step_ms(shape)
-        model.observe(shape, verify_ms=verify, proposer_ms={"draft": draft} if drafted else {},
-                      overhead_ms=overhead, predicted_ms=predicted, measured_ms=verify + draft + overhead)
+        model.observe(shape, verify_ms=verify, proposer_ms={"draft": draft} if len(drafted) else {},
+                      overhead_ms=overhead, predicted_ms=predicted,
+                      measured_ms=verify + (draft if len(drafted) else 0.0) + overhead)
     assert model.verify.coef == pytest.approx([3.0, 0.5, 0.2, 0.001], rel=0.05, abs=1e-3)
-    assert model.proposer("draft").coef == pytest.approx([1.0, 0.1, 0.6], rel=0.05, abs=1e-3)
+    # The longest chain is 5 in most of these steps, so the ridge pull shows a little in d0..d3.
+    assert model.proposer("draft").coef == pytest.approx([1.0, 0.1, 0.2, 0.4], rel=0.15, abs=1e-3)
     assert model.last_relative_error is not None and model.last_relative_error < 0.01
     assert model.relative_error_ema < 0.05
-    # The chooser's linear view agrees with the full prediction.
+    # The chooser's view agrees with the full prediction, passes included.
     cost = model.step_cost(4, 800, ["ngram", "draft"], [True, False])
+    assert cost.depth_ms.tolist() == [0.0, model.proposer("draft").coef[3]]
     ks, props = np.array([2, 0, 3, 1]), np.array([1, -1, 1, 0])
-    shape = StepShape(4, int(4 + ks.sum()), 800, {"draft": 2}, {"draft": 5})
+    shape = StepShape(4, int(4 + ks.sum()), 800, {"draft": 2}, {"draft": 5}, {"draft": 3})
     assert cost.step_ms(ks, props) == pytest.approx(model.predict_step_ms(shape))
+
+
+def test_proposer_fit_recovers_per_request_token_and_pass_costs_from_noisy_timings():
+    """d0 + d1 * requests + d2 * tokens + d3 * max_k, with 3% noise, from a seed off in every term."""
+    rng = np.random.default_rng(5)
+    true = np.array([1.5, 0.3, 0.15, 0.8])
+    model = CostModel(window=300)
+    model.proposer("draft").reseed((1.0, 0.2, 0.5, 0.0))
+    for ks in draft_steps(rng, 300):
+        shape = StepShape(len(ks), int(len(ks) + ks.sum()), 100, {"draft": len(ks)}, {"draft": int(ks.sum())},
+                          {"draft": int(ks.max())})
+        ms = float(true @ shape.proposer_features("draft")) * (1 + rng.normal(0, 0.03))
+        model.observe(shape, verify_ms=10.0, proposer_ms={"draft": ms}, overhead_ms=None)
+    assert model.proposer("draft").coef == pytest.approx(true, rel=0.1)
+    # The per-pass cost is what a longer chain for one request costs, whatever the others ask.
+    one_long = StepShape(8, 20, 100, {"draft": 8}, {"draft": 12}, {"draft": 5})
+    all_short = StepShape(8, 20, 100, {"draft": 8}, {"draft": 12}, {"draft": 2})
+    assert model.predict_step_ms(one_long) - model.predict_step_ms(all_short) == pytest.approx(3 * 0.8, rel=0.1)
+
+
+def test_step_shape_without_longest_chains_uses_the_mean_and_short_seeds_pad_with_zero():
+    shape = StepShape(3, 10, 50, {"draft": 3}, {"draft": 7})
+    assert shape.proposer_features("draft") == (1.0, 3.0, 7.0, 3.0)  # ceil(7 / 3)
+    assert shape.proposer_features("other") == (1.0, 0.0, 0.0, 0.0)
+    model = CostModel()
+    model.proposer("draft").reseed((1.0, 0.2, 0.5))  # a seed from before the per-pass term
+    assert model.proposer("draft").coef.tolist() == [1.0, 0.2, 0.5, 0.0]
+    with pytest.raises(ValueError):
+        model.proposer("draft").reseed((1.0, 0.2, 0.5, 0.1, 9.0))
 
 
 def test_cost_model_error_of_a_bad_prediction():

@@ -49,6 +49,7 @@ class PrefillItem:
 class PrefillResult:
     request_id: str
     next_token_id: int  # the new pending token
+    hidden_state: bytes = b""  # float32 little-endian [hidden_size] at the last prompt token, when asked
 
 
 @dataclass
@@ -163,8 +164,11 @@ class VerifierCore:
 
     # -- Prefill -------------------------------------------------------------------------------
 
-    def prefill(self, items: Sequence[PrefillItem]) -> PrefillOutput:
-        """Cache each request's tokens and sample its first token (the pending one), in one forward."""
+    def prefill(self, items: Sequence[PrefillItem], return_hidden: bool = False) -> PrefillOutput:
+        """Cache each request's tokens and sample its first token (the pending one), in one forward.
+
+        return_hidden: also give each request's final hidden state at its last token (tree-head proposers).
+        """
         started = time.perf_counter()
         self._validate_prefill(items)
         if not items:
@@ -177,7 +181,7 @@ class VerifierCore:
         slots = [self.runner.allocate() for _ in items]
         try:
             batch = [SeqInput(slot, list(item.token_ids), last_logits_only=True) for slot, item in zip(slots, items)]
-            outputs, forward_ms = self._timed_forward(batch, return_hidden=False)
+            outputs, forward_ms = self._timed_forward(batch, return_hidden=return_hidden)
             results = []
             for slot, item, out in zip(slots, items, outputs):
                 seed = item.seed if item.seed is not None else random.getrandbits(64)
@@ -185,7 +189,8 @@ class VerifierCore:
                 # A plain decode is a verification step without candidates: one code path for sampling.
                 first = verify_step(out.logits, [], [], item.sampling, seed, position).bonus_token
                 self._requests[item.request_id] = _Request(slot, first, item.sampling, seed, position)
-                results.append(PrefillResult(item.request_id, first))
+                hidden = _hidden_bytes(out.hidden[-1]) if return_hidden else b""
+                results.append(PrefillResult(item.request_id, first, hidden))
         except BaseException:
             for item in items:
                 self._requests.pop(item.request_id, None)
@@ -258,7 +263,7 @@ class VerifierCore:
             runner.accept(request.slot, kept)
             hidden = b""
             if return_hidden:
-                hidden = out.hidden[kept[-1]].to("cpu", torch.float32).numpy().astype("<f4").tobytes()
+                hidden = _hidden_bytes(out.hidden[kept[-1]])
             request.position += len(kept)
             request.pending = verdict.bonus_token
             results.append(VerifyResult(
@@ -400,3 +405,8 @@ def checkpoint_eos_token_id(folder: Path, config) -> int:
     if isinstance(eos_id, (list, tuple)):
         eos_id = eos_id[0] if eos_id else None
     return int(eos_id) if isinstance(eos_id, int) and not isinstance(eos_id, bool) else -1
+
+
+def _hidden_bytes(row: torch.Tensor) -> bytes:
+    """One hidden state [d] as the wire format: float32 little-endian."""
+    return row.to("cpu", torch.float32).numpy().astype("<f4").tobytes()

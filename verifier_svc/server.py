@@ -89,10 +89,11 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         for item in request.items:
             params, seed = sampling_from_pb(item.sampling)
             items.append(PrefillItem(item.request_id, list(item.token_ids), params, seed))
-        out = await self._call(context, self.core.prefill, items)
+        out = await self._call(context, self.core.prefill, items, request.return_hidden)
         observe_call(self.metrics, "Prefill", out.timing)
         return verifier_pb2.PrefillResponse(
-            results=[verifier_pb2.PrefillResult(request_id=r.request_id, next_token_id=r.next_token_id)
+            results=[verifier_pb2.PrefillResult(request_id=r.request_id, next_token_id=r.next_token_id,
+                                                 hidden_state=r.hidden_state)
                      for r in out.results],
             timing=timing_to_pb(out.timing, (time.perf_counter() - started) * 1000.0),
         )
