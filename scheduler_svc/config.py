@@ -29,7 +29,7 @@ class SchedulerConfig:
     port: int = 50051
     policy: str = DEFAULT_POLICY
     k: int = 3  # speculated tokens per request and step under `fixed` and `disable-by-batch-size`
-    max_k: int = 5  # most tokens the goodput policies (smartspec, batch-uniform) speculate per request
+    max_k: int = 8  # most tokens the goodput policies (smartspec, batch-uniform) speculate per request
     max_tree_nodes: int = 16  # most tree nodes (tree proposers) the goodput policies verify per request
     ema_alpha: float = 0.3  # weight of one step in a request's acceptance-rate estimate (goodput policies)
     cost_window: int = 256  # recent steps the cost model is fitted over (goodput policies)
@@ -121,7 +121,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="speculation policy (default smartspec: per-request k maximising goodput)")
     parser.add_argument("--k", type=int, default=int(_env("K", 3)),
                         help="speculated tokens per step (fixed and disable-by-batch-size policies)")
-    parser.add_argument("--max-k", type=int, default=int(_env("MAX_K", 5)),
+    parser.add_argument("--max-k", type=int, default=int(_env("MAX_K", 8)),
                         help="most tokens speculated per request and step (smartspec, batch-uniform)")
     parser.add_argument("--max-tree-nodes", type=int, default=int(_env("MAX_TREE_NODES", 16)),
                         help="most candidate-tree nodes verified per request and step, for tree proposers "

@@ -31,7 +31,7 @@ from scheduler_svc.tree_acceptance import TreeAcceptance
 if TYPE_CHECKING:
     from scheduler_svc.engine import StepRecord
 
-DEFAULT_MAX_K = 5
+DEFAULT_MAX_K = 8
 DEFAULT_MAX_TREE_NODES = 16
 NO_CAP = 1 << 30
 

@@ -26,6 +26,7 @@ PORT = 50051  # the scheduler's public port
 METRICS_PORT = 9464  # every container's Prometheus port (the OpenTelemetry convention); internal only
 TARGET_DIR = "/models/target"  # where the target checkpoint is mounted in the verifier and scheduler
 DRAFT_DIR = "/models/draft"  # where the draft checkpoint is mounted in the draft proposer
+MEDUSA_DIR = "/models/medusa"  # where the Medusa heads are mounted in the medusa proposer
 IMAGE = "specdec:latest"
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"  # the image's default torch; docs/deploy.md: CUDA
 JAEGER_IMAGE = "jaegertracing/all-in-one:1.62.0"
@@ -74,7 +75,8 @@ def compose_specs(
     metrics on METRICS_PORT, spans exported to Jaeger."""
     names = ["verifier", *(f"proposer-{kind}" for kind in proposers), "scheduler"]
     return stack_specs(
-        PORT, proposers, policy, k, model=TARGET_DIR, draft_model=DRAFT_DIR, host="0.0.0.0", peer_host=None,
+        PORT, proposers, policy, k, model=TARGET_DIR, draft_model=DRAFT_DIR, medusa_model=MEDUSA_DIR,
+        host="0.0.0.0", peer_host=None,
         device=device, metrics_ports={name: METRICS_PORT for name in names},
         env={"OTEL_EXPORTER_OTLP_ENDPOINT": OTLP_ENDPOINT},
     )
@@ -120,7 +122,10 @@ def render_compose(specs: Sequence[ServiceSpec]) -> dict:
             # The scheduler loads the tokenizer from the verifier's model folder, by the same path.
             service["volumes"] = [f"${{SPECDEC_TARGET_DIR:-./models/code-target}}:{TARGET_DIR}:ro"]
         if "--model" in spec.args and spec.name.startswith("proposer-"):
-            service["volumes"] = [f"${{SPECDEC_DRAFT_DIR:-./models/code-draft}}:{DRAFT_DIR}:ro"]
+            if spec.args[spec.args.index("--model") + 1] == MEDUSA_DIR:
+                service["volumes"] = [f"${{SPECDEC_MEDUSA_DIR:-./models/code-medusa}}:{MEDUSA_DIR}:ro"]
+            else:
+                service["volumes"] = [f"${{SPECDEC_DRAFT_DIR:-./models/code-draft}}:{DRAFT_DIR}:ro"]
         if spec.name == "verifier":
             service["deploy"] = {"resources": {"reservations": {"devices": [
                 {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}

@@ -140,7 +140,7 @@ def test_make_policy_and_config_select_every_policy_by_name():
         policy = policy_from_config(config, ["p"])
         assert isinstance(policy, cls) and policy.name == name
     assert policy_from_config(SchedulerConfig(verifier="h:1", policy="smartspec", max_k=6), ["p"]).max_k == 6
-    assert make_policy("smartspec", ["p"], 3).max_k == 5
+    assert make_policy("smartspec", ["p"], 3).max_k == 8
     assert SchedulerConfig(verifier="h:1").policy == "smartspec"  # the default
     with pytest.raises(ValueError, match="batch-size-table"):
         SchedulerConfig(verifier="h:1", batch_size_table="x")
