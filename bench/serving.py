@@ -1,22 +1,41 @@
-"""Serving benchmark: latency and goodput of the whole stack under Poisson arrivals, per speculation policy.
+"""Serving benchmark: latency and goodput of the whole stack under Poisson arrivals, per speculation policy,
+against Hugging Face transformers serving the same models.
 
 For every policy a scheduler is started (the verifier and the proposers run once for the whole sweep), and
 for every (workload, proposer, rate) the same seeded Poisson trace of `--requests` requests is replayed
 against it through the client SDK: each request is sent at its arrival offset, greedy, `--max-tokens`
 tokens (EOS ignored so every request asks for the same work). Per run it reports mean/p50/p99 client-side
 latency, mean time to first token (server-side, from the request's stats), mean time per output token,
-goodput (generated tokens per wall second of the run), acceptance rate and the mean speculation length
-(proposed tokens per request-step).
+goodput (generated tokens per wall second of the run), acceptance rate, the mean speculation length
+(proposed tokens per request-step; a tree's node count for medusa) and accepted tokens per request-step.
 
 Workloads: `code` cuts prompts from the held-out standard-library files (never trained on); `copy` builds
-prompts whose natural continuation repeats a span of the prompt. Proposers: `ngram` and `draft` pin the
-request's proposer, `both` leaves the choice to the scheduler with both proposers configured.
+prompts whose natural continuation repeats a span of the prompt. Proposers: `ngram`, `draft` and `medusa`
+pin the request's proposer (for medusa, `fixed:N` verifies a tree of up to N nodes); `both` leaves the
+choice to the scheduler with the ngram and draft proposers configured. Policy `none` never speculates, so
+it runs once per (workload, rate) and its row is repeated for every proposer label, marked "shared": true
+with "measured_with" naming the label it ran under (an asterisk in the table).
+
+Peers (`--peers`, bench/hf_peers.py): after the stack is stopped, so that nothing competes for the CPU,
+this process loads the same target and draft with transformers and serves the same prompts on the same
+traces one request at a time in arrival order, each waiting for the previous one, its latency counted from
+its arrival: `hf-generate` (plain greedy `generate`), `hf-assisted` (`assistant_model` = the draft) and
+`hf-prompt-lookup` (`prompt_lookup_num_tokens`, `--peer-lookup-tokens`, default 5 = the stack's largest
+k). Torch threads: `--peer-threads`, else `--service-threads`. Each request's service time is measured on
+the wall clock and the FIFO queueing laid on the trace (hf_peers.fifo_schedule); TTFT is the time to the
+first new token from a streamer, plus the wait. Their rows have proposer `hf` ("peer": true; acceptance and
+mean k null for hf-generate) and are drawn, dashed and grey, in every plot of their workload.
 
     .venv/bin/specdec bench --out docs/bench                       # the whole sweep (hours on a 2-core CPU)
-    .venv/bin/python bench/serving.py --rates 2 --policies none,smartspec --requests 8
+    .venv/bin/specdec bench --proposers ngram,draft,both,medusa --policies none,fixed:1,fixed:3,fixed:5,\
+        fixed:8,fixed:16,smartspec,batch-uniform                  # with the Medusa heads and larger trees
+    .venv/bin/python bench/serving.py --rates 2 --policies none,smartspec --requests 8 --peers ''
 
-Writes serving.json (every row), serving.md (a table) and one PNG per (workload, proposer) of mean latency
-against arrival rate, one line per policy.
+Progress (runs done/total, elapsed, ETA) goes to stderr: one updating line on a terminal, plain lines
+otherwise. Writes serving.json (every row, with the settings), serving.md (a table), one PNG per
+(workload, proposer) of mean latency against arrival rate (one line per policy, plus the peers), and
+summary.md (bench/summary.py: the issue's must-show checks, PASS/FAIL with their numbers), which is also
+printed to stdout.
 """
 
 from __future__ import annotations
@@ -33,6 +52,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of the repository, not installed
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.hf_peers import DEFAULT_LOOKUP_TOKENS, PEERS
+
 TOKENIZER_FILE = REPO_ROOT / "models" / "tokenizer" / "tokenizer.json"
 
 DEFAULT_RATES = "0.5,2,8"
@@ -40,9 +64,16 @@ DEFAULT_POLICIES = "none,fixed:1,fixed:3,fixed:5,smartspec,batch-uniform"
 DEFAULT_PROPOSERS = "ngram,draft,both"
 DEFAULT_WORKLOADS = "code,copy"
 # The proposer a request names for each proposer label ("" = the scheduler's choice).
-PROPOSER_LABELS = {"ngram": "ngram", "draft": "draft", "both": ""}
+PROPOSER_LABELS = {"ngram": "ngram", "draft": "draft", "both": "", "medusa": "medusa"}
 # The proposer services each label needs.
-PROPOSER_KINDS_OF_LABEL = {"ngram": ("ngram",), "draft": ("draft",), "both": ("ngram", "draft")}
+PROPOSER_KINDS_OF_LABEL = {"ngram": ("ngram",), "draft": ("draft",), "both": ("ngram", "draft"),
+                           "medusa": ("medusa",)}
+PROPOSER_KINDS = ("ngram", "draft", "medusa")  # in the order the stack starts them
+# The policy that never speculates: the proposer label does not change its run (see plan()).
+NO_SPECULATION = "none"
+# Hugging Face peers (bench/hf_peers.py, PEERS): their rows carry this proposer label.
+DEFAULT_PEERS = ",".join(PEERS)
+PEER_PROPOSER = "hf"
 PROMPT_TOKENS = (100, 200)  # every prompt's length in tokens lies in this range
 DEFAULT_K = 3  # --k given to the scheduler for policies other than fixed:N
 
@@ -238,7 +269,8 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
     """Figures of one run over its successful requests (errors are only counted).
 
     ms_per_output_token: mean over requests of latency / generated tokens; goodput_tok_s: all generated
-    tokens / wall_s; acceptance_rate: accepted / proposed; mean_k: proposed / request-steps.
+    tokens / wall_s; acceptance_rate: accepted / proposed; mean_k: proposed / request-steps (a tree
+    proposer's k is its node count); mean_accepted_per_step: accepted / request-steps.
     """
     ok = [r for r in results if r.error is None]
     latencies = [r.latency_ms for r in ok]
@@ -261,6 +293,7 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
         "accepted": accepted,
         "acceptance_rate": accepted / proposed if proposed else 0.0,
         "mean_k": proposed / steps if steps else 0.0,
+        "mean_accepted_per_step": accepted / steps if steps else 0.0,
     }
 
 
@@ -270,13 +303,16 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One benchmark run: a scheduler policy (k for fixed), a proposer label, a workload and a rate."""
+    """One benchmark run: a policy (k for fixed) or a Hugging Face peer, a proposer label, a workload and a
+    rate."""
 
-    policy: str  # scheduler policy: none, fixed, smartspec, batch-uniform, ...
-    proposer: str  # "ngram", "draft" or "both" (the request names no proposer, both are configured)
+    policy: str  # scheduler policy (none, fixed, smartspec, batch-uniform, ...) or a peer (hf-generate, ...)
+    proposer: str  # ngram, draft, medusa, both (the request names no proposer, ngram and draft are configured)
     workload: str  # "code" or "copy"
     rate: float  # requests per second
-    k: int = DEFAULT_K  # --k of the scheduler (the speculation length of fixed)
+    k: int = DEFAULT_K  # --k of the scheduler (fixed: the chain length; medusa: the tree's node budget)
+    # More proposer labels this run's row is reported for (policy none: the proposer changes nothing).
+    shared_with: tuple[str, ...] = ()
 
     @property
     def policy_label(self) -> str:
@@ -286,11 +322,23 @@ class RunConfig:
     def request_proposer(self) -> str:
         return PROPOSER_LABELS[self.proposer]
 
+    @property
+    def is_peer(self) -> bool:
+        return self.policy in PEERS
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Every proposer label this run's row is reported under."""
+        return (self.proposer, *self.shared_with)
+
 
 def parse_policy(label: str) -> tuple[str, int]:
     """'fixed:3' -> ('fixed', 3); 'smartspec' -> ('smartspec', DEFAULT_K)."""
     name, _, k = label.partition(":")
-    return name, int(k) if k else DEFAULT_K
+    try:
+        return name, int(k) if k else DEFAULT_K
+    except ValueError:
+        raise ValueError(f"bad policy {label!r}: the k of fixed:K must be an integer") from None
 
 
 def _split(value: str) -> list[str]:
@@ -298,24 +346,47 @@ def _split(value: str) -> list[str]:
 
 
 def plan(args: argparse.Namespace) -> list[RunConfig]:
-    """Every run of the sweep, grouped by policy (one scheduler per policy)."""
+    """Every run of the sweep: the stack's runs grouped by policy (one scheduler per policy), then the
+    Hugging Face peers' (run in this process once the stack is stopped).
+
+    Policy `none` never speculates, so its run does not depend on the proposer label: it runs once per
+    (workload, rate), with the first proposer label, and its row is reported for every label
+    (`shared_with`). Peers have no proposer label (PEER_PROPOSER) and run once per (workload, rate).
+    """
     rates = [float(r) for r in _split(args.rates)]
     proposers, workloads = _split(args.proposers), _split(args.workloads)
+    peers = _split(getattr(args, "peers", ""))
     for p in proposers:
         if p not in PROPOSER_LABELS:
             raise ValueError(f"unknown proposer {p!r} (choose from {', '.join(PROPOSER_LABELS)})")
     for w in workloads:
         if w not in WORKLOADS:
             raise ValueError(f"unknown workload {w!r} (choose from {', '.join(WORKLOADS)})")
+    from scheduler_svc.config import POLICIES
+
+    for label in _split(args.policies):
+        if parse_policy(label)[0] not in POLICIES:
+            raise ValueError(f"unknown policy {label!r} (choose from {', '.join(POLICIES)}; fixed:K for fixed)")
+    for peer in peers:
+        if peer not in PEERS:
+            raise ValueError(f"unknown peer {peer!r} (choose from {', '.join(PEERS)}, or '' for none)")
     if any(r <= 0 for r in rates):
         raise ValueError("rates must be > 0")
+    proposers, peers = list(dict.fromkeys(proposers)), list(dict.fromkeys(peers))
     runs = []
-    for label in _split(args.policies):
+    for label in dict.fromkeys(_split(args.policies)):
         policy, k = parse_policy(label)
         for workload in workloads:
+            if policy == NO_SPECULATION and proposers:
+                runs += [RunConfig(policy, proposers[0], workload, rate, k, tuple(proposers[1:])) for rate in rates]
+                continue
             for proposer in proposers:
                 for rate in rates:
                     runs.append(RunConfig(policy, proposer, workload, rate, k))
+    for peer in peers:
+        for workload in workloads:
+            for rate in rates:
+                runs.append(RunConfig(peer, PEER_PROPOSER, workload, rate))
     return runs
 
 
@@ -329,43 +400,167 @@ def _scheduler_stack(scheduler_spec, policy: str, k: int, startup_timeout: float
     return Stack([spec], startup_timeout_s=startup_timeout, grace_s=5, echo=None)
 
 
+class Progress:
+    """Runs done out of the total, elapsed time and an ETA, on stderr: one line rewritten in place when
+    stderr is a terminal, one plain line per update otherwise (logs, CI)."""
+
+    def __init__(self, total: int, stream=None, clock=time.monotonic):
+        self.total, self.done = total, 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.clock = clock
+        self.began = clock()
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def line(self, what: str) -> str:
+        """The progress line before starting `what`: ETA from the mean time of the runs done so far."""
+        elapsed = self.clock() - self.began
+        eta = f"{_clock(elapsed / self.done * (self.total - self.done))}" if self.done else "?"
+        return f"[{self.done}/{self.total}] elapsed {_clock(elapsed)}, ETA {eta} | {what}"
+
+    def start(self, what: str) -> None:
+        """Show that run `what` starts now."""
+        self._write(self.line(what))
+
+    def advance(self) -> None:
+        """Count one run as done."""
+        self.done += 1
+
+    def close(self, what: str = "done") -> None:
+        self._write(self.line(what))
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _write(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K" + text)  # back to the line's start, clear it, rewrite
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _describe(run: RunConfig) -> str:
+    proposer = "" if run.is_peer else f" proposer={run.proposer}"
+    return f"policy={run.policy_label} workload={run.workload}{proposer} rate={run.rate:g}/s"
+
+
 def run_sweep(args: argparse.Namespace) -> list[dict]:
-    """Start the backends once and a scheduler per policy, replay every run; returns one row per run."""
-    from scheduler_svc.config import POLICIES
+    """Start the backends once and a scheduler per policy, replay every run; then stop the stack and run
+    the Hugging Face peers in this process. Returns one row per (run, proposer label)."""
     from specdec.launcher import Stack, free_ports, local_specs
 
     runs = plan(args)
-    for run in runs:
-        if run.policy not in POLICIES:
-            raise ValueError(f"unknown policy {run.policy!r} (choose from {', '.join(POLICIES)})")
-    kinds = [kind for kind in ("ngram", "draft")
-             if any(kind in PROPOSER_KINDS_OF_LABEL[run.proposer] for run in runs)]
+    stack_runs = [run for run in runs if not run.is_peer]
+    peer_runs = [run for run in runs if run.is_peer]
+    kinds = [kind for kind in PROPOSER_KINDS
+             if any(kind in PROPOSER_KINDS_OF_LABEL[label] for run in stack_runs for label in run.labels)]
     prompts = {w: WORKLOADS[w](args.requests, args.seed) for w in {run.workload for run in runs}}
-    env = {"SPECDEC_TORCH_THREADS": str(args.service_threads)} if args.service_threads else None
-    kwargs = {"model": args.model} if args.model else {}
-    if args.draft_model:
-        kwargs["draft_model"] = args.draft_model
-    specs = local_specs(free_ports(1)[0], kinds, env=env, **kwargs)
+    progress = Progress(len(runs))
     rows: list[dict] = []
-    with Stack(specs[:-1], startup_timeout_s=args.startup_timeout, grace_s=5, echo=None):
-        done = 0
-        for policy_label in dict.fromkeys(run.policy_label for run in runs):
-            group = [run for run in runs if run.policy_label == policy_label]
-            with _scheduler_stack(specs[-1], group[0].policy, group[0].k, args.startup_timeout) as scheduler:
-                address = scheduler.specs[0].address
-                # Warm-up: the first request of a fresh scheduler pays one-off costs.
-                asyncio.run(replay(address, [0.0], prompts[group[0].workload][:1], "", 4))
-                for run in group:
-                    done += 1
-                    print(f"[{done}/{len(runs)}] policy={run.policy_label} workload={run.workload} "
-                          f"proposer={run.proposer} rate={run.rate:g}/s", file=sys.stderr, flush=True)
-                    trace = poisson_trace(run.rate, args.requests, args.seed)
-                    results = asyncio.run(replay(address, trace, prompts[run.workload], run.request_proposer,
-                                                 args.max_tokens, timeout=args.timeout))
-                    wall = max((r.done_s for r in results), default=0.0)
-                    rows.append({"policy": run.policy_label, "proposer": run.proposer, "workload": run.workload,
-                                 "rate": run.rate, "max_tokens": args.max_tokens, **summarize(results, wall)})
+    if stack_runs:
+        env = {"SPECDEC_TORCH_THREADS": str(args.service_threads)} if args.service_threads else None
+        kwargs = {"model": args.model} if args.model else {}
+        if args.draft_model:
+            kwargs["draft_model"] = args.draft_model
+        if getattr(args, "medusa_model", None):
+            kwargs["medusa_model"] = args.medusa_model
+        specs = local_specs(free_ports(1)[0], kinds, env=env, **kwargs)
+        progress.start(f"starting the stack ({', '.join(['verifier', *kinds])})")
+        with Stack(specs[:-1], startup_timeout_s=args.startup_timeout, grace_s=5, echo=None):
+            for policy_label in dict.fromkeys(run.policy_label for run in stack_runs):
+                group = [run for run in stack_runs if run.policy_label == policy_label]
+                progress.start(f"starting the scheduler for policy {policy_label}")
+                with _scheduler_stack(specs[-1], group[0].policy, group[0].k, args.startup_timeout) as scheduler:
+                    address = scheduler.specs[0].address
+                    # Warm-up: the first request of a fresh scheduler pays one-off costs.
+                    asyncio.run(replay(address, [0.0], prompts[group[0].workload][:1], "", 4))
+                    for run in group:
+                        progress.start(_describe(run))
+                        trace = poisson_trace(run.rate, args.requests, args.seed)
+                        results = asyncio.run(replay(address, trace, prompts[run.workload], run.request_proposer,
+                                                     args.max_tokens, timeout=args.timeout))
+                        wall = max((r.done_s for r in results), default=0.0)
+                        rows += stack_rows(run, summarize(results, wall), args.max_tokens)
+                        progress.advance()
+    if peer_runs:
+        rows += run_peers(peer_runs, prompts, args, progress)
+    progress.close()
     return rows
+
+
+def stack_rows(run: RunConfig, figures: dict, max_tokens: int) -> list[dict]:
+    """The rows of one stack run: one per proposer label it stands for. A shared row (policy none, run
+    once with `measured_with`) is marked "shared": true under every label."""
+    shared = bool(run.shared_with)
+    return [{"policy": run.policy_label, "proposer": label, "workload": run.workload, "rate": run.rate,
+             "max_tokens": max_tokens, **figures, "shared": shared,
+             **({"measured_with": run.proposer} if shared else {})} for label in run.labels]
+
+
+def peer_threads(args: argparse.Namespace) -> int:
+    """Torch threads of the peers: --peer-threads, else what the services get (--service-threads), else
+    0 (torch's default)."""
+    return getattr(args, "peer_threads", 0) or args.service_threads or 0
+
+
+def run_peers(runs: list[RunConfig], prompts: dict[str, list[str]], args: argparse.Namespace,
+              progress: Progress | None = None) -> list[dict]:
+    """Run the Hugging Face peers of `runs` in this process (bench/hf_peers.py) on the same traces and
+    prompts as the stack; one row per run."""
+    import torch
+
+    from bench import hf_peers
+    from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_TARGET
+
+    threads, previous = peer_threads(args), torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        needs_draft = any(run.policy == "hf-assisted" for run in runs)
+        if progress:
+            progress.start(f"loading the Hugging Face peers (torch threads {torch.get_num_threads()})")
+        models = hf_peers.load_peer_models(args.model or DEFAULT_TARGET,
+                                           (args.draft_model or DEFAULT_DRAFT) if needs_draft else None)
+        lookup = getattr(args, "peer_lookup_tokens", hf_peers.DEFAULT_LOOKUP_TOKENS)
+        prompt_ids = {w: [models.encode(text) for text in texts] for w, texts in prompts.items()}
+        first = next(iter(prompt_ids.values()))[0]
+        hf_peers.warm_up(models, list(dict.fromkeys(run.policy for run in runs)), first, lookup)
+        rows = []
+        for run in runs:
+            if progress:
+                progress.start(_describe(run))
+            trace = poisson_trace(run.rate, args.requests, args.seed)
+            results = hf_peers.run_peer(models, run.policy, trace, prompt_ids[run.workload], args.max_tokens,
+                                        lookup)
+            rows.append(peer_row(run, results, args.max_tokens))
+            if progress:
+                progress.advance()
+    finally:
+        torch.set_num_threads(previous)  # the caller's setting (a test process, say) is left as it was
+    return rows
+
+
+def peer_row(run: RunConfig, results: list, max_tokens: int) -> dict:
+    """The row of one peer run (hf_peers.PeerResult list) with the stack rows' figures; acceptance and
+    mean k are null where the peer does not speculate or its counts are unknown."""
+    requests = [RequestResult(r.index, r.arrival_s, r.start_s, r.done_s, r.latency_ms, ttft_ms=r.ttft_ms,
+                              prompt_tokens=r.prompt_tokens, completion_tokens=len(r.token_ids),
+                              proposed=r.proposed or 0, accepted=r.accepted or 0, steps=r.steps or 0)
+               for r in results]
+    figures = summarize(requests, max((r.done_s for r in results), default=0.0))
+    counted = run.policy != "hf-generate" and all(r.proposed is not None for r in results)
+    if not counted:
+        figures.update(acceptance_rate=None, mean_k=None, mean_accepted_per_step=None)
+        if run.policy != "hf-generate":
+            figures.update(proposed=None, accepted=None)
+    return {"policy": run.policy_label, "proposer": run.proposer, "workload": run.workload, "rate": run.rate,
+            "max_tokens": max_tokens, **figures, "shared": False, "peer": True}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -378,32 +573,68 @@ TABLE_COLUMNS = [
     ("p99_latency_ms", "p99 (ms)", "{:.0f}"), ("mean_ttft_ms", "mean TTFT (ms)", "{:.0f}"),
     ("ms_per_output_token", "ms/token", "{:.1f}"), ("goodput_tok_s", "goodput (tok/s)", "{:.1f}"),
     ("acceptance_rate", "acceptance", "{:.1%}"), ("mean_k", "mean k", "{:.2f}"),
+    ("mean_accepted_per_step", "accepted/step", "{:.2f}"),
 ]
 
 
+def _cell(value, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return fmt.format(value)
+
+
+def _row_order(row: dict) -> tuple:
+    # Stack rows by proposer then policy; the peers after them within a workload.
+    return (row["workload"], bool(row.get("peer")), row["proposer"], row["policy"], row["rate"])
+
+
 def markdown_table(rows: list[dict]) -> str:
+    """Every row as one markdown table; `none` rows run once and reported for each proposer are marked *."""
     lines = ["| " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |",
              "|" + " --- |" * len(TABLE_COLUMNS)]
-    for row in sorted(rows, key=lambda r: (r["workload"], r["proposer"], r["policy"], r["rate"])):
-        lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in TABLE_COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
+    for row in sorted(rows, key=_row_order):
+        cells = [_cell(row.get(key), fmt) for key, _, fmt in TABLE_COLUMNS]
+        if row.get("shared"):
+            cells[2] += "*"
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    if any(row.get("shared") for row in rows):
+        shared = next(row for row in rows if row.get("shared"))
+        text += (f"\n\\* policy none never speculates: it ran once per workload and rate (with proposer "
+                 f"{shared.get('measured_with', '?')}) and that row is repeated for every proposer.\n")
+    if any(row.get("peer") for row in rows):
+        text += ("\nProposer `hf`: Hugging Face transformers peers (bench/hf_peers.py), one request at a time in "
+                 "arrival order; `–` where a figure does not apply.\n")
+    return text
 
 
 def plot_latency(rows: list[dict], out: Path) -> list[Path]:
-    """One PNG per (workload, proposer): mean latency against rate, one line per policy."""
+    """One PNG per (workload, proposer): mean latency against rate, one solid line per policy, and the
+    Hugging Face peers of that workload as dashed grey lines in every plot of the workload (they have no
+    proposer of their own; the same peer lines appear under ngram, draft, both and medusa)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    stack = [r for r in rows if not r.get("peer")]
+    peers = [r for r in rows if r.get("peer")]
+    peer_styles = {"hf-generate": ("0.25", "s"), "hf-assisted": ("0.45", "^"), "hf-prompt-lookup": ("0.65", "v")}
     paths = []
-    for workload, proposer in dict.fromkeys((r["workload"], r["proposer"]) for r in rows):
-        group = [r for r in rows if r["workload"] == workload and r["proposer"] == proposer]
+    for workload, proposer in dict.fromkeys((r["workload"], r["proposer"]) for r in stack):
+        group = [r for r in stack if r["workload"] == workload and r["proposer"] == proposer]
         fig, ax = plt.subplots(figsize=(6, 4))
         for policy in dict.fromkeys(r["policy"] for r in group):
             points = sorted((r["rate"], r["mean_latency_ms"]) for r in group if r["policy"] == policy)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=policy)
+        workload_peers = [r for r in peers if r["workload"] == workload]
+        for policy in dict.fromkeys(r["policy"] for r in workload_peers):
+            color, marker = peer_styles.get(policy, ("0.5", "x"))
+            points = sorted((r["rate"], r["mean_latency_ms"]) for r in workload_peers if r["policy"] == policy)
+            ax.plot([p[0] for p in points], [p[1] for p in points], linestyle="--", color=color, marker=marker,
+                    label=policy)
         ax.set_xscale("log")
+        ax.set_yscale("log" if workload_peers else "linear")  # the peers' queues grow far past the stack's
         ax.set_xlabel("arrival rate (requests/s)")
         ax.set_ylabel("mean latency (ms)")
         ax.set_title(f"workload {workload}, proposer {proposer}")
@@ -418,6 +649,9 @@ def plot_latency(rows: list[dict], out: Path) -> list[Path]:
 
 
 def write_outputs(rows: list[dict], out: Path, args: argparse.Namespace | None = None) -> list[Path]:
+    """serving.json, serving.md, the plots and summary.md (bench/summary.py's checks) under `out`."""
+    from bench import summary
+
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("run", "command")} if args is not None else {}
     json_path, md_path = out / "serving.json", out / "serving.md"
@@ -426,7 +660,8 @@ def write_outputs(rows: list[dict], out: Path, args: argparse.Namespace | None =
     if settings:
         header += f" with {', '.join(f'{k}={v}' for k, v in settings.items())}"
     md_path.write_text(header + ".\n\n" + markdown_table(rows))
-    return [json_path, md_path, *plot_latency(rows, out)]
+    summary_path = summary.write_summary(json_path)
+    return [json_path, md_path, summary_path, *plot_latency(rows, out)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -434,7 +669,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", default=DEFAULT_POLICIES,
                         help=f"policies, fixed:K for fixed with k=K (default {DEFAULT_POLICIES})")
     parser.add_argument("--proposers", default=DEFAULT_PROPOSERS,
-                        help=f"ngram, draft, both (= the scheduler's choice) (default {DEFAULT_PROPOSERS})")
+                        help=f"ngram, draft, medusa (fixed:N = a tree of N nodes), both (ngram and draft, the "
+                             f"scheduler's choice) (default {DEFAULT_PROPOSERS})")
+    parser.add_argument("--peers", default=DEFAULT_PEERS,
+                        help=f"Hugging Face transformers peers run after the stack, in this process, one request at "
+                             f"a time: {', '.join(PEERS)}; '' for none (default all)")
     parser.add_argument("--workloads", default=DEFAULT_WORKLOADS, help=f"code, copy (default {DEFAULT_WORKLOADS})")
     parser.add_argument("--requests", type=int, default=32, help="requests per run (default 32)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
@@ -442,8 +681,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="docs/bench", help="output folder (default docs/bench)")
     parser.add_argument("--model", help="target checkpoint folder (default: the embedded models/code-target)")
     parser.add_argument("--draft-model", help="draft checkpoint folder (default: the embedded models/code-draft)")
+    parser.add_argument("--medusa-model", help="Medusa heads folder (default: the embedded models/code-medusa)")
     parser.add_argument("--service-threads", type=int, default=0,
                         help="torch threads per service (SPECDEC_TORCH_THREADS), 0 = their default")
+    parser.add_argument("--peer-threads", type=int, default=0,
+                        help="torch threads of the Hugging Face peers, 0 = --service-threads (default)")
+    parser.add_argument("--peer-lookup-tokens", type=int, default=DEFAULT_LOOKUP_TOKENS,
+                        help=f"prompt_lookup_num_tokens of hf-prompt-lookup (default {DEFAULT_LOOKUP_TOKENS}, "
+                             f"the stack's largest k)")
     parser.add_argument("--timeout", type=float, default=600.0, help="deadline of each request in seconds")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for each service")
 
@@ -451,16 +696,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.requests < 1 or args.max_tokens < 1:
         raise ValueError("--requests and --max-tokens must be >= 1")
+    if args.peer_lookup_tokens < 1 or args.peer_threads < 0 or args.service_threads < 0:
+        raise ValueError("--peer-lookup-tokens must be >= 1, --peer-threads and --service-threads >= 0")
     plan(args)  # fails on bad flags before anything starts
     rows = run_sweep(args)
-    for path in write_outputs(rows, Path(args.out), args):
+    paths = write_outputs(rows, Path(args.out), args)
+    for path in paths:
         print(f"specdec bench: wrote {path}", file=sys.stderr)
+    summary_md = next(path for path in paths if path.name == "summary.md")
+    print(summary_md.read_text(), end="")
     return 0
 
 
 if __name__ == "__main__":
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     parser = argparse.ArgumentParser(description="Serving benchmark of the specdec stack.")
     add_arguments(parser)
     sys.exit(main(parser.parse_args()))

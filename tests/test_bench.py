@@ -1,8 +1,12 @@
-"""The serving benchmark (bench/serving.py, `specdec bench`): traces, summaries, workloads, one tiny sweep."""
+"""The serving benchmark (bench/serving.py, `specdec bench`): traces, summaries, workloads, the sweep plan,
+the Hugging Face peers (bench/hf_peers.py), the must-show checks (bench/summary.py), one tiny sweep."""
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,14 +14,23 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import hf_peers, summary  # noqa: E402
 from bench.serving import (  # noqa: E402
+    PEER_PROPOSER,
     PROMPT_TOKENS,
+    Progress,
     RequestResult,
+    RunConfig,
     _count,
     _tokenizer,
+    add_arguments,
     code_completion_prompts,
     copy_heavy_prompts,
+    markdown_table,
+    peer_row,
+    plan,
     poisson_trace,
+    stack_rows,
     summarize,
 )
 from specdec.cli import main  # noqa: E402
@@ -78,6 +91,274 @@ def test_copy_heavy_prompts_repeat_spans():
             assert prompt.rstrip().endswith("def")
 
 
+def _args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_plan_runs_none_once_and_the_peers_last():
+    runs = plan(_args(["--rates", "1,4", "--policies", "none,fixed:4,smartspec", "--proposers",
+                       "ngram,draft,both,medusa", "--workloads", "code,copy"]))
+    stack = [r for r in runs if not r.is_peer]
+    peers = [r for r in runs if r.is_peer]
+    assert runs == stack + peers  # peers run after the stack
+    none = [r for r in stack if r.policy == "none"]
+    # One none run per (workload, rate), reported for every proposer label.
+    assert [(r.workload, r.rate) for r in none] == [("code", 1.0), ("code", 4.0), ("copy", 1.0), ("copy", 4.0)]
+    assert all(r.labels == ("ngram", "draft", "both", "medusa") for r in none)
+    others = [r for r in stack if r.policy != "none"]
+    assert len(others) == 2 * 2 * 4 * 2 and not any(r.shared_with for r in others)
+    medusa = [r for r in others if r.proposer == "medusa"]
+    assert {r.request_proposer for r in medusa} == {"medusa"}
+    assert {(r.policy_label, r.k) for r in medusa} == {("fixed:4", 4), ("smartspec", 3)}
+    assert {r.policy for r in peers} == {"hf-generate", "hf-assisted", "hf-prompt-lookup"}
+    assert len(peers) == 3 * 2 * 2 and {r.proposer for r in peers} == {PEER_PROPOSER}
+    assert plan(_args(["--peers", "", "--policies", "none"])) == [
+        RunConfig("none", "ngram", w, rate, shared_with=("draft", "both")) for w in ("code", "copy")
+        for rate in (0.5, 2.0, 8.0)]
+    only_peers = plan(_args(["--policies", "", "--peers", "hf-assisted", "--rates", "2", "--workloads", "copy"]))
+    assert only_peers == [RunConfig("hf-assisted", PEER_PROPOSER, "copy", 2.0)]
+    for bad, message in ((["--peers", "hf-magic"], "unknown peer"), (["--policies", "fast"], "unknown policy"),
+                         (["--policies", "fixed:x"], "must be an integer"), (["--proposers", "eagle"],
+                                                                             "unknown proposer")):
+        with pytest.raises(ValueError, match=message):
+            plan(_args(bad))
+
+
+def test_shared_none_rows_are_marked_and_starred():
+    run = RunConfig("none", "ngram", "copy", 2.0, shared_with=("draft", "both"))
+    figures = summarize([RequestResult(0, 0.0, 0.0, 0.1, latency_ms=100.0, completion_tokens=8, steps=8)], 0.1)
+    rows = stack_rows(run, figures, 8)
+    assert [r["proposer"] for r in rows] == ["ngram", "draft", "both"]
+    assert all(r["shared"] and r["measured_with"] == "ngram" and r["mean_latency_ms"] == 100.0 for r in rows)
+    alone = stack_rows(RunConfig("smartspec", "draft", "copy", 2.0), figures, 8)
+    assert len(alone) == 1 and alone[0]["shared"] is False and "measured_with" not in alone[0]
+    peer = {**rows[0], "policy": "hf-generate", "proposer": PEER_PROPOSER, "shared": False, "peer": True,
+            "acceptance_rate": None, "mean_k": None}
+    table = markdown_table(rows + alone + [peer])
+    assert table.count("| none* |") == 3 and "| smartspec |" in table and "| hf | hf-generate |" in table
+    assert "ran once per workload and rate (with proposer ngram)" in table
+    peer_line = next(line for line in table.splitlines() if "hf-generate" in line)
+    assert [cell.strip() for cell in peer_line.split("|")].count("–") == 2  # acceptance, mean k: n/a
+
+
+def test_progress_lines_count_time_and_eta():
+    now = [0.0]
+    plain = io.StringIO()
+    progress = Progress(4, stream=plain, clock=lambda: now[0])
+    progress.start("run a")
+    now[0] = 30.0
+    progress.advance()
+    progress.start("run b")
+    now[0] = 3700.0
+    progress.advance()
+    progress.close()
+    assert plain.getvalue().splitlines() == [
+        "[0/4] elapsed 0:00, ETA ? | run a",
+        "[1/4] elapsed 0:30, ETA 1:30 | run b",
+        "[2/4] elapsed 1:01:40, ETA 1:01:40 | done",
+    ]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Terminal()
+    progress = Progress(1, stream=tty, clock=lambda: 0.0)
+    progress.start("run a")
+    progress.advance()
+    progress.close()
+    assert tty.getvalue() == "\r\x1b[K[0/1] elapsed 0:00, ETA ? | run a\r\x1b[K[1/1] elapsed 0:00, ETA 0:00 | done\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench/summary.py
+
+
+def _row(workload, proposer, policy, rate, latency, **extra):
+    return {"workload": workload, "proposer": proposer, "policy": policy, "rate": rate, "requests": 8,
+            "errors": 0, "mean_latency_ms": latency, **extra}
+
+
+def _passing_rows() -> list[dict]:
+    """A full benchmark in which every check passes: rate 1 is light, rate 16 heavy."""
+    rows = []
+    for workload in ("code", "copy"):
+        for proposer in ("ngram", "draft", "both"):
+            for policy, light, heavy in (("none", 1000, 2000), ("fixed:1", 800, 2500), ("fixed:3", 700, 2500),
+                                         ("fixed:5", 600, 2500), ("smartspec", 300, 2000),
+                                         ("batch-uniform", 360, 2400)):
+                rows += [_row(workload, proposer, policy, 1.0, light), _row(workload, proposer, policy, 16.0, heavy)]
+        for rate, assisted, generate in ((1.0, 300, 400), (16.0, 5000, 10000)):
+            rows += [_row(workload, "hf", "hf-assisted", rate, assisted), _row(workload, "hf", "hf-generate", rate,
+                                                                               generate)]
+        for rate in (1.0, 16.0):
+            rows += [_row(workload, "medusa", "smartspec", rate, 500, mean_accepted_per_step=1.5),
+                     _row(workload, "medusa", "fixed:4", rate, 520, mean_accepted_per_step=1.2),
+                     _row(workload, "medusa", "fixed:8", rate, 600, mean_accepted_per_step=1.6),
+                     _row(workload, "medusa", "none", rate, 1000)]
+    return rows
+
+
+def _set(rows, workload, proposer, policy, rate, **values):
+    row = next(r for r in rows if (r["workload"], r["proposer"], r["policy"], r["rate"]) ==
+               (workload, proposer, policy, rate))
+    row.update(values)
+
+
+def _by_key(checks):
+    return {check.key: check for check in checks}
+
+
+def test_summary_passes_a_full_good_benchmark():
+    checks = _by_key(summary.run_checks(_passing_rows()))
+    assert {key: check.status for key, check in checks.items()} == dict.fromkeys("abcde", summary.PASS)
+    a = checks["a"].cells
+    assert len(a) == 2 * 3 * 2
+    assert a[0].where == "code / ngram / 1 req/s"
+    assert a[0].detail == "smartspec 300 ms / best 600 ms (fixed:5) = 0.500 <= 1.05"
+    assert [c.detail for c in checks["b"].cells] == ["none 1000 ms / smartspec 300 ms = 3.333x >= 1.3x",
+                                                    "none 1000 ms / smartspec 300 ms = 3.333x >= 2.0x"]
+    assert {c.where.split(" / ")[1] for c in checks["b"].info} == {"ngram", "draft", "medusa"}
+    c = checks["c"].cells[0]
+    assert (c.where, c.detail) == ("code + copy / ngram / 1 req/s",
+                                   "smartspec 300 ms / batch-uniform 360 ms = 0.833 (17% faster)")
+    d = {cell.where: cell.detail for cell in checks["d"].cells}
+    assert d["code / both / 1 req/s (lightest)"] == "smartspec 300 ms / hf-assisted 300 ms = 1.000 <= 1.1"
+    assert d["copy / both / 16 req/s (heaviest)"] == "hf-generate 10000 ms / smartspec 2000 ms = 5.000x >= 3.0x"
+    e = checks["e"]
+    assert "fixed:4, fixed:8" in e.title
+    assert e.cells[0].detail.startswith("smartspec 500 ms / best 520 ms (fixed:4) = 0.962 <= 1.05")
+    assert "medusa 1.60, draft –, ngram –" in {cell.detail for cell in e.info}
+
+
+def test_summary_fails_with_the_numbers():
+    rows = _passing_rows()
+    _set(rows, "code", "draft", "smartspec", 16.0, mean_latency_ms=2200)  # (a): 1.1x none
+    _set(rows, "copy", "both", "smartspec", 1.0, mean_latency_ms=600)  # (b): none only 1.67x; (d): 2x assisted
+    _set(rows, "code", "ngram", "smartspec", 16.0, mean_latency_ms=2000, errors=1)  # failed requests
+    _set(rows, "copy", "draft", "batch-uniform", 1.0, mean_latency_ms=150)  # (c): smartspec 2x slower
+    checks = _by_key(summary.run_checks(rows))
+    assert {key: check.status for key, check in checks.items()} == {
+        "a": summary.FAIL, "b": summary.FAIL, "c": summary.FAIL, "d": summary.FAIL, "e": summary.PASS}
+    a = {cell.where: cell for cell in checks["a"].cells}
+    assert a["code / draft / 16 req/s"].status == summary.FAIL
+    assert a["code / draft / 16 req/s"].detail == "smartspec 2200 ms / best 2000 ms (none) = 1.100 > 1.05"
+    assert a["code / ngram / 16 req/s"].status == summary.FAIL
+    assert a["code / ngram / 16 req/s"].detail == "smartspec had 1 of 8 requests fail"
+    assert a["copy / both / 1 req/s"].status == summary.PASS  # 600 = fixed:5: within 1.05x
+    b = {cell.where: cell for cell in checks["b"].cells}
+    assert b["copy / both / 1 req/s"].detail == "none 1000 ms / smartspec 600 ms = 1.667x < 2.0x"
+    assert b["code / both / 1 req/s"].status == summary.PASS
+    c = {cell.where: cell for cell in checks["c"].cells}
+    assert c["code + copy / draft / 1 req/s"].detail == (
+        "smartspec 300 ms / batch-uniform 255 ms = 1.176 (does not beat it: 18% slower)")
+    info = {cell.where: cell for cell in checks["c"].info}
+    assert info["copy / draft / 1 req/s"].detail == (
+        "smartspec 300 ms / batch-uniform 150 ms = 2.000 (does not beat it: 100% slower)")
+    d = {cell.where: cell for cell in checks["d"].cells}
+    assert d["copy / both / 1 req/s (lightest)"].detail == "smartspec 600 ms / hf-assisted 300 ms = 2.000 > 1.1"
+
+
+def test_summary_missing_rows_are_never_a_pass(tmp_path):
+    rows = [r for r in _passing_rows() if r["proposer"] not in ("hf", "medusa")
+            and not (r["proposer"] == "ngram" and r["policy"] == "none" and r["rate"] == 16.0)]
+    checks = _by_key(summary.run_checks(rows))
+    assert checks["a"].status == summary.NOT_MEASURED
+    missing = {cell.where: cell for cell in checks["a"].cells}["code / ngram / 16 req/s"]
+    assert (missing.status, missing.detail) == (summary.NOT_MEASURED, "no row for none")
+    assert checks["b"].status == summary.PASS
+    assert checks["d"].status == summary.NOT_MEASURED
+    assert all(cell.detail == "no row for hf-assisted" for cell in checks["d"].cells if "lightest" in cell.where)
+    assert checks["e"].status == summary.NOT_MEASURED
+    assert all(check.status == summary.NOT_MEASURED for check in summary.run_checks([]))
+
+    # The file round trip: summary.md beside serving.json, a verdict per check.
+    path = tmp_path / "serving.json"
+    path.write_text(json.dumps({"settings": {"rates": "1,16", "requests": 8}, "rows": rows}))
+    assert summary.main([str(path)]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    assert "Benchmark settings: rates=1,16, requests=8." in text
+    assert "## (a) " in text and ": not measured" in text and "| code / ngram / 16 req/s | not measured |" in text
+    assert "## (b) " in text and "(proposer both): PASS" in text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench/hf_peers.py
+
+
+def test_fifo_schedule_queues_behind_the_previous_request():
+    assert hf_peers.fifo_schedule([0.0, 0.5, 3.0], [1.0, 1.0, 0.5]) == [(0.0, 1.0), (1.0, 2.0), (3.0, 3.5)]
+    # A queue of three: each waits for the one before, arrivals inside the earlier services.
+    assert hf_peers.fifo_schedule([0.0, 0.5, 0.6], [1.0, 1.0, 1.0]) == [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)]
+    with pytest.raises(ValueError):
+        hf_peers.fifo_schedule([1.0, 0.5], [1.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def tiny_peers(tmp_path_factory):
+    """A tiny random target with the real tokenizer whose EOS is the first token it generates for the
+    first prompt (so the peers must run through EOS), and a draft made the same way with another seed."""
+    import torch
+
+    from specdec.checkpoint import EMBEDDED_MODELS
+    from specdec.testing import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("peer-models")
+    folders = []
+    for name, seed in (("target", 0), ("draft", 1)):
+        folder = make_tiny_checkpoint(root / name, "llama", seed=seed, vocab_size=4096)
+        for f in (EMBEDDED_MODELS / "tokenizer").iterdir():
+            shutil.copy(f, folder / f.name)
+        folders.append(folder)
+    prompts = ["def add(a, b):\n    return a + b\n\ndef add(a, b):\n", "x = [1, 2, 3]\ny = [1, 2, 3]\n"]
+    models = hf_peers.load_peer_models(folders[0], device="cpu")
+    ids = torch.tensor([models.encode(prompts[0])])
+    first = int(models.target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
+                                       do_sample=False)[0, -1])
+    for folder in folders:
+        for name in ("config.json", "generation_config.json"):
+            config = json.loads((folder / name).read_text())
+            config["eos_token_id"] = first
+            (folder / name).write_text(json.dumps(config))
+    return hf_peers.load_peer_models(folders[0], folders[1], device="cpu"), prompts, first
+
+
+def test_hf_peers_give_the_same_greedy_tokens_through_eos(tiny_peers):
+    models, prompts, eos = tiny_peers
+    assert models.target.config.eos_token_id == eos and models.target.generation_config.eos_token_id is None
+    prompt_ids = [models.encode(p) for p in prompts]
+    trace = [0.0, 0.001]  # the second request arrives while the first is served: it queues
+    outputs = {}
+    for peer in hf_peers.PEERS:
+        results = hf_peers.run_peer(models, peer, trace, prompt_ids, max_new_tokens=6, lookup_tokens=3)
+        outputs[peer] = [r.token_ids for r in results]
+        first, second = results
+        assert [len(r.token_ids) for r in results] == [6, 6]
+        assert first.start_s == 0.0 and second.start_s == pytest.approx(first.done_s)
+        assert second.latency_ms == pytest.approx((second.done_s - 0.001) * 1000)
+        for r in results:
+            assert r.prompt_tokens == len(prompt_ids[r.index])
+            assert 0 < r.ttft_ms <= r.latency_ms
+            assert r.steps >= 1 and 0 <= r.accepted <= r.proposed
+        if peer == "hf-generate":
+            assert first.proposed == 0 and first.steps == 6
+        else:
+            assert first.proposed > 0  # the draft always drafts; the prompt repeats a line for lookup
+        row = peer_row(RunConfig(peer, PEER_PROPOSER, "code", 2.0), results, 6)
+        assert row["peer"] and row["proposer"] == PEER_PROPOSER and row["policy"] == peer
+        assert row["requests"] == 2 and row["errors"] == 0 and row["generated_tokens"] == 12
+        assert row["mean_latency_ms"] > 0 and row["mean_ttft_ms"] > 0 and row["goodput_tok_s"] > 0
+        assert row["p99_latency_ms"] >= row["p50_latency_ms"] > 0 and row["ms_per_output_token"] > 0
+        if peer == "hf-generate":
+            assert row["acceptance_rate"] is None and row["mean_k"] is None and row["mean_accepted_per_step"] is None
+        else:
+            assert 0 <= row["acceptance_rate"] <= 1 and row["mean_k"] > 0
+    assert outputs["hf-generate"][0][0] == eos  # EOS came first and generation went on
+    assert outputs["hf-assisted"] == outputs["hf-generate"] == outputs["hf-prompt-lookup"]
+
+
 def test_bench_command_writes_json_markdown_and_plots(tmp_path):
     from specdec.testing import make_tiny_stack_checkpoints
 
@@ -86,23 +367,30 @@ def test_bench_command_writes_json_markdown_and_plots(tmp_path):
     code = main(["bench", "--rates", "4", "--policies", "none,fixed:2", "--proposers", "draft",
                  "--workloads", "copy", "--requests", "4", "--max-tokens", "8", "--out", str(out),
                  "--model", str(target), "--draft-model", str(draft), "--service-threads", "1",
-                 "--startup-timeout", "120", "--timeout", "60"])
+                 "--peers", "hf-generate", "--startup-timeout", "120", "--timeout", "60"])
     assert code == 0
     rows = json.loads((out / "serving.json").read_text())["rows"]
     assert [(r["policy"], r["proposer"], r["workload"], r["rate"]) for r in rows] == [
-        ("none", "draft", "copy", 4.0), ("fixed:2", "draft", "copy", 4.0)]
+        ("none", "draft", "copy", 4.0), ("fixed:2", "draft", "copy", 4.0), ("hf-generate", "hf", "copy", 4.0)]
     for row in rows:
         assert row["requests"] == 4 and row["errors"] == 0
         assert row["generated_tokens"] == 4 * 8
         assert row["mean_latency_ms"] > 0 and row["goodput_tok_s"] > 0
     assert rows[0]["proposed"] == 0 and rows[0]["mean_k"] == 0.0
     assert rows[1]["proposed"] > 0 and 0 < rows[1]["mean_k"] <= 2.0
+    assert rows[2]["peer"] and rows[2]["acceptance_rate"] is None
     table = (out / "serving.md").read_text()
-    assert table.count("| copy | draft |") == 2
+    assert table.count("| copy | draft |") == 2 and table.count("| copy | hf | hf-generate |") == 1
     png = out / "serving_latency_copy_draft.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "serving_latency_copy_hf.png").exists()  # peers are drawn in the workload's plots
+    text = (out / "summary.md").read_text()
+    assert "## (a) " in text and "| copy / draft / 4 req/s | not measured | no row for smartspec" in text
 
 
 def test_bench_rejects_bad_flags(capsys):
     assert main(["bench", "--proposers", "magic"]) == 2
     assert "unknown proposer" in capsys.readouterr().err
+    assert main(["bench", "--peers", "hf-magic"]) == 2
+    assert "unknown peer" in capsys.readouterr().err
+    assert main(["bench", "--peer-lookup-tokens", "0"]) == 2
