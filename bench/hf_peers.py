@@ -8,10 +8,9 @@ neither stops at EOS nor avoids it: the stack's `ignore_eos`):
 - `hf-assisted`: assisted generation (`assistant_model=draft`) with transformers' defaults for the
   assistant (up to 20 drafted tokens per step, cut where the draft's confidence drops below 0.4).
 - `hf-prompt-lookup`: prompt lookup decoding (`prompt_lookup_num_tokens`, default `DEFAULT_LOOKUP_TOKENS`
-  = 5, the most tokens the stack's goodput policies speculate per step (the scheduler's max_k) and the
-  largest fixed k of the sweep: the peer may look as far ahead as the stack, so the comparison is of
-  serving and choice of k, not of a longer lookahead; transformers' documentation example uses 10, which
-  on a CPU pays for many rejected tokens per verification).
+  = 8, the most tokens the stack's goodput policies speculate per step (the scheduler's default --max-k):
+  the peer may look as far ahead as the stack, so the comparison is of serving and choice of k, not of a
+  longer lookahead; transformers' documentation example uses 10).
 
 Timing: requests are served first come, first served by a single server, as `generate` is used in
 practice. Each request's service time (and the time of its first new token, from a streamer) is
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 PEERS = ("hf-generate", "hf-assisted", "hf-prompt-lookup")
-DEFAULT_LOOKUP_TOKENS = 5
+DEFAULT_LOOKUP_TOKENS = 8
 
 
 @dataclass

@@ -169,26 +169,36 @@ def _any_value(value):
     return getattr(value, kind) if kind else None
 
 
-def make_tiny_medusa_heads(target_folder: Path, out: Path, num_heads: int = 3, steps: int = 150,
+def make_tiny_medusa_heads(target_folder: Path, out: Path, num_heads: int = 3, steps: int = 200,
                            seed: int = 0) -> Path:
     """Medusa heads for a tiny test target (e.g. from make_tiny_checkpoint / make_tiny_stack_checkpoints),
-    saved into `out`: trained for a few seconds on the target's own greedy continuations of random
-    prompts, so that their guesses are often accepted and end-to-end tests exercise tree acceptance."""
+    saved into `out`: trained for a few seconds on the target's own greedy continuations (40 tokens) of
+    random prompts (`tiny_medusa_prompts(vocab_size, seed)`), so that their guesses are often accepted
+    and end-to-end tests exercise tree acceptance. steps=0 leaves the lm_head-copy initialisation."""
     from specdec.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
     from specdec.medusa_train import fit_heads, greedy_rollouts, head_examples
     from specdec.runner import ModelRunner
 
-    prompts_n, prompt_len, new_tokens = 48, 8, 40
-    runner = ModelRunner(target_folder, device="cpu", dtype=torch.float32, max_slots=prompts_n,
-                         max_seq_len=prompt_len + new_tokens)
-    gen = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(0, runner.vocab_size, (prompts_n, prompt_len), generator=gen).tolist()
-    x, y = head_examples(greedy_rollouts(runner, prompts, new_tokens, batch_size=prompts_n), num_heads)
+    runner = ModelRunner(target_folder, device="cpu", dtype=torch.float32, max_slots=32,
+                         max_seq_len=TINY_MEDUSA_PROMPT[1] + TINY_MEDUSA_NEW_TOKENS)
+    prompts = tiny_medusa_prompts(runner.vocab_size, seed)
+    x, y = head_examples(greedy_rollouts(runner, prompts, TINY_MEDUSA_NEW_TOKENS, batch_size=32), num_heads)
     config = MedusaConfig(hidden_size=runner.weights.hidden_size, vocab_size=runner.vocab_size,
                           num_heads=num_heads, target=Path(target_folder).name)
     torch.manual_seed(seed)
     heads = MedusaHeads(config)
     heads.init_from_lm_head(runner.weights.lm_head.float())
-    fit_heads(heads, x, y, steps=steps, lr=3e-3, batch_size=256, seed=seed)
+    if steps > 0:
+        fit_heads(heads, x, y, steps=steps, lr=3e-3, batch_size=256, seed=seed)
     save_medusa_heads(heads, out)
     return Path(out)
+
+
+TINY_MEDUSA_PROMPT = (128, 8)  # prompts x tokens the tiny heads are trained on
+TINY_MEDUSA_NEW_TOKENS = 40
+
+
+def tiny_medusa_prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """The random prompts make_tiny_medusa_heads trains on (uniform token ids, seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, TINY_MEDUSA_PROMPT, generator=gen).tolist()
