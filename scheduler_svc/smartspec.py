@@ -1,13 +1,15 @@
 """Goodput policies: choose speculation per step to maximise predicted tokens per second (SmartSpec).
 
 - `smartspec` (the default): per request, a proposer and k in 0..max_k, chosen jointly for the batch
-  (goodput.choose). Free proposers (prompt lookup) have proposed already; a request they have no
-  match for falls to a costly proposer (the draft) or to none.
+  (goodput.choose). Free proposers (prompt lookup, tree heads) have proposed already; a request they
+  have no match for falls to a costly proposer (the draft) or to none. For a tree proposer k counts
+  nodes (up to max_tree_nodes): the plan keeps the first k nodes of its best-first tree, each worth the
+  chance its path is accepted (tree_acceptance.TreeAcceptance); a chain is scored the same way.
 - `batch-uniform`: one k for the whole batch, chosen by goodput, each request with its own or the
   first configured proposer: what the SmartSpec paper's implementation did.
 
-Both learn acceptance rates (acceptance.AcceptanceEstimator) and the step-time model
-(cost_model.CostModel) online from every step's outcomes and timings; the start-up profile
+Both learn acceptance rates (acceptance.AcceptanceEstimator; per depth and rank for trees) and the
+step-time model (cost_model.CostModel) online from every step's outcomes and timings; the start-up profile
 (profile.py) seeds the cost model.
 """
 
