@@ -199,7 +199,12 @@ class GoodputPolicy(Policy):
         # beyond the slowest one's own time (the RPC), which is what the step waited for it.
         own = {name: record.propose_ms.get(name, 0.0) for name in requests}
         rpc = max(record.propose_wall_ms - max(own.values(), default=0.0), 0.0)
-        proposer_ms = {name: ms + rpc for name, ms in own.items() if ms > 0}
+        # A proposer that caught up on a request's prompt this step (first sight, or after many steps
+        # without it) ran far more than the plan asked: that time would teach the fit a per-request cost
+        # no steady step pays, so such steps are left out of its fit.
+        catch_up = max(self.max_k, 1) + 1
+        proposer_ms = {name: ms + rpc for name, ms in own.items()
+                       if ms > 0 and record.propose_max_new_tokens.get(name, 0) <= catch_up}
         # Steps that also admitted requests carry a Prefill call: not what the model predicts.
         clean = record.admitted == 0
         overhead = record.wall_ms - record.verify_total_ms - record.propose_wall_ms if clean else None

@@ -146,3 +146,20 @@ def test_make_policy_and_config_select_every_policy_by_name():
         SchedulerConfig(verifier="h:1", batch_size_table="x")
     with pytest.raises(ValueError, match="ema-alpha"):
         SchedulerConfig(verifier="h:1", ema_alpha=0.0)
+
+
+def test_a_proposer_catching_up_on_a_prompt_does_not_teach_the_cost_fit():
+    policy = smartspec()
+    draft = policy.cost_model.proposer("draft")
+    outcomes = [RequestOutcome("a", "draft", 3, 3, 1, committed=(5, 6))]
+
+    def step(new_tokens: int, ms: float) -> None:
+        policy.plan([view("a", offered={"ngram": 0})])
+        record = StepRecord(step_id=1, start_s=0.0, wall_ms=40.0, verify_total_ms=20.0, propose_ms={"draft": ms},
+                            propose_wall_ms=ms + 1.0, propose_max_new_tokens={"draft": new_tokens})
+        policy.observe(outcomes, record)
+
+    step(150, 60.0)  # first sight: the draft ran the whole 150-token prompt
+    assert len(draft) == 0
+    step(3, 6.0)  # a steady step: accepted + bonus tokens only
+    assert len(draft) == 1
