@@ -70,6 +70,24 @@ def make_tiny_stack_checkpoints(root: Path, eos_token_id: int = 0) -> tuple[Path
     return target, draft
 
 
+@torch.inference_mode()
+def exact_topk_distribution(model, prompt: list[int], temperature: float, top_k: int,
+                            n_tokens: int) -> dict[tuple[int, ...], float]:
+    """The exact probability of every completion of `n_tokens` tokens that temperature + top-k sampling from
+    `model` (a transformers causal LM) can produce after `prompt`, enumerated path by path."""
+    exact: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(n_tokens):
+        nxt = {}
+        for path, p in exact.items():
+            logits = model(input_ids=torch.tensor([prompt + list(path)])).logits[0, -1].double() / temperature
+            keep = logits.topk(top_k).indices
+            probs = torch.softmax(logits[keep], dim=-1)
+            for t, q in zip(keep.tolist(), probs.tolist()):
+                nxt[path + (t,)] = p * q
+        exact = nxt
+    return exact
+
+
 # Chi-square critical values at significance alpha = 0.001, by degrees of freedom.
 CHI2_CRITICAL_0_001 = {
     1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322, 8: 26.124, 9: 27.877,

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 
 from specdec.launcher import Stack, free_ports, local_specs
 from specdec.pb import common_pb2, proposer_pb2, proposer_pb2_grpc, verifier_pb2, verifier_pb2_grpc
-from specdec.testing import chi_square_passes, make_tiny_stack_checkpoints
+from specdec.testing import chi_square_passes, exact_topk_distribution, make_tiny_stack_checkpoints
 from specdec_client import AsyncClient, Client, InvalidArgument
 
 PROPOSERS = ("ngram", "draft")
@@ -135,23 +135,7 @@ def test_sampled_output_has_the_target_distribution(backends, reference_model):
     prompt = [17, 230, 17, 230, 17]
     temperature, top_k, n_tokens, n_samples = 1.5, 3, 3, 600
 
-    @torch.inference_mode()
-    def filtered(prefix):
-        logits = reference_model(input_ids=torch.tensor([prefix])).logits[0, -1].double() / temperature
-        keep = logits.topk(top_k).indices
-        probs = torch.zeros_like(logits)
-        probs[keep] = torch.softmax(logits[keep], dim=-1)
-        return probs
-
-    # Exact distribution over all top-k paths of n_tokens tokens.
-    exact: dict[tuple[int, ...], float] = {(): 1.0}
-    for _ in range(n_tokens):
-        nxt = {}
-        for path, p in exact.items():
-            probs = filtered(prompt + list(path))
-            for t in probs.nonzero().flatten().tolist():
-                nxt[path + (t,)] = p * float(probs[t])
-        exact = nxt
+    exact = exact_topk_distribution(reference_model, prompt, temperature, top_k, n_tokens)
     assert len(exact) == top_k**n_tokens
     assert EOS not in set(itertools.chain(*exact))  # else completions would be cut short
 

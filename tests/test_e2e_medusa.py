@@ -27,7 +27,12 @@ from transformers import AutoModelForCausalLM
 
 from specdec.launcher import Stack, StackError, free_ports, local_specs
 from specdec.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
-from specdec.testing import chi_square_passes, make_tiny_medusa_heads, make_tiny_stack_checkpoints
+from specdec.testing import (
+    chi_square_passes,
+    exact_topk_distribution,
+    make_tiny_medusa_heads,
+    make_tiny_stack_checkpoints,
+)
 from specdec_client import AsyncClient
 from test_e2e import EOS, SERVICE_ENV, target_alone, workload
 
@@ -100,22 +105,7 @@ def test_sampled_trees_have_the_target_distribution(backends, reference_model):
     prompt = [17, 230, 17, 230, 17]
     temperature, top_k, n_tokens, n_samples = 1.5, 3, 3, 600
 
-    @torch.inference_mode()
-    def filtered(prefix):
-        logits = reference_model(input_ids=torch.tensor([prefix])).logits[0, -1].double() / temperature
-        keep = logits.topk(top_k).indices
-        probs = torch.zeros_like(logits)
-        probs[keep] = torch.softmax(logits[keep], dim=-1)
-        return probs
-
-    exact: dict[tuple[int, ...], float] = {(): 1.0}
-    for _ in range(n_tokens):
-        nxt = {}
-        for path, p in exact.items():
-            probs = filtered(prompt + list(path))
-            for t in probs.nonzero().flatten().tolist():
-                nxt[path + (t,)] = p * float(probs[t])
-        exact = nxt
+    exact = exact_topk_distribution(reference_model, prompt, temperature, top_k, n_tokens)
     assert len(exact) == top_k**n_tokens
     assert EOS not in set(itertools.chain(*exact))
 
