@@ -11,8 +11,13 @@ sizes and chain lengths to be told apart; the ridge pull keeps them sensible mea
 
 Each part is a least-squares fit over a sliding window of recent steps, ridge-regularised towards a
 seed (the start-up profile's fit, or defaults) so that directions the recent steps do not pin down
-(batch size and batched tokens move together at a fixed k) stay sensible, and kept non-negative so
-that no cost is predicted to fall when more work is done.
+stay where the profile measured them, and kept non-negative so that no cost is predicted to fall when
+more work is done. Under load the batch size, the batched tokens and the context tokens all rise
+together, so serving steps alone cannot tell a token's cost from a context token's: a weak pull let
+the token cost drift to 0 (and speculation look free) while the context term absorbed it. So a seed
+that was measured (the profile's, MEASURED_PRIOR_STEPS) pulls much harder than the defaults, which
+are a guess (GUESS_PRIOR_STEPS). The fit is also robust (Huber weights, a few reweighted passes): a step
+slowed twice over by something else on the machine must not raise every cost it is fitted on.
 """
 
 from __future__ import annotations
@@ -26,8 +31,15 @@ import numpy as np
 from scheduler_svc.goodput import StepCost
 
 DEFAULT_WINDOW = 256
-# The seed weighs like this many steps' worth of data, in every coefficient's own scale.
-PRIOR_STEPS = 0.1
+# The seed weighs like this many steps' worth of data, in every coefficient's own scale. A measured seed
+# (the start-up profile's fit) holds the directions serving steps leave unidentified and still gives way
+# to a window that pins a direction down; a guessed seed (the defaults) only breaks ties.
+GUESS_PRIOR_STEPS = 0.1
+MEASURED_PRIOR_STEPS = 8.0
+# Huber threshold in robust standard deviations of the residuals (1.4826 * MAD), and reweighted passes.
+HUBER_K = 1.5
+ROBUST_PASSES = 5
+WARM_PASSES = 2  # a refit after one more step, starting from the previous fit
 ERROR_EMA_ALPHA = 0.1
 
 # Defaults before any measurement: roughly a small model on a CPU; the start-up profile replaces them.
@@ -41,12 +53,13 @@ DEFAULT_OVERHEAD_SEED = (1.0, 0.05, 0.0)  # o0, o1, o2
 class RidgeFit:
     """y ~ x . w over a sliding window of (x, y), non-negative, ridge-pulled towards `seed`."""
 
-    def __init__(self, seed: Sequence[float], window: int = DEFAULT_WINDOW, prior_steps: float = PRIOR_STEPS):
+    def __init__(self, seed: Sequence[float], window: int = DEFAULT_WINDOW, prior_steps: float = GUESS_PRIOR_STEPS):
         self.seed = np.asarray(seed, dtype=float)
         self.coef = self.seed.copy()
         self.prior_steps = prior_steps
         self._x: collections.deque[np.ndarray] = collections.deque(maxlen=window)
         self._y: collections.deque[float] = collections.deque(maxlen=window)
+        self._warm = False  # self.coef is a robust fit of (nearly) the current window
 
     def __len__(self) -> int:
         return len(self._y)
@@ -62,9 +75,12 @@ class RidgeFit:
         self._y.append(float(y))
         if refit:
             self.refit()
+        else:  # more rows may follow before the refit: the last fit is no longer a near start
+            self._warm = False
 
-    def reseed(self, seed: Sequence[float]) -> None:
-        """Pull towards new coefficients from now on (e.g. the start-up profile's fit).
+    def reseed(self, seed: Sequence[float], prior_steps: float | None = None) -> None:
+        """Pull towards new coefficients from now on (e.g. the start-up profile's fit), with the weight of
+        `prior_steps` steps (None: the weight so far).
 
         A shorter seed leaves the trailing coefficients at 0 (a seed written before a feature was added).
         """
@@ -72,24 +88,47 @@ class RidgeFit:
         if len(given) > len(self.seed):
             raise ValueError(f"seed has {len(given)} coefficients, the fit {len(self.seed)}")
         self.seed = np.concatenate([given, np.zeros(len(self.seed) - len(given))])
+        if prior_steps is not None:
+            self.prior_steps = prior_steps
+        self._warm = False
         self.refit()
 
     def refit(self) -> None:
-        """Solve min |X w - y|^2 + lambda |D (w - seed)|^2 with w >= 0 (an active set: zero the negatives)."""
+        """Solve min sum_i h_i(x_i w - y_i) + lambda |D (w - seed)|^2 with w >= 0, h the Huber loss.
+
+        Iteratively reweighted least squares: each pass weighs a row by min(1, HUBER_K * scale / |residual|)
+        of the previous pass's residuals, scale their median absolute deviation.
+        """
         if not self._y:
-            self.coef = self.seed.copy()
+            self.coef, self._warm = self.seed.copy(), False
             return
         x = np.asarray(self._x)
         y = np.asarray(self._y)
         # Each coefficient's pull is scaled by its feature's size, so the prior weighs like prior_steps rows.
-        scale = np.maximum(np.mean(x * x, axis=0), 1e-9)
-        reg = self.prior_steps * scale
+        reg = self.prior_steps * np.maximum(np.mean(x * x, axis=0), 1e-9)
+        if self._warm:  # one step moved since the last fit: start from its coefficients, fewer passes
+            coef, passes = self.coef, WARM_PASSES
+        else:
+            coef, passes = self._solve(x, y, np.ones(len(y)), reg), ROBUST_PASSES - 1
+        for _ in range(passes):
+            residual = np.abs(y - x @ coef)
+            scale = 1.4826 * float(np.median(residual))
+            if scale <= 1e-9:
+                break
+            weights = np.minimum(1.0, HUBER_K * scale / np.maximum(residual, 1e-12))
+            coef = self._solve(x, y, weights, reg)
+        self.coef = coef
+        self._warm = True
+
+    def _solve(self, x: np.ndarray, y: np.ndarray, weights: np.ndarray, reg: np.ndarray) -> np.ndarray:
+        """Weighted ridge towards the seed, non-negative by an active set (zero the negatives, solve again)."""
         free = np.ones(len(self.seed), dtype=bool)
         coef = np.zeros(len(self.seed))
+        xw = x * weights[:, None]
         for _ in range(len(self.seed)):
-            xf = x[:, free]
-            a = xf.T @ xf + np.diag(reg[free])
-            b = xf.T @ y + reg[free] * self.seed[free]
+            xf, xwf = x[:, free], xw[:, free]
+            a = xwf.T @ xf + np.diag(reg[free])
+            b = xwf.T @ y + reg[free] * self.seed[free]
             coef = np.zeros(len(self.seed))
             coef[free] = np.linalg.solve(a, b)
             negative = coef < 0
@@ -97,7 +136,7 @@ class RidgeFit:
                 break
             free &= ~negative
             coef[negative] = 0.0
-        self.coef = np.maximum(coef, 0.0)
+        return np.maximum(coef, 0.0)
 
 
 @dataclass(frozen=True)

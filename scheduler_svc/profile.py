@@ -21,7 +21,7 @@ from typing import Mapping
 
 import numpy as np
 
-from scheduler_svc.cost_model import CostModel, RidgeFit
+from scheduler_svc.cost_model import MEASURED_PRIOR_STEPS, CostModel, RidgeFit
 from scheduler_svc.policy import FREE_PROPOSER_KINDS
 from scheduler_svc.proposer_client import ProposerClient, ProposeWork
 from scheduler_svc.request import SamplingParams
@@ -117,7 +117,7 @@ async def _profile(cost_model: CostModel, verifier: VerifierClient, proposers: M
         for xi, yi in points:
             fit.add(xi, yi, refit=False)
         fit.refit()
-        cost_model.verify.reseed(fit.coef)
+        cost_model.verify.reseed(fit.coef, MEASURED_PRIOR_STEPS)
         for xi, yi in points:
             cost_model.verify.add(xi, yi, refit=False)
         cost_model.verify.refit()
@@ -151,7 +151,7 @@ async def _profile(cost_model: CostModel, verifier: VerifierClient, proposers: M
             for xi, ms in points:
                 fit.add(xi, ms, refit=False)
             fit.refit()
-            fit.reseed(fit.coef)
+            fit.reseed(fit.coef, MEASURED_PRIOR_STEPS)
             report.proposer_points[name] = len(points)
 
 
