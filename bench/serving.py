@@ -1,10 +1,14 @@
 """Serving benchmark: latency and goodput of the whole stack under Poisson arrivals, per speculation policy,
 against Hugging Face transformers serving the same models.
 
-For every policy a scheduler is started (the verifier and the proposers run once for the whole sweep), and
-for every (workload, proposer, rate) the same seeded Poisson trace of `--requests` requests is replayed
-against it through the client SDK: each request is sent at its arrival offset, greedy, `--max-tokens`
-tokens (EOS ignored so every request asks for the same work). Per run it reports mean/p50/p99 client-side
+The verifier and the proposers run once for the whole sweep, with one scheduler per policy beside them
+(each on its own port, started one after the other). For every (workload, proposer, rate) the same seeded
+Poisson trace of `--requests` requests is replayed through the client SDK against every policy's
+scheduler, back to back (so that whatever else the machine does at the time weighs on every policy
+compared there): each request is sent at its arrival offset, greedy, `--max-tokens` tokens (EOS ignored
+so every request asks for the same work). `--repeats N` replays the whole sweep N times, rotating the
+policies' order each time, and pools the requests of a run's repeats (each repeat's mean latency is kept
+in the row as well). Per run it reports mean/p50/p99 client-side
 latency, mean time to first token (server-side, from the request's stats), mean time per output token,
 goodput (generated tokens per wall second of the run), acceptance rate, the mean speculation length
 (proposed tokens per request-step; a tree's node count for medusa) and accepted tokens per request-step.
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -390,13 +395,15 @@ def plan(args: argparse.Namespace) -> list[RunConfig]:
     return runs
 
 
-def _scheduler_stack(scheduler_spec, policy: str, k: int, startup_timeout: float):
+def _scheduler_stack(scheduler_spec, policy: str, k: int, startup_timeout: float, port: int):
     from specdec.launcher import Stack
 
     args = list(scheduler_spec.args)
     args[args.index("--policy") + 1] = policy
     args[args.index("--k") + 1] = str(k)
-    spec = dataclasses.replace(scheduler_spec, args=args, depends_on=[])
+    args[args.index("--port") + 1] = str(port)
+    spec = dataclasses.replace(scheduler_spec, args=args, port=port, depends_on=[],
+                               name=f"{scheduler_spec.name}-{policy}-{k}")
     return Stack([spec], startup_timeout_s=startup_timeout, grace_s=5, echo=None)
 
 
@@ -450,18 +457,51 @@ def _describe(run: RunConfig) -> str:
     return f"policy={run.policy_label} workload={run.workload}{proposer} rate={run.rate:g}/s"
 
 
+def interleave(runs: list[RunConfig], repeats: int = 1) -> list[tuple[int, RunConfig]]:
+    """The order the stack's runs are replayed in: (repeat, run) pairs.
+
+    The runs of one (workload, rate, proposer) - every policy's - are replayed back to back, so that what
+    else the machine does at the time weighs on all the policies compared there; each repeat rotates their
+    order by one, so that no policy always goes first.
+    """
+    groups: dict[tuple, list[RunConfig]] = {}
+    for run in runs:
+        groups.setdefault((run.workload, run.rate, run.proposer), []).append(run)
+    order = []
+    for repeat in range(repeats):
+        for group in groups.values():
+            shift = repeat % len(group)
+            order += [(repeat, run) for run in group[shift:] + group[:shift]]
+    return order
+
+
+def pool(repeats: list[tuple[list[RequestResult], float]]) -> dict:
+    """The figures of a run over all its repeats' requests ((results, wall_s) per repeat): latencies pooled,
+    goodput over the summed wall time; with more than one repeat, each repeat's own mean latency too."""
+    figures = summarize([r for results, _ in repeats for r in results], sum(wall for _, wall in repeats))
+    figures["repeats"] = len(repeats)
+    if len(repeats) > 1:
+        figures["repeat_mean_latency_ms"] = [summarize(results, wall)["mean_latency_ms"]
+                                             for results, wall in repeats]
+    return figures
+
+
 def run_sweep(args: argparse.Namespace) -> list[dict]:
-    """Start the backends once and a scheduler per policy, replay every run; then stop the stack and run
-    the Hugging Face peers in this process. Returns one row per (run, proposer label)."""
+    """Start the backends and one scheduler per policy (each on its own port, one after the other so that
+    their start-up profiles do not overlap), replay every run `--repeats` times in the interleaved order;
+    then stop the stack and run the Hugging Face peers in this process. Returns one row per (run, proposer
+    label), pooled over the repeats."""
     from specdec.launcher import Stack, free_ports, local_specs
 
     runs = plan(args)
+    repeats = getattr(args, "repeats", 1)
     stack_runs = [run for run in runs if not run.is_peer]
     peer_runs = [run for run in runs if run.is_peer]
     kinds = [kind for kind in PROPOSER_KINDS
              if any(kind in PROPOSER_KINDS_OF_LABEL[label] for run in stack_runs for label in run.labels)]
     prompts = {w: WORKLOADS[w](args.requests, args.seed) for w in {run.workload for run in runs}}
-    progress = Progress(len(runs))
+    order = interleave(stack_runs, repeats)
+    progress = Progress(len(order) + len(peer_runs) * repeats)
     rows: list[dict] = []
     if stack_runs:
         env = {"SPECDEC_TORCH_THREADS": str(args.service_threads)} if args.service_threads else None
@@ -471,23 +511,30 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
         if getattr(args, "medusa_model", None):
             kwargs["medusa_model"] = args.medusa_model
         specs = local_specs(free_ports(1)[0], kinds, env=env, **kwargs)
+        policies = list(dict.fromkeys(run.policy_label for run in stack_runs))
+        ports = free_ports(len(policies), exclude=(specs[-1].port,))
+        measured: dict[RunConfig, list[tuple[list[RequestResult], float]]] = {run: [] for run in stack_runs}
         progress.start(f"starting the stack ({', '.join(['verifier', *kinds])})")
-        with Stack(specs[:-1], startup_timeout_s=args.startup_timeout, grace_s=5, echo=None):
-            for policy_label in dict.fromkeys(run.policy_label for run in stack_runs):
-                group = [run for run in stack_runs if run.policy_label == policy_label]
+        with Stack(specs[:-1], startup_timeout_s=args.startup_timeout, grace_s=5, echo=None), \
+                contextlib.ExitStack() as schedulers:
+            addresses = {}
+            for policy_label, port in zip(policies, ports):
+                first = next(run for run in stack_runs if run.policy_label == policy_label)
                 progress.start(f"starting the scheduler for policy {policy_label}")
-                with _scheduler_stack(specs[-1], group[0].policy, group[0].k, args.startup_timeout) as scheduler:
-                    address = scheduler.specs[0].address
-                    # Warm-up: the first request of a fresh scheduler pays one-off costs.
-                    asyncio.run(replay(address, [0.0], prompts[group[0].workload][:1], "", 4))
-                    for run in group:
-                        progress.start(_describe(run))
-                        trace = poisson_trace(run.rate, args.requests, args.seed)
-                        results = asyncio.run(replay(address, trace, prompts[run.workload], run.request_proposer,
-                                                     args.max_tokens, timeout=args.timeout))
-                        wall = max((r.done_s for r in results), default=0.0)
-                        rows += stack_rows(run, summarize(results, wall), args.max_tokens)
-                        progress.advance()
+                scheduler = schedulers.enter_context(
+                    _scheduler_stack(specs[-1], first.policy, first.k, args.startup_timeout, port))
+                addresses[policy_label] = scheduler.specs[0].address
+                # Warm-up: the first request of a fresh scheduler pays one-off costs.
+                asyncio.run(replay(addresses[policy_label], [0.0], prompts[first.workload][:1], "", 4))
+            for repeat, run in order:
+                progress.start(_describe(run) + (f" (repeat {repeat + 1}/{repeats})" if repeats > 1 else ""))
+                trace = poisson_trace(run.rate, args.requests, args.seed)
+                results = asyncio.run(replay(addresses[run.policy_label], trace, prompts[run.workload],
+                                             run.request_proposer, args.max_tokens, timeout=args.timeout))
+                measured[run].append((results, max((r.done_s for r in results), default=0.0)))
+                progress.advance()
+        for run in stack_runs:
+            rows += stack_rows(run, pool(measured[run]), args.max_tokens)
     if peer_runs:
         rows += run_peers(peer_runs, prompts, args, progress)
     progress.close()
@@ -531,30 +578,32 @@ def run_peers(runs: list[RunConfig], prompts: dict[str, list[str]], args: argpar
         prompt_ids = {w: [models.encode(text) for text in texts] for w, texts in prompts.items()}
         first = next(iter(prompt_ids.values()))[0]
         hf_peers.warm_up(models, list(dict.fromkeys(run.policy for run in runs)), first, lookup)
-        rows = []
-        for run in runs:
-            if progress:
-                progress.start(_describe(run))
-            trace = poisson_trace(run.rate, args.requests, args.seed)
-            results = hf_peers.run_peer(models, run.policy, trace, prompt_ids[run.workload], args.max_tokens,
-                                        lookup)
-            rows.append(peer_row(run, results, args.max_tokens))
-            if progress:
-                progress.advance()
+        repeats = getattr(args, "repeats", 1)
+        measured: dict[RunConfig, list[list]] = {run: [] for run in runs}
+        for repeat in range(repeats):
+            for run in runs:
+                if progress:
+                    progress.start(_describe(run) + (f" (repeat {repeat + 1}/{repeats})" if repeats > 1 else ""))
+                trace = poisson_trace(run.rate, args.requests, args.seed)
+                measured[run].append(hf_peers.run_peer(models, run.policy, trace, prompt_ids[run.workload],
+                                                       args.max_tokens, lookup))
+                if progress:
+                    progress.advance()
+        rows = [peer_row(run, measured[run], args.max_tokens) for run in runs]
     finally:
         torch.set_num_threads(previous)  # the caller's setting (a test process, say) is left as it was
     return rows
 
 
-def peer_row(run: RunConfig, results: list, max_tokens: int) -> dict:
-    """The row of one peer run (hf_peers.PeerResult list) with the stack rows' figures; acceptance and
-    mean k are null where the peer does not speculate or its counts are unknown."""
-    requests = [RequestResult(r.index, r.arrival_s, r.start_s, r.done_s, r.latency_ms, ttft_ms=r.ttft_ms,
-                              prompt_tokens=r.prompt_tokens, completion_tokens=len(r.token_ids),
-                              proposed=r.proposed or 0, accepted=r.accepted or 0, steps=r.steps or 0)
-               for r in results]
-    figures = summarize(requests, max((r.done_s for r in results), default=0.0))
-    counted = run.policy != "hf-generate" and all(r.proposed is not None for r in results)
+def peer_row(run: RunConfig, repeats: list[list], max_tokens: int) -> dict:
+    """The row of one peer run (a hf_peers.PeerResult list per repeat, pooled as the stack's runs are) with
+    the stack rows' figures; acceptance and mean k are null where the peer does not speculate or its counts
+    are unknown."""
+    figures = pool([([RequestResult(r.index, r.arrival_s, r.start_s, r.done_s, r.latency_ms, ttft_ms=r.ttft_ms,
+                                    prompt_tokens=r.prompt_tokens, completion_tokens=len(r.token_ids),
+                                    proposed=r.proposed or 0, accepted=r.accepted or 0, steps=r.steps or 0)
+                      for r in results], max((r.done_s for r in results), default=0.0)) for results in repeats])
+    counted = run.policy != "hf-generate" and all(r.proposed is not None for results in repeats for r in results)
     if not counted:
         figures.update(acceptance_rate=None, mean_k=None, mean_accepted_per_step=None)
         if run.policy != "hf-generate":
@@ -678,6 +727,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per run (default 32)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrival traces")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="replay every run this many times, interleaved, and pool the requests (default 1)")
     parser.add_argument("--out", default="docs/bench", help="output folder (default docs/bench)")
     parser.add_argument("--model", help="target checkpoint folder (default: the embedded models/code-target)")
     parser.add_argument("--draft-model", help="draft checkpoint folder (default: the embedded models/code-draft)")
@@ -694,8 +745,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.requests < 1 or args.max_tokens < 1:
-        raise ValueError("--requests and --max-tokens must be >= 1")
+    if args.requests < 1 or args.max_tokens < 1 or args.repeats < 1:
+        raise ValueError("--requests, --max-tokens and --repeats must be >= 1")
     if args.peer_lookup_tokens < 1 or args.peer_threads < 0 or args.service_threads < 0:
         raise ValueError("--peer-lookup-tokens must be >= 1, --peer-threads and --service-threads >= 0")
     plan(args)  # fails on bad flags before anything starts

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import shutil
 import sys
@@ -25,10 +26,12 @@ from bench.serving import (  # noqa: E402
     _tokenizer,
     add_arguments,
     code_completion_prompts,
+    interleave,
     copy_heavy_prompts,
     markdown_table,
     peer_row,
     plan,
+    pool,
     poisson_trace,
     stack_rows,
     summarize,
@@ -124,6 +127,33 @@ def test_plan_runs_none_once_and_the_peers_last():
                                                                              "unknown proposer")):
         with pytest.raises(ValueError, match=message):
             plan(_args(bad))
+
+
+def test_interleave_compares_policies_back_to_back_and_rotates_them():
+    runs = plan(_args(["--rates", "1,4", "--policies", "none,fixed:3,smartspec", "--proposers", "ngram,draft",
+                       "--workloads", "code", "--peers", ""]))
+    order = interleave(runs, repeats=2)
+    assert sorted(order, key=lambda o: (o[0], runs.index(o[1]))) == [(rep, run) for rep in (0, 1) for run in runs]
+    first = [run.policy_label for rep, run in order if rep == 0 and (run.rate, run.proposer) == (1.0, "ngram")]
+    second = [run.policy_label for rep, run in order if rep == 1 and (run.rate, run.proposer) == (1.0, "ngram")]
+    assert first == ["none", "fixed:3", "smartspec"] and second == ["fixed:3", "smartspec", "none"]
+    # Every policy of a (workload, rate, proposer) runs before the next one starts.
+    keys = [(rep, run.workload, run.rate, run.proposer) for rep, run in order]
+    assert len(list(itertools.groupby(keys))) == len(set(keys))
+    # none (run once, under the first proposer label) is not compared with the draft-pinned runs.
+    assert [run.policy_label for rep, run in order if rep == 0 and (run.rate, run.proposer) == (4.0, "draft")] == [
+        "fixed:3", "smartspec"]
+
+
+def test_pool_repeats_exact_numbers():
+    one = [RequestResult(0, 0.0, 0.0, 1.0, latency_ms=100.0, completion_tokens=10, proposed=4, accepted=2, steps=5)]
+    two = [RequestResult(0, 0.0, 0.0, 1.0, latency_ms=300.0, completion_tokens=10, proposed=0, accepted=0, steps=5),
+           RequestResult(1, 0.5, 0.5, 3.0, latency_ms=200.0, completion_tokens=10, proposed=4, accepted=4, steps=5)]
+    figures = pool([(one, 1.0), (two, 3.0)])
+    assert figures["requests"] == 3 and figures["repeats"] == 2
+    assert figures["mean_latency_ms"] == 200.0 and figures["repeat_mean_latency_ms"] == [100.0, 250.0]
+    assert figures["goodput_tok_s"] == 30 / 4.0 and figures["acceptance_rate"] == 0.75
+    assert "repeat_mean_latency_ms" not in pool([(one, 1.0)])
 
 
 def test_shared_none_rows_are_marked_and_starred():
@@ -346,7 +376,7 @@ def test_hf_peers_give_the_same_greedy_tokens_through_eos(tiny_peers):
             assert first.proposed == 0 and first.steps == 6
         else:
             assert first.proposed > 0  # the draft always drafts; the prompt repeats a line for lookup
-        row = peer_row(RunConfig(peer, PEER_PROPOSER, "code", 2.0), results, 6)
+        row = peer_row(RunConfig(peer, PEER_PROPOSER, "code", 2.0), [results], 6)
         assert row["peer"] and row["proposer"] == PEER_PROPOSER and row["policy"] == peer
         assert row["requests"] == 2 and row["errors"] == 0 and row["generated_tokens"] == 12
         assert row["mean_latency_ms"] > 0 and row["mean_ttft_ms"] > 0 and row["goodput_tok_s"] > 0
@@ -367,15 +397,16 @@ def test_bench_command_writes_json_markdown_and_plots(tmp_path):
     code = main(["bench", "--rates", "4", "--policies", "none,fixed:2", "--proposers", "draft",
                  "--workloads", "copy", "--requests", "4", "--max-tokens", "8", "--out", str(out),
                  "--model", str(target), "--draft-model", str(draft), "--service-threads", "1",
-                 "--peers", "hf-generate", "--startup-timeout", "120", "--timeout", "60"])
+                 "--peers", "hf-generate", "--startup-timeout", "120", "--timeout", "60", "--repeats", "2"])
     assert code == 0
     rows = json.loads((out / "serving.json").read_text())["rows"]
     assert [(r["policy"], r["proposer"], r["workload"], r["rate"]) for r in rows] == [
         ("none", "draft", "copy", 4.0), ("fixed:2", "draft", "copy", 4.0), ("hf-generate", "hf", "copy", 4.0)]
-    for row in rows:
-        assert row["requests"] == 4 and row["errors"] == 0
-        assert row["generated_tokens"] == 4 * 8
+    for row in rows:  # two repeats of 4 requests, pooled
+        assert row["requests"] == 2 * 4 and row["errors"] == 0 and row["repeats"] == 2
+        assert row["generated_tokens"] == 2 * 4 * 8
         assert row["mean_latency_ms"] > 0 and row["goodput_tok_s"] > 0
+        assert row["mean_latency_ms"] == pytest.approx(sum(row["repeat_mean_latency_ms"]) / 2)
     assert rows[0]["proposed"] == 0 and rows[0]["mean_k"] == 0.0
     assert rows[1]["proposed"] > 0 and 0 < rows[1]["mean_k"] <= 2.0
     assert rows[2]["peer"] and rows[2]["acceptance_rate"] is None
@@ -394,3 +425,4 @@ def test_bench_rejects_bad_flags(capsys):
     assert main(["bench", "--peers", "hf-magic"]) == 2
     assert "unknown peer" in capsys.readouterr().err
     assert main(["bench", "--peer-lookup-tokens", "0"]) == 2
+    assert main(["bench", "--repeats", "0"]) == 2
