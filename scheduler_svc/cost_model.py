@@ -39,7 +39,9 @@ MEASURED_PRIOR_STEPS = 8.0
 # Huber threshold in robust standard deviations of the residuals (1.4826 * MAD), and reweighted passes.
 HUBER_K = 1.5
 ROBUST_PASSES = 5
-WARM_PASSES = 2  # a refit after one more step, starting from the previous fit
+WARM_PASSES = 2  # a refit after a few more steps, starting from the previous fit
+WARM_MAX_PENDING = 8
+REFIT_EVERY = 4  # CostModel refits each part once this many of its steps have come in
 ERROR_EMA_ALPHA = 0.1
 
 # Defaults before any measurement: roughly a small model on a CPU; the start-up profile replaces them.
@@ -59,7 +61,8 @@ class RidgeFit:
         self.prior_steps = prior_steps
         self._x: collections.deque[np.ndarray] = collections.deque(maxlen=window)
         self._y: collections.deque[float] = collections.deque(maxlen=window)
-        self._warm = False  # self.coef is a robust fit of (nearly) the current window
+        self._warm = False  # self.coef is a robust fit of an earlier window
+        self._pending = 0  # rows added since that fit
 
     def __len__(self) -> int:
         return len(self._y)
@@ -73,10 +76,15 @@ class RidgeFit:
             return
         self._x.append(np.asarray(x, dtype=float))
         self._y.append(float(y))
+        self._pending += 1
         if refit:
             self.refit()
-        else:  # more rows may follow before the refit: the last fit is no longer a near start
-            self._warm = False
+
+    def refit_if_stale(self, max_pending: int) -> None:
+        """Refit once `max_pending` rows have come since the last fit (a fit per step costs more than
+        it changes)."""
+        if self._pending >= max_pending:
+            self.refit()
 
     def reseed(self, seed: Sequence[float], prior_steps: float | None = None) -> None:
         """Pull towards new coefficients from now on (e.g. the start-up profile's fit), with the weight of
@@ -106,7 +114,7 @@ class RidgeFit:
         y = np.asarray(self._y)
         # Each coefficient's pull is scaled by its feature's size, so the prior weighs like prior_steps rows.
         reg = self.prior_steps * np.maximum(np.mean(x * x, axis=0), 1e-9)
-        if self._warm:  # one step moved since the last fit: start from its coefficients, fewer passes
+        if self._warm and self._pending <= WARM_MAX_PENDING:  # a few rows moved: start from the last fit
             coef, passes = self.coef, WARM_PASSES
         else:
             coef, passes = self._solve(x, y, np.ones(len(y)), reg), ROBUST_PASSES - 1
@@ -118,7 +126,7 @@ class RidgeFit:
             weights = np.minimum(1.0, HUBER_K * scale / np.maximum(residual, 1e-12))
             coef = self._solve(x, y, weights, reg)
         self.coef = coef
-        self._warm = True
+        self._warm, self._pending = True, 0
 
     def _solve(self, x: np.ndarray, y: np.ndarray, weights: np.ndarray, reg: np.ndarray) -> np.ndarray:
         """Weighted ridge towards the seed, non-negative by an active set (zero the negatives, solve again)."""
@@ -218,12 +226,16 @@ class CostModel:
         """One step's measurements: the verifier's time, each costly proposer's (as the engine waited for
         it), and the rest (None when the step is not representative, e.g. it also admitted requests)."""
         self.steps_observed += 1
-        self.verify.add((1.0, shape.batch_size, shape.batched_tokens, shape.context_tokens), verify_ms)
+        self.verify.add((1.0, shape.batch_size, shape.batched_tokens, shape.context_tokens), verify_ms, refit=False)
+        self.verify.refit_if_stale(REFIT_EVERY)
         for name, ms in proposer_ms.items():
             if shape.proposer_requests.get(name, 0) > 0:
-                self.proposer(name).add(shape.proposer_features(name), ms)
+                fit = self.proposer(name)
+                fit.add(shape.proposer_features(name), ms, refit=False)
+                fit.refit_if_stale(REFIT_EVERY)
         if overhead_ms is not None:
-            self.overhead.add((1.0, shape.batch_size, shape.batched_tokens), max(overhead_ms, 0.0))
+            self.overhead.add((1.0, shape.batch_size, shape.batched_tokens), max(overhead_ms, 0.0), refit=False)
+            self.overhead.refit_if_stale(REFIT_EVERY)
         if predicted_ms is not None and measured_ms is not None and measured_ms > 0:
             self.record_error(predicted_ms, measured_ms)
 

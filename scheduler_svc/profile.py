@@ -1,8 +1,8 @@
 """The start-up cost profile: a few timed calls through the verifier and costly proposers, before SERVING.
 
 It seeds the cost model so that the first steps are not planned blind: dummy requests are prefilled
-in one or two verifier slots, verified with no candidates and with chains of several lengths, and
-released; each costly proposer (not prompt lookup) is asked for chains of a few lengths at batch 1 and
+in up to VERIFY_PROFILE_MAX_BATCH verifier slots, verified at batch sizes from 1 to all of them with no
+candidates and with chains of several lengths, and released; each costly proposer (not prompt lookup) is asked for chains of a few lengths at batch 1 and
 at a larger batch, plus one larger batch of mixed lengths, so that its per-request, per-token and
 per-pass costs (d1, d2, d3 in cost_model) are told apart: at batch 1 tokens and passes are the same
 number, at a larger batch with one length they differ by the batch size, and mixed lengths separate
@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 PROFILE_PREFIX = "__specdec_profile_"  # request ids of the dummy requests (never a client's: those are UUIDs)
 PROMPT_TOKENS = 32
 PROPOSER_PROFILE_BATCH = 4  # the larger batch size costly proposers are profiled at
+# The verifier is profiled up to this batch: a token's cost grows with the batch (small batches leave the
+# hardware idle, so extra tokens there are nearly free), and serving at a fixed k cannot tell a request's
+# cost from a token's, so a seed from batches 1 and 2 alone made speculation look dear or free under load.
+VERIFY_PROFILE_MAX_BATCH = 16
 
 
 @dataclass
@@ -43,6 +47,11 @@ class ProfileReport:
     proposer_points: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     error: str | None = None
+
+
+def verify_profile_batches(slots: int) -> list[int]:
+    """The batch sizes the verifier is profiled at: 1, 2, a quarter, half and all of the usable slots."""
+    return sorted({b for b in (1, 2, slots // 4, slots // 2, slots) if 1 <= b <= slots})
 
 
 def _chain(length: int, token: int) -> common_pb2.Candidates:
@@ -84,7 +93,8 @@ async def profile_costs(
 async def _profile(cost_model: CostModel, verifier: VerifierClient, proposers: Mapping[str, ProposerClient],
                    report: ProfileReport, *, max_k: int, vocab_size: int, max_seq_len: int, slots: int,
                    deadline: float) -> None:
-    n_slots = max(1, min(2, slots))
+    n_slots = max(1, min(VERIFY_PROFILE_MAX_BATCH, slots))
+    batches = verify_profile_batches(n_slots)
     prompt_len = max(1, min(PROMPT_TOKENS, max_seq_len // 4))
     ids = [f"{PROFILE_PREFIX}{i}" for i in range(n_slots)]
     token = 1 % max(vocab_size, 1)
@@ -95,7 +105,7 @@ async def _profile(cost_model: CostModel, verifier: VerifierClient, proposers: M
     x, y = [], []
     try:
         await verifier.prefill([PrefillItem(rid, prompt, SamplingParams()) for rid in ids])
-        for batch in range(1, n_slots + 1):
+        for batch in batches:
             for i, k in enumerate([lengths[-1], *lengths]):  # the first call of a batch size warms up
                 if time.perf_counter() > deadline or context[ids[0]] + k + 1 >= max_seq_len:
                     break

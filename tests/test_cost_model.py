@@ -156,3 +156,14 @@ def test_a_measured_seed_holds_the_token_cost_that_serving_steps_barely_identify
     guessed = [token_cost_after_loaded_steps(seed, GUESS_PRIOR_STEPS) for seed in range(5)]
     assert max(abs(c - 0.2) for c in guessed) > 0.25 * 0.2
     assert measured == pytest.approx([0.2] * 5, rel=0.1)
+
+
+def test_refit_if_stale_waits_for_enough_new_steps():
+    fit = RidgeFit((1.0, 1.0), window=50)
+    for n in range(3):
+        fit.add((1.0, n), 5.0 + 2.0 * n, refit=False)
+        fit.refit_if_stale(4)
+    assert fit.coef == pytest.approx([1.0, 1.0])  # three rows: still the seed
+    fit.add((1.0, 3), 11.0, refit=False)
+    fit.refit_if_stale(4)
+    assert fit.coef == pytest.approx([5.0, 2.0], rel=0.05)

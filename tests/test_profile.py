@@ -105,3 +105,24 @@ def test_profile_with_one_slot_stays_at_batch_one(monkeypatch):
     # At batch 1 tokens and passes are the same number: only their sum is pinned down.
     d = model.proposer("draft").coef
     assert d[2] + d[3] == pytest.approx(0.15 + 0.8, rel=0.1)
+
+
+def test_verifier_is_profiled_from_batch_one_to_the_slots_it_may_use(monkeypatch):
+    assert profile.verify_profile_batches(1) == [1]
+    assert profile.verify_profile_batches(2) == [1, 2]
+    assert profile.verify_profile_batches(16) == [1, 2, 4, 8, 16]
+    calls = []
+
+    class Recording(FakeVerifier):
+        async def verify(self, items, return_hidden=False):
+            calls.append(len(items))
+            return await super().verify(items)
+
+    clock = Clock()
+    monkeypatch.setattr(profile, "time", clock)
+    model = CostModel()
+    asyncio.run(profile_costs(model, Recording(), {}, max_k=4, vocab_size=100, max_seq_len=256, slots=64,
+                              budget_s=10.0))
+    assert sorted(set(calls)) == [1, 2, 4, 8, 16]  # capped at VERIFY_PROFILE_MAX_BATCH
+    # The fake costs 5 + 0.5 per batched token: the fit finds it with no per-request cost.
+    assert model.verify.coef[:3] == pytest.approx([5.0, 0.0, 0.5], abs=0.05)
