@@ -426,3 +426,15 @@ def test_bench_rejects_bad_flags(capsys):
     assert "unknown peer" in capsys.readouterr().err
     assert main(["bench", "--peer-lookup-tokens", "0"]) == 2
     assert main(["bench", "--repeats", "0"]) == 2
+
+
+def test_lookup_ceiling_replays_prompt_lookup_on_a_known_output():
+    from bench.lookup_ceiling import lookup_steps
+    from proposer_svc.ngram import NgramProposer
+
+    prompt, output = [5, 1, 2, 3, 4, 9, 1, 2], [3, 4, 9, 1, 2, 3]
+    # The output repeats the prompt: 5 candidates accepted and the bonus token in one step.
+    assert lookup_steps(NgramProposer(max_budget=8), prompt, output, 8) == (1, 5)
+    assert lookup_steps(NgramProposer(max_budget=8), prompt, output, 2) == (2, 4)
+    # Nothing to look up: one token per step.
+    assert lookup_steps(NgramProposer(max_budget=8), [1], [7, 8, 9], 8) == (3, 0)
