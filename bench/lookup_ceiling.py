@@ -21,8 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of the repository, not installed
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.serving import WORKLOADS, _tokenizer  # noqa: E402
-from proposer_svc.ngram import NgramProposer, NgramState  # noqa: E402
+from bench.serving import WORKLOADS, _tokenizer
+from proposer_svc.ngram import NgramProposer, NgramState
 
 
 def lookup_steps(proposer: NgramProposer, prompt: list[int], output: list[int], k: int) -> tuple[int, int]:
@@ -70,14 +70,14 @@ def main() -> int:
     lines = [
         "# Prompt lookup's ceiling on the benchmark workloads",
         "",
-        f"Greedy outputs of `{Path(args.model).name}` ({args.requests} prompts per workload, seed 0, "
-        f"{args.max_tokens} tokens), replayed by prompt lookup with {args.k} candidates per step against a "
-        "verifier that costs nothing. Made with:",
+        (f"Greedy outputs of `{Path(args.model).name}` ({args.requests} prompts per workload, seed 0, "
+         f"{args.max_tokens} tokens), replayed by prompt lookup with {args.k} candidates per step against a "
+         "verifier that costs nothing. Made with:"),
         "",
         "    .venv/bin/python bench/lookup_ceiling.py --out docs/bench/lookup_ceiling.md",
         "",
-        "| workload | steps per request (plain: %d) | accepted per step | best speed-up from prompt lookup |"
-        % args.max_tokens,
+        (f"| workload | steps per request (plain: {args.max_tokens}) | accepted per step "
+         "| best speed-up from prompt lookup |"),
         "| --- | --- | --- | --- |",
     ]
     for workload, make in WORKLOADS.items():

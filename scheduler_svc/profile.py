@@ -2,13 +2,13 @@
 
 It seeds the cost model so that the first steps are not planned blind: dummy requests are prefilled
 in up to VERIFY_PROFILE_MAX_BATCH verifier slots, verified at batch sizes from 1 to all of them with no
-candidates and with chains of several lengths, and released; each costly proposer (not prompt lookup) is asked for chains of a few lengths at batch 1 and
-at a larger batch, plus one larger batch of mixed lengths, so that its per-request, per-token and
-per-pass costs (d1, d2, d3 in cost_model) are told apart: at batch 1 tokens and passes are the same
-number, at a larger batch with one length they differ by the batch size, and mixed lengths separate
-tokens from the longest chain. The first call of each kind only warms up (lazy initialisation) and
-is not measured. It stays within a time
-budget and never fails start-up: on any error the defaults stay and a warning is logged.
+candidates and with chains of several lengths, and released; each costly proposer (not prompt lookup)
+is asked for chains of a few lengths at batch 1 and at a larger batch, plus one larger batch of mixed
+lengths, so that its per-request, per-token and per-pass costs (d1, d2, d3 in cost_model) are told
+apart: at batch 1 tokens and passes are the same number, at a larger batch with one length they differ
+by the batch size, and mixed lengths separate tokens from the longest chain. The first call of each
+kind only warms up (lazy initialisation) and is not measured. It stays within a time budget and never
+fails start-up: on any error the defaults stay and a warning is logged.
 """
 
 from __future__ import annotations
