@@ -12,6 +12,10 @@ from typing import Sequence
 from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_MEDUSA
 
 KINDS = ("ngram", "draft", "medusa")
+# A draft model's passes run over a few tokens per request: more threads gain next to nothing there, and
+# their spinning takes the cores the verifier computes on (on the 2-core development machine a light-load
+# draft step was 1.2x faster with one draft thread than with two; docs/bench/README.md).
+DRAFT_TORCH_THREADS = 1
 
 
 @dataclass
@@ -29,10 +33,17 @@ class ProposerConfig:
     device: str = "auto"  # draft: auto | cpu | cuda[:i]
     dtype: str = "auto"  # draft: auto | float32 | bfloat16 | float16
     vocab_size: int | None = None  # ngram: token ids >= this are rejected (default: from --model, else unchecked)
-    torch_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    torch_threads: int = 0  # torch intra-op threads; 0 = the kind's default (intra_op_threads())
     grace_s: float = 5.0  # graceful-shutdown wait for in-flight calls
     metrics_port: int = 0  # Prometheus /metrics on this port (same host); 0 = none
     log_level: str = "INFO"
+
+    def intra_op_threads(self) -> int:
+        """Torch intra-op threads to run with: --torch-threads, else DRAFT_TORCH_THREADS for a draft, else 0
+        (torch's default)."""
+        if self.torch_threads > 0:
+            return self.torch_threads
+        return DRAFT_TORCH_THREADS if self.kind == "draft" else 0
 
     def validate(self) -> "ProposerConfig":
         """Raise ValueError with an actionable message when the configuration cannot work."""
@@ -87,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=_env("device", d.device))
     p.add_argument("--dtype", default=_env("dtype", d.dtype))
     p.add_argument("--vocab-size", type=int, default=_env("vocab_size", None))
-    p.add_argument("--torch-threads", type=int, default=_env("torch_threads", d.torch_threads))
+    p.add_argument("--torch-threads", type=int, default=_env("torch_threads", d.torch_threads),
+                   help=f"torch intra-op threads; 0 = {DRAFT_TORCH_THREADS} for a draft, torch's default otherwise")
     p.add_argument("--grace-s", type=float, default=_env("grace_s", d.grace_s))
     p.add_argument("--metrics-port", type=int, default=_env("metrics_port", d.metrics_port),
                    help="Prometheus metrics port, 0 = none")

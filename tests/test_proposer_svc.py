@@ -193,3 +193,14 @@ def test_cli_serves_and_stops_on_sigterm():
             proc.kill()
             proc.wait(timeout=TIMEOUT_S)
         proc.stderr.close()
+
+
+def test_a_draft_runs_one_torch_thread_unless_told_otherwise(monkeypatch):
+    from proposer_svc.config import DRAFT_TORCH_THREADS, parse_config
+
+    monkeypatch.delenv("SPECDEC_TORCH_THREADS", raising=False)
+    assert DRAFT_TORCH_THREADS == 1 and parse_config(["--kind", "draft"]).intra_op_threads() == 1
+    assert parse_config(["--kind", "draft", "--torch-threads", "2"]).intra_op_threads() == 2
+    assert parse_config(["--kind", "ngram"]).intra_op_threads() == 0  # torch's default
+    monkeypatch.setenv("SPECDEC_TORCH_THREADS", "3")
+    assert parse_config(["--kind", "draft"]).intra_op_threads() == 3
