@@ -452,6 +452,11 @@ def _clock(seconds: float) -> str:
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
+def _repeat_label(repeat: int, repeats: int) -> str:
+    """' (repeat i/N)' for the progress line, when the sweep is repeated."""
+    return f" (repeat {repeat + 1}/{repeats})" if repeats > 1 else ""
+
+
 def _describe(run: RunConfig) -> str:
     proposer = "" if run.is_peer else f" proposer={run.proposer}"
     return f"policy={run.policy_label} workload={run.workload}{proposer} rate={run.rate:g}/s"
@@ -527,7 +532,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
                 # Warm-up: the first request of a fresh scheduler pays one-off costs.
                 asyncio.run(replay(addresses[policy_label], [0.0], prompts[first.workload][:1], "", 4))
             for repeat, run in order:
-                progress.start(_describe(run) + (f" (repeat {repeat + 1}/{repeats})" if repeats > 1 else ""))
+                progress.start(_describe(run) + _repeat_label(repeat, repeats))
                 trace = poisson_trace(run.rate, args.requests, args.seed)
                 results = asyncio.run(replay(addresses[run.policy_label], trace, prompts[run.workload],
                                              run.request_proposer, args.max_tokens, timeout=args.timeout))
@@ -583,7 +588,7 @@ def run_peers(runs: list[RunConfig], prompts: dict[str, list[str]], args: argpar
         for repeat in range(repeats):
             for run in runs:
                 if progress:
-                    progress.start(_describe(run) + (f" (repeat {repeat + 1}/{repeats})" if repeats > 1 else ""))
+                    progress.start(_describe(run) + _repeat_label(repeat, repeats))
                 trace = poisson_trace(run.rate, args.requests, args.seed)
                 measured[run].append(hf_peers.run_peer(models, run.policy, trace, prompt_ids[run.workload],
                                                        args.max_tokens, lookup))

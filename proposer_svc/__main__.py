@@ -14,10 +14,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger(__name__).info("config: %s", config.describe())
-    if config.intra_op_threads() > 0:
+    threads = config.intra_op_threads()
+    if threads > 0:
         import torch
 
-        torch.set_num_threads(config.intra_op_threads())
+        torch.set_num_threads(threads)
     from proposer_svc.server import serve
 
     try:

@@ -226,16 +226,12 @@ class CostModel:
         """One step's measurements: the verifier's time, each costly proposer's (as the engine waited for
         it), and the rest (None when the step is not representative, e.g. it also admitted requests)."""
         self.steps_observed += 1
-        self.verify.add((1.0, shape.batch_size, shape.batched_tokens, shape.context_tokens), verify_ms, refit=False)
-        self.verify.refit_if_stale(REFIT_EVERY)
+        _learn(self.verify, (1.0, shape.batch_size, shape.batched_tokens, shape.context_tokens), verify_ms)
         for name, ms in proposer_ms.items():
             if shape.proposer_requests.get(name, 0) > 0:
-                fit = self.proposer(name)
-                fit.add(shape.proposer_features(name), ms, refit=False)
-                fit.refit_if_stale(REFIT_EVERY)
+                _learn(self.proposer(name), shape.proposer_features(name), ms)
         if overhead_ms is not None:
-            self.overhead.add((1.0, shape.batch_size, shape.batched_tokens), max(overhead_ms, 0.0), refit=False)
-            self.overhead.refit_if_stale(REFIT_EVERY)
+            _learn(self.overhead, (1.0, shape.batch_size, shape.batched_tokens), max(overhead_ms, 0.0))
         if predicted_ms is not None and measured_ms is not None and measured_ms > 0:
             self.record_error(predicted_ms, measured_ms)
 
@@ -245,3 +241,9 @@ class CostModel:
         self.last_predicted_ms, self.last_measured_ms, self.last_relative_error = predicted_ms, measured_ms, error
         self.relative_error_ema = error if self.relative_error_ema is None else (
             self.relative_error_ema + ERROR_EMA_ALPHA * (error - self.relative_error_ema))
+
+
+def _learn(fit: RidgeFit, x: Sequence[float], y: float) -> None:
+    """One serving step's measurement: kept now, fitted once REFIT_EVERY of them have come in."""
+    fit.add(x, y, refit=False)
+    fit.refit_if_stale(REFIT_EVERY)
