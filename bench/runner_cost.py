@@ -5,6 +5,10 @@ Every request holds `--context` cached tokens; one step runs `new` tokens (a cha
 interleaved order, repeated `--repeats` times, and the median is reported, so that the machine's
 drift spreads over the whole table instead of biasing one corner of it.
 
+Where the runner prepacks its projection weights for oneDNN (CPU, fp32: specdec/linear.py), a second
+runner with plain `F.linear` projections is measured in the same loop, point by point, and the report
+adds its table and the ratio of the two.
+
     .venv/bin/python bench/runner_cost.py --out docs/runner_cost.md
 """
 
@@ -54,26 +58,53 @@ def main() -> None:
     news = [int(x) for x in args.new_tokens.split(",")]
     rng = random.Random(0)
 
-    runner = ModelRunner(args.model, dtype=args.dtype, max_slots=max(batch_sizes), max_seq_len=args.context + 16)
-    slots = [runner.allocate() for _ in range(max(batch_sizes))]
-    for s in slots:
-        runner.forward([SeqInput(s, [rng.randrange(runner.vocab_size) for _ in range(args.context)])])
+    def make(prepack: bool | None) -> tuple[ModelRunner, list[int]]:
+        runner = ModelRunner(args.model, dtype=args.dtype, max_slots=max(batch_sizes),
+                             max_seq_len=args.context + 16, prepack=prepack)
+        slots = [runner.allocate() for _ in range(max(batch_sizes))]
+        for s in slots:
+            runner.forward([SeqInput(s, [rng.randrange(runner.vocab_size) for _ in range(args.context)])])
+        return runner, slots
+
+    runner, slots = make(None)
+    runners = {"served": (runner, slots)}
+    if runner.weights.prepacked:
+        runners["plain"] = make(False)
     points = [(b, n) for b in batch_sizes for n in news]
     for b, n in points[:4]:  # warm-up
-        measure(runner, slots, b, n, rng)
-    samples: dict[tuple[int, int], list[float]] = {pt: [] for pt in points}
+        for r, s in runners.values():
+            measure(r, s, b, n, rng)
+    samples = {name: {pt: [] for pt in points} for name in runners}
     for _ in range(args.repeats):
         rng.shuffle(points)
         for b, n in points:
-            samples[(b, n)].append(measure(runner, slots, b, n, rng))
-    median = {pt: statistics.median(v) for pt, v in samples.items()}
+            for name, (r, s) in runners.items():
+                samples[name][(b, n)].append(measure(r, s, b, n, rng))
+    median = {name: {pt: statistics.median(v) for pt, v in per.items()} for name, per in samples.items()}
 
-    header = "| batch \\ new tokens | " + " | ".join(str(n) for n in news) + " |"
-    lines = [header, "|" + "---|" * (len(news) + 1)]
-    for b in batch_sizes:
-        lines.append(f"| {b} | " + " | ".join(f"{median[(b, n)]:.2f}" for n in news) + " |")
-    table = "\n".join(lines)
+    def render(cell) -> str:
+        header = "| batch \\ new tokens | " + " | ".join(str(n) for n in news) + " |"
+        lines = [header, "|" + "---|" * (len(news) + 1)]
+        lines += [f"| {b} | " + " | ".join(cell(b, n) for n in news) + " |" for b in batch_sizes]
+        return "\n".join(lines)
+
+    table = render(lambda b, n: f"{median['served'][(b, n)]:.2f}")
     print(table)
+    extra: list[str] = []
+    if "plain" in runners:
+        plain = render(lambda b, n: f"{median['plain'][(b, n)]:.2f}")
+        ratio = render(lambda b, n: f"{median['plain'][(b, n)] / median['served'][(b, n)]:.2f}")
+        print(plain, ratio, sep="\n\n")
+        extra = [
+            "The same points with plain `F.linear` projections (MKL sgemm), measured in the same loop:",
+            "",
+            plain,
+            "",
+            "Plain over prepacked (above 1: the prepacked runner is faster):",
+            "",
+            ratio,
+            "",
+        ]
     if args.out:
         device = f"{runner.device.type} ({platform.processor() or platform.machine()}, {args.threads} threads)"
         doc = [
@@ -81,7 +112,8 @@ def main() -> None:
             "",
             f"Median step time in ms of `{Path(args.model).name}` ({runner.weights.num_params / 1e6:.1f}M parameters, "
             f"{runner.dtype}) on {device}: one forward of `batch` requests, each bringing `new tokens` (a chain) on "
-            f"top of {args.context} cached tokens; {args.repeats} repeats in shuffled order.",
+            f"top of {args.context} cached tokens; {args.repeats} repeats in shuffled order. Projections "
+            + ("prepacked for oneDNN, as the services run them." if "plain" in runners else "through `F.linear`."),
             "",
             "Made with:",
             "",
@@ -89,9 +121,10 @@ def main() -> None:
             "",
             table,
             "",
+            *extra,
         ]
         args.out.write_text("\n".join(doc))
-        raw = {f"{b}x{n}": samples[(b, n)] for b, n in sorted(samples)}
+        raw = {name: {f"{b}x{n}": per[(b, n)] for b, n in sorted(per)} for name, per in samples.items()}
         args.out.with_suffix(".json").write_text(json.dumps({"context": args.context, "ms": raw}, indent=1))
 
 

@@ -160,7 +160,7 @@ def main() -> None:
     config = MedusaConfig(hidden_size=runner.weights.hidden_size, vocab_size=runner.vocab_size,
                           num_heads=args.heads, num_layers=args.layers, target=args.target.name)
     heads = MedusaHeads(config)
-    heads.init_from_lm_head(runner.weights.lm_head.float().cpu())
+    heads.init_from_lm_head(runner.weights.lm_head.weight.float().cpu())
     del runner
     t0 = time.perf_counter()
     init = head_accuracy(heads, held_x, held_y, args.top_k)

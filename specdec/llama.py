@@ -18,18 +18,17 @@ import torch
 import torch.nn.functional as F
 
 from specdec.checkpoint import load_config, load_state_dict, validate_checkpoint
+from specdec.linear import Linear, can_prepack
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [d]
-    qkv: torch.Tensor  # [(H + 2 * KV) * D, d]  q, k, v projections fused
-    qkv_bias: torch.Tensor | None  # [(H + 2 * KV) * D]
-    o: torch.Tensor  # [d, H * D]
-    o_bias: torch.Tensor | None
+    qkv: Linear  # [(H + 2 * KV) * D, d]  q, k, v projections fused, optional biases
+    o: Linear  # [d, H * D], optional bias
     post_norm: torch.Tensor  # [d]
-    gate_up: torch.Tensor  # [2 * F, d]  gate and up projections fused
-    down: torch.Tensor  # [d, F]
+    gate_up: Linear  # [2 * F, d]  gate and up projections fused
+    down: Linear  # [d, F]
     sliding_window: int | None  # keys older than this many positions are not attended
 
 
@@ -39,7 +38,7 @@ class LlamaWeights:
     embed: torch.Tensor  # [V, d]
     layers: list[LayerWeights]
     final_norm: torch.Tensor  # [d]
-    lm_head: torch.Tensor  # [V, d]
+    lm_head: Linear  # [V, d]
     rotary: torch.nn.Module  # transformers' rotary embedding of this architecture
     num_heads: int
     num_kv_heads: int
@@ -49,7 +48,12 @@ class LlamaWeights:
 
     @property
     def vocab_size(self) -> int:
-        return self.lm_head.shape[0]
+        return self.lm_head.out_features
+
+    @property
+    def prepacked(self) -> bool:
+        """Whether the projections run on oneDNN-prepacked weights (specdec/linear.py)."""
+        return self.lm_head.packed is not None
 
     @property
     def hidden_size(self) -> int:
@@ -58,11 +62,12 @@ class LlamaWeights:
     @property
     def num_params(self) -> int:
         tensors = [self.embed, self.final_norm]
-        if self.lm_head.data_ptr() != self.embed.data_ptr():
-            tensors.append(self.lm_head)
+        if self.lm_head.weight.data_ptr() != self.embed.data_ptr():
+            tensors.append(self.lm_head.weight)
         for layer in self.layers:
-            tensors += [layer.input_norm, layer.qkv, layer.o, layer.post_norm, layer.gate_up, layer.down]
-            tensors += [b for b in (layer.qkv_bias, layer.o_bias) if b is not None]
+            tensors += [layer.input_norm, layer.post_norm]
+            for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                tensors += [t for t in (linear.weight, linear.bias) if t is not None]
         return sum(t.numel() for t in tensors)
 
 
@@ -87,8 +92,9 @@ def _layer_window(config, index: int) -> int | None:
     return window if config.model_type == "mistral" else None
 
 
-def load_llama(path: str | Path, device: torch.device, dtype: torch.dtype) -> LlamaWeights:
-    """Read a validated checkpoint folder into fused, device-resident weights."""
+def load_llama(path: str | Path, device: torch.device, dtype: torch.dtype, prepack: bool | None = None) -> LlamaWeights:
+    """Read a validated checkpoint folder into fused, device-resident weights. prepack: reorder the
+    projections' weights for oneDNN (specdec/linear.py); None = wherever the device and dtype allow."""
     from transformers.activations import ACT2FN
 
     folder = validate_checkpoint(path, need_tokenizer=False)
@@ -101,6 +107,12 @@ def load_llama(path: str | Path, device: torch.device, dtype: torch.dtype) -> Ll
         if tensor is None and required:
             raise _missing(folder, name)
         return None if tensor is None else tensor.to(device=device, dtype=dtype)
+
+    if prepack is None:
+        prepack = can_prepack(device, dtype)
+
+    def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+        return Linear.of(weight, bias, prepack=prepack)
 
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
@@ -115,13 +127,11 @@ def load_llama(path: str | Path, device: torch.device, dtype: torch.dtype) -> Ll
         layers.append(
             LayerWeights(
                 input_norm=take(f"{p}input_layernorm.weight"),
-                qkv=torch.cat([q, k, v]).contiguous(),
-                qkv_bias=torch.cat(biases) if biases[0] is not None else None,
-                o=take(f"{p}self_attn.o_proj.weight"),
-                o_bias=take(f"{p}self_attn.o_proj.bias", required=False),
+                qkv=linear(torch.cat([q, k, v]).contiguous(), torch.cat(biases) if biases[0] is not None else None),
+                o=linear(take(f"{p}self_attn.o_proj.weight"), take(f"{p}self_attn.o_proj.bias", required=False)),
                 post_norm=take(f"{p}post_attention_layernorm.weight"),
-                gate_up=torch.cat([take(f"{p}mlp.gate_proj.weight"), take(f"{p}mlp.up_proj.weight")]).contiguous(),
-                down=take(f"{p}mlp.down_proj.weight"),
+                gate_up=linear(torch.cat([take(f"{p}mlp.gate_proj.weight"), take(f"{p}mlp.up_proj.weight")]).contiguous()),
+                down=linear(take(f"{p}mlp.down_proj.weight")),
                 sliding_window=_layer_window(config, i),
             )
         )
@@ -132,7 +142,7 @@ def load_llama(path: str | Path, device: torch.device, dtype: torch.dtype) -> Ll
         embed=embed,
         layers=layers,
         final_norm=take(f"{prefix}norm.weight"),
-        lm_head=embed if lm_head is None else lm_head,
+        lm_head=linear(embed if lm_head is None else lm_head),
         rotary=_rotary_module(config).to(device),
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
@@ -197,7 +207,7 @@ def forward_packed(
     attn_out = h.new_empty(n, H, D)
     for i, layer in enumerate(w.layers):
         a = rms_norm(h, layer.input_norm, w.rms_eps)
-        qkv = F.linear(a, layer.qkv, layer.qkv_bias)
+        qkv = layer.qkv(a)
         q = qkv[:, : H * D].view(n, H, D)
         k = qkv[:, H * D : (H + KV) * D].view(n, KV, D)
         v = qkv[:, (H + KV) * D :].view(n, KV, D)
@@ -221,8 +231,8 @@ def forward_packed(
                 enable_gqa=H != KV,
             )
             attn_out[seg.start : seg.start + seg.length] = out[0].transpose(0, 1)
-        h = h + F.linear(attn_out.view(n, H * D), layer.o, layer.o_bias)
+        h = h + layer.o(attn_out.view(n, H * D))
         m = rms_norm(h, layer.post_norm, w.rms_eps)
-        gate, up = F.linear(m, layer.gate_up).chunk(2, dim=-1)
-        h = h + F.linear(w.act(gate) * up, layer.down)
+        gate, up = layer.gate_up(m).chunk(2, dim=-1)
+        h = h + layer.down(w.act(gate) * up)
     return rms_norm(h, w.final_norm, w.rms_eps)

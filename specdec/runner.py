@@ -86,10 +86,12 @@ class ModelRunner:
         dtype: str | torch.dtype | None = None,
         max_slots: int = 32,
         max_seq_len: int | None = None,
+        prepack: bool | None = None,
     ) -> None:
+        """prepack: oneDNN-packed projection weights (specdec/linear.py); None = where device and dtype allow."""
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = parse_dtype(dtype, self.device)
-        self.weights: LlamaWeights = load_llama(checkpoint, self.device, self.dtype)
+        self.weights: LlamaWeights = load_llama(checkpoint, self.device, self.dtype, prepack)
         cfg = self.weights.config
         self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_slots = max_slots
@@ -174,7 +176,7 @@ class ModelRunner:
             segments,
         )
         rows = hidden if len(logit_rows) == start else hidden[torch.tensor(logit_rows, **as_long)]
-        logits = torch.matmul(rows, self.weights.lm_head.t())
+        logits = self.weights.lm_head(rows)
 
         outputs, row, start = [], 0, 0
         for seq in batch:

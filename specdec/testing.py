@@ -205,7 +205,7 @@ def make_tiny_medusa_heads(target_folder: Path, out: Path, num_heads: int = 3, s
                           num_heads=num_heads, target=Path(target_folder).name)
     torch.manual_seed(seed)
     heads = MedusaHeads(config)
-    heads.init_from_lm_head(runner.weights.lm_head.float())
+    heads.init_from_lm_head(runner.weights.lm_head.weight.float())
     if steps > 0:
         fit_heads(heads, x, y, steps=steps, lr=3e-3, batch_size=256, seed=seed)
     save_medusa_heads(heads, out)

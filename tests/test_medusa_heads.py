@@ -248,7 +248,7 @@ def test_runner_hidden_is_final_normed_and_lm_head_gives_logits(tmp_path):
     (prompt,) = runner.forward([SeqInput(slot, tokens[:8])], return_hidden=True)
     (tree,) = runner.forward([SeqInput(slot, tokens[8:], parents=[-1, 0, 0, 2])], return_hidden=True)
     for out in (prompt, tree):
-        torch.testing.assert_close(out.hidden @ runner.weights.lm_head.t(), out.logits)
+        torch.testing.assert_close(out.hidden @ runner.weights.lm_head.weight.t(), out.logits)
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         last = reference(torch.tensor([tokens[:8]]), output_hidden_states=True).hidden_states[-1][0]
@@ -289,7 +289,7 @@ def test_tiny_medusa_heads_learn_and_beat_chance(tmp_path):
     unseen = torch.randint(0, 97, (16, 8), generator=torch.Generator().manual_seed(99)).tolist()
     rollouts = greedy_rollouts(runner, unseen, 32)
     # row j of a rollout is the hidden state from which the target's lm_head picks continuation token j
-    lm_logits = rollouts.hidden @ runner.weights.lm_head.t()  # [S, N, V]
+    lm_logits = rollouts.hidden @ runner.weights.lm_head.weight.t()  # [S, N, V]
     assert torch.equal(lm_logits.argmax(-1), rollouts.continuation)
     head0 = head_accuracy(heads, *head_examples(rollouts, 3))[0]
     assert head0["count"] == 16 * 31
