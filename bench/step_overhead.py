@@ -1,8 +1,9 @@
 """Per-step overhead of the engine: step wall time minus the model forward times the services report.
 
 The verifier and the proposers run as their own processes (as in production); the scheduler runs in
-this process so that its step records (scheduler_svc.engine.StepRecord) can be read. For batch 1 and
-batch 8, `--requests` greedy requests are kept running at once, with each proposer at `--k`, and the
+this process so that its step records (scheduler_svc.engine.StepRecord) can be read. For each policy
+(`--policies`: `fixed` at `--k`, and `smartspec`, which plans every step and proposes with the free
+prompt lookup before its plan), batch 1 and batch 8 greedy requests are kept running at once and the
 steady-state steps (every request of the batch decoding) are summarised:
 
     overhead = wall - (verifier forward + slowest proposer forward)
@@ -38,12 +39,12 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def run_case(args, addresses: dict[str, str], proposer: str, batch: int) -> dict:
+async def run_case(args, addresses: dict[str, str], policy: str, proposer: str, batch: int) -> dict:
     config = SchedulerConfig(
         verifier=addresses["verifier"],
         proposers=tuple(ProposerAddress(k, addresses[f"proposer-{k}"]) for k in ("ngram", "draft")),
         port=0,
-        policy="fixed",
+        policy=policy,
         k=args.k,
         log_level="WARNING",
     )
@@ -63,6 +64,7 @@ async def run_case(args, addresses: dict[str, str], proposer: str, batch: int) -
         await server.stop(1.0)
     overhead = [r.overhead_ms for r in records]
     return {
+        "policy": policy,
         "proposer": proposer,
         "batch": batch,
         "steps": len(records),
@@ -73,6 +75,8 @@ async def run_case(args, addresses: dict[str, str], proposer: str, batch: int) -
         "propose_wall_ms_median": statistics.median(r.propose_wall_ms for r in records),
         "propose_forward_ms_median": statistics.median(max(r.propose_forward_ms.values(), default=0.0)
                                                        for r in records),
+        "free_propose_wall_ms_median": statistics.median(r.free_propose_wall_ms for r in records),
+        "plan_ms_median": statistics.median(r.plan_ms for r in records),
         "overhead_ms_median": statistics.median(overhead),
         "overhead_ms_p90": percentile(overhead, 0.9),
         "tokens_per_step": sum(r.committed for r in records) / len(records) / batch,
@@ -83,7 +87,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_TARGET))
     p.add_argument("--draft-model", default=str(DEFAULT_DRAFT))
-    p.add_argument("--k", type=int, default=3)
+    p.add_argument("--k", type=int, default=3, help="the fixed policy's k (smartspec chooses up to 8)")
+    p.add_argument("--policies", default="fixed,smartspec", help="comma-separated scheduler policies")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--out", type=Path)
@@ -93,22 +98,24 @@ def main() -> None:
     rows = []
     with Stack(specs[:-1], grace_s=5) as stack:
         addresses = {spec.name: spec.address for spec in stack.specs}
-        for batch in (int(b) for b in args.batches.split(",")):
-            for proposer in ("none", "ngram", "draft"):
-                rows.append(asyncio.run(run_case(args, addresses, proposer, batch)))
-                print(json.dumps(rows[-1]), flush=True)
+        for policy in args.policies.split(","):
+            for batch in (int(b) for b in args.batches.split(",")):
+                for proposer in ("none", "ngram", "draft"):
+                    rows.append(asyncio.run(run_case(args, addresses, policy, proposer, batch)))
+                    print(json.dumps(rows[-1]), flush=True)
 
     table = [
-        "| proposer | batch | steps | step wall ms | verifier forward ms | verifier handler ms | "
-        "propose phase ms | proposer forward ms | overhead ms (median) | overhead ms (p90) | "
-        "tokens per request-step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        ("| policy | proposer | batch | steps | step wall ms | verifier forward ms | verifier handler ms | "
+        "free propose ms | plan ms | propose phase ms | proposer forward ms | overhead ms (median) | "
+        "overhead ms (p90) | tokens per request-step |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         table.append(
-            f"| {r['proposer']} | {r['batch']} | {r['steps']} | {r['wall_ms_median']:.2f} | "
+            f"| {r['policy']} | {r['proposer']} | {r['batch']} | {r['steps']} | {r['wall_ms_median']:.2f} | "
             f"{r['verify_forward_ms_median']:.2f} | {r['verify_total_ms_median']:.2f} | "
-            f"{r['propose_wall_ms_median']:.2f} | {r['propose_forward_ms_median']:.2f} | "
+            f"{r['free_propose_wall_ms_median']:.2f} | {r['plan_ms_median']:.2f} | {r['propose_wall_ms_median']:.2f} | "
+            f"{r['propose_forward_ms_median']:.2f} | "
             f"{r['overhead_ms_median']:.2f} | {r['overhead_ms_p90']:.2f} | {r['tokens_per_step']:.2f} |"
         )
     print("\n".join(table))
@@ -116,13 +123,14 @@ def main() -> None:
         text = [
             "# Per-step overhead",
             "",
-            "Step wall time minus the model forward times reported by the verifier and the proposers "
-            f"(medians over the steady-state steps of each run; greedy, k={args.k}, "
-            f"{args.max_tokens} tokens per request, embedded models on this machine's CPU).",
+            ("Step wall time minus the model forward times reported by the verifier and the proposers "
+            f"(medians over the steady-state steps of each run; greedy, `fixed` at k={args.k}, `smartspec` choosing k "
+            f"per step, {args.max_tokens} tokens per request, embedded models on this machine's CPU)."),
             "",
             "Columns are medians; the verifier handler is its whole Verify call as it measures it, the propose",
-            "phase is the engine's wait for all proposers (the RPC included). The rest of the step is the",
-            "scheduler's own work (planning, commit, detokenization, streaming) and the Verify round trip.",
+            "phase is the engine's wait for all proposers (the RPC included); free propose is smartspec's call to",
+            "prompt lookup before it plans, plan its plan() call. The rest of the step is the scheduler's own work",
+            "(planning, commit, detokenization, streaming, the policy's bookkeeping) and the Verify round trip.",
             "",
             "Made with:",
             "",

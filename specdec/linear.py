@@ -8,7 +8,10 @@ target's projections 2.5-3.5x faster at 1-8 rows and stays faster up to prompt-s
 (docs/runner_cost.md). Its values differ from MKL's by fp32 rounding only (about 1e-6 per
 projection), and a row's output does not depend on how many rows share the call (tested).
 
-Elsewhere (CUDA, bf16 or fp16, a torch built without oneDNN) the projection is `F.linear`.
+The plain weight stays beside the packed one (the embedding lookup and Medusa's initialisation read
+it), so prepacked projections hold twice their memory; on a CPU model that fits this machine that is
+the price of the speed. Elsewhere (CUDA, bf16 or fp16, a torch built without oneDNN) the projection
+is `F.linear`.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 rows beside it, and a verifier's chain scored as its tokens are when decoded one at a time.
 
 Lossless greedy verification needs a token checked inside a chain of k to get the logits it gets
-decoded alone, up to rounding far below the gap between two candidate tokens (bf16 on this CPU,
-for contrast, moves logits by up to 0.125 and flips the argmax of 6 tokens in 1280).
+decoded alone, up to rounding far below the gap between two candidate tokens (bf16 does not: see
+docs/chain_invariance.md).
 """
 
 from __future__ import annotations

@@ -1,0 +1,94 @@
+"""Does a verified chain score its tokens as decoding them one at a time does, per dtype?
+
+For each prompt of the serving benchmark's workloads (`--requests` per workload, seed 0), the target
+decodes `--max-tokens` tokens greedily, one per forward, through the model runner; then the same
+tokens are re-run from the same context in chains of `--chain` (a verifier step's shape). Reported
+per dtype: the largest logit difference between the two, and how often the argmax differs (a flip:
+speculative greedy output would part from the target's own there).
+
+    .venv/bin/python bench/chain_invariance.py --out docs/chain_invariance.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of the repository, not installed
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.serving import WORKLOADS, _tokenizer
+from specdec.checkpoint import DEFAULT_TARGET
+from specdec.runner import ModelRunner, SeqInput
+
+
+def compare(runner: ModelRunner, prompt: list[int], max_tokens: int, chain: int) -> tuple[float, int]:
+    """(max |logit difference|, argmax flips) between one-at-a-time decoding and chains of `chain`."""
+    slot = runner.allocate()
+    try:
+        token = int(runner.forward([SeqInput(slot, prompt)])[0].logits[-1].argmax())
+        tokens, alone = [], []
+        for _ in range(max_tokens):
+            tokens.append(token)
+            logits = runner.forward([SeqInput(slot, [token])])[0].logits[-1].float()
+            alone.append(logits)
+            token = int(logits.argmax())
+        runner.truncate(slot, len(prompt))
+        together = []
+        for i in range(0, max_tokens, chain):
+            together.extend(runner.forward([SeqInput(slot, tokens[i : i + chain])])[0].logits.float())
+        diff = max(float((a - b).abs().max()) for a, b in zip(alone, together))
+        flips = sum(int(a.argmax()) != int(b.argmax()) for a, b in zip(alone, together))
+        return diff, flips
+    finally:
+        runner.release(slot)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(DEFAULT_TARGET))
+    parser.add_argument("--dtypes", default="float32,float32:plain,bfloat16",
+                        help="runner dtypes; ':plain' = F.linear projections instead of prepacked ones")
+    parser.add_argument("--requests", type=int, default=20, help="prompts per workload")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--chain", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    tokenizer = _tokenizer()
+    prompts = [tokenizer.encode(text).ids for make in WORKLOADS.values() for text in make(args.requests, 0)]
+    lines = [
+        "# Chains against one token at a time",
+        "",
+        (f"`{Path(args.model).name}` through the model runner on CPU ({args.threads} threads): {len(prompts)} prompts "
+         f"of the serving benchmark ({', '.join(WORKLOADS)}), {args.max_tokens} greedy tokens each decoded one "
+         f"per forward, then re-run in chains of {args.chain}. Made with:"),
+        "",
+        "    .venv/bin/python bench/chain_invariance.py --out docs/chain_invariance.md",
+        "",
+        "| dtype | projections | max logit difference | argmax flips | requests with a flip |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for entry in args.dtypes.split(","):
+        dtype, _, variant = entry.partition(":")
+        runner = ModelRunner(args.model, device="cpu", dtype=dtype, max_slots=1, prepack=False if variant else None,
+                             max_seq_len=max(map(len, prompts)) + args.max_tokens)
+        results = [compare(runner, p, args.max_tokens, args.chain) for p in prompts]
+        flips = sum(f for _, f in results)
+        projections = "oneDNN, prepacked" if runner.weights.prepacked else "F.linear"
+        lines.append(f"| {dtype} | {projections} | {max(d for d, _ in results):.2e} | "
+                     f"{flips} of {len(prompts) * args.max_tokens} | {sum(f > 0 for _, f in results)} of {len(prompts)} |")
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
