@@ -5,7 +5,8 @@ The embedded target greedily continues each prompt of `bench.serving`'s workload
 (`proposer_svc.ngram.NgramProposer`) replays that output with `--k` candidates per step against a
 verifier that costs nothing: a step commits the accepted candidates and one more token. Steps per
 request against `--max-tokens` (plain decoding's steps) bound the latency gain of prompt lookup alone;
-fewer steps cannot help more than that however cheap speculation gets.
+fewer steps cannot help more than that however cheap speculation gets. Then whether the target copies
+from its context at all: its accuracy on a snippet's second copy against its first.
 
     .venv/bin/python bench/lookup_ceiling.py --out docs/bench/lookup_ceiling.md
 """
@@ -21,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of the repository, not installed
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.serving import WORKLOADS, _tokenizer
+from bench.serving import WORKLOADS, _tokenizer, code_completion_prompts
 from proposer_svc.ngram import NgramProposer, NgramState
 
 
@@ -41,6 +42,26 @@ def lookup_steps(proposer: NgramProposer, prompt: list[int], output: list[int], 
         proposer.extend(state, output[pos:pos + n])
         pos, steps, accepted_total = pos + n, steps + 1, accepted_total + n - 1
     return steps, accepted_total
+
+
+def copy_accuracy(model, snippets: list[list[int]]) -> tuple[float, float]:
+    """In-context copying: each snippet, a blank line, the snippet again; the model's next-token top-1
+    accuracy (teacher-forced, from the 5th token on) over the second copy and over the first."""
+    import torch
+
+    blank = _tokenizer().encode("\n\n").ids
+    right = [0, 0]
+    total = 0
+    for ids in snippets:
+        x = torch.tensor([ids + blank + ids])
+        with torch.no_grad():
+            pred = model(input_ids=x).logits[0].argmax(-1)
+        second = len(ids) + len(blank)
+        for j in range(4, len(ids) - 1):
+            right[0] += int(pred[second + j] == x[0, second + j + 1])
+            right[1] += int(pred[j] == x[0, j + 1])
+            total += 1
+    return right[0] / total, right[1] / total
 
 
 def greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
@@ -90,6 +111,17 @@ def main() -> int:
         mean_steps = statistics.mean(steps)
         lines.append(f"| {workload} | {mean_steps:.1f} | {sum(accepted) / sum(steps):.2f} | "
                      f"{args.max_tokens / mean_steps:.2f}x |")
+    snippets = [tokenizer.encode(t).ids[:80] for t in code_completion_prompts(16, 3)]
+    second, first = copy_accuracy(model, snippets)
+    lines += [
+        "",
+        ("Does the target copy from its context? Each of 16 held-out code snippets (80 tokens, seed 3) is fed "
+        "twice, a blank line between; next-token top-1 accuracy, teacher-forced:"),
+        "",
+        "| on the first copy | on the second copy (the answer is in the context) |",
+        "| --- | --- |",
+        f"| {first:.1%} | {second:.1%} |",
+    ]
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:
