@@ -1,10 +1,11 @@
 """Linear projections, with the weights prepacked for oneDNN on CPU.
 
-On CPU in fp32, `F.linear` goes through MKL's sgemm, which repacks the weight matrix on every call
-for more than one row: verifying 2..9 tokens of one request cost 1.3-1.5x a one-token step, which
-made speculation look dear exactly where it should be cheap. oneDNN's matmul on a weight reordered
-once at load (`torch.ops.mkldnn`, the kernels torch.compile's CPU backend uses) runs the embedded
-target's projections 2.5-3.5x faster at 1-8 rows and stays faster up to prompt-sized batches
+On CPU in fp32, `F.linear` goes through MKL's sgemm, whose calls with two rows or more cost about twice
+a one-row call on the embedded models' shapes (a matrix-matrix path that packs the weights, against a
+matrix-vector one): verifying 2..9 tokens of one request cost 1.2x-1.8x a one-token step, which made
+speculation look dear exactly where it should be cheap. oneDNN's matmul on a weight reordered
+once at load (`torch.ops.mkldnn`, the kernels torch.compile's CPU backend uses) makes the embedded
+target's whole step 1.1x-1.8x faster, and a 9-token batch-1 verify 1.2x a one-token step instead of 1.7x
 (docs/runner_cost.md). Its values differ from MKL's by fp32 rounding only (about 1e-6 per
 projection), and a row's output does not depend on how many rows share the call (tested).
 
