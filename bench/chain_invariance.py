@@ -23,29 +23,16 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
 
 from bench.serving import WORKLOADS, _tokenizer
 from specdec.checkpoint import DEFAULT_TARGET
-from specdec.runner import ModelRunner, SeqInput
+from specdec.runner import ModelRunner
+from specdec.testing import logits_alone_and_in_chains
 
 
 def compare(runner: ModelRunner, prompt: list[int], max_tokens: int, chain: int) -> tuple[float, int]:
     """(max |logit difference|, argmax flips) between one-at-a-time decoding and chains of `chain`."""
-    slot = runner.allocate()
-    try:
-        token = int(runner.forward([SeqInput(slot, prompt)])[0].logits[-1].argmax())
-        tokens, alone = [], []
-        for _ in range(max_tokens):
-            tokens.append(token)
-            logits = runner.forward([SeqInput(slot, [token])])[0].logits[-1].float()
-            alone.append(logits)
-            token = int(logits.argmax())
-        runner.truncate(slot, len(prompt))
-        together = []
-        for i in range(0, max_tokens, chain):
-            together.extend(runner.forward([SeqInput(slot, tokens[i : i + chain])])[0].logits.float())
-        diff = max(float((a - b).abs().max()) for a, b in zip(alone, together))
-        flips = sum(int(a.argmax()) != int(b.argmax()) for a, b in zip(alone, together))
-        return diff, flips
-    finally:
-        runner.release(slot)
+    _, alone, chained = logits_alone_and_in_chains(runner, prompt, max_tokens, (chain,))
+    pairs = [(a.float(), b.float()) for a, b in zip(alone, chained[chain], strict=True)]
+    diff = max(float((a - b).abs().max()) for a, b in pairs)
+    return diff, sum(int(a.argmax()) != int(b.argmax()) for a, b in pairs)
 
 
 def main() -> int:

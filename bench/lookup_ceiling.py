@@ -44,12 +44,11 @@ def lookup_steps(proposer: NgramProposer, prompt: list[int], output: list[int], 
     return steps, accepted_total
 
 
-def copy_accuracy(model, snippets: list[list[int]]) -> tuple[float, float]:
-    """In-context copying: each snippet, a blank line, the snippet again; the model's next-token top-1
-    accuracy (teacher-forced, from the 5th token on) over the second copy and over the first."""
+def copy_accuracy(model, snippets: list[list[int]], blank: list[int]) -> tuple[float, float]:
+    """In-context copying: each snippet, `blank` (a blank line's tokens), the snippet again; the model's
+    next-token top-1 accuracy (teacher-forced, from the 5th token on) over the second copy and the first."""
     import torch
 
-    blank = _tokenizer().encode("\n\n").ids
     right = [0, 0]
     total = 0
     for ids in snippets:
@@ -112,7 +111,7 @@ def main() -> int:
         lines.append(f"| {workload} | {mean_steps:.1f} | {sum(accepted) / sum(steps):.2f} | "
                      f"{args.max_tokens / mean_steps:.2f}x |")
     snippets = [tokenizer.encode(t).ids[:80] for t in code_completion_prompts(16, 3)]
-    second, first = copy_accuracy(model, snippets)
+    second, first = copy_accuracy(model, snippets, tokenizer.encode("\n\n").ids)
     lines += [
         "",
         ("Does the target copy from its context? Each of 16 held-out code snippets (80 tokens, seed 3) is fed "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -220,3 +221,30 @@ def tiny_medusa_prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
     """The random prompts make_tiny_medusa_heads trains on (uniform token ids, seeded)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, TINY_MEDUSA_PROMPT, generator=gen).tolist()
+
+
+def logits_alone_and_in_chains(runner, prompt: list[int], max_tokens: int, chains: Sequence[int],
+                               ) -> tuple[list[int], list[torch.Tensor], dict[int, list[torch.Tensor]]]:
+    """Greedy-decode `max_tokens` tokens after `prompt` one per forward through a ModelRunner, then re-run
+    the same tokens from the same context in chains of each length in `chains` (a verifier step's shape).
+    Returns (the decoded tokens, their one-at-a-time logits, {chain: the chained logits}); logits row j
+    is scored after token j, so its argmax is token j + 1 (the slot is released at the end)."""
+    from specdec.runner import SeqInput
+
+    slot = runner.allocate()
+    try:
+        token = int(runner.forward([SeqInput(slot, prompt)])[0].logits[-1].argmax())
+        tokens, alone = [], []
+        for _ in range(max_tokens):
+            tokens.append(token)
+            logits = runner.forward([SeqInput(slot, [token])])[0].logits[-1]
+            alone.append(logits)
+            token = int(logits.argmax())
+        chained = {}
+        for chain in chains:
+            runner.truncate(slot, len(prompt))
+            chained[chain] = [row for i in range(0, max_tokens, chain)
+                              for row in runner.forward([SeqInput(slot, tokens[i : i + chain])])[0].logits]
+        return tokens, alone, chained
+    finally:
+        runner.release(slot)

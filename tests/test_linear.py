@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from specdec.checkpoint import DEFAULT_TARGET
 from specdec.linear import Linear, can_prepack
-from specdec.runner import ModelRunner, SeqInput
+from specdec.runner import ModelRunner
+from specdec.testing import logits_alone_and_in_chains
 
 pytestmark = pytest.mark.skipif(not can_prepack(torch.device("cpu"), torch.float32),
                                 reason="this torch has no oneDNN CPU path")
@@ -53,20 +54,10 @@ def test_a_chain_verified_at_once_gets_the_logits_of_one_token_at_a_time():
     rounding (attention over 1 or k query rows sums in another order), the same argmax."""
     rng = random.Random(0)
     runner = ModelRunner(DEFAULT_TARGET, device="cpu", dtype="float32", max_slots=2, max_seq_len=160)
-    slot = runner.allocate()
     context = [rng.randrange(1, runner.vocab_size) for _ in range(60)]
-    token = int(runner.forward([SeqInput(slot, context)])[0].logits[-1].argmax())
-    tokens, alone = [], []
-    for _ in range(24):
-        tokens.append(token)
-        logits = runner.forward([SeqInput(slot, [token])])[0].logits[-1]
-        alone.append(logits)
-        token = int(logits.argmax())
-    for chain in (1, 2, 5, 8):
-        runner.truncate(slot, len(context))
-        together = []
-        for i in range(0, len(tokens), chain):
-            together.extend(runner.forward([SeqInput(slot, tokens[i : i + chain])])[0].logits)
-        for j, (a, b) in enumerate(zip(alone, together)):
+    tokens, alone, chained = logits_alone_and_in_chains(runner, context, 24, (1, 2, 5, 8))
+    next_tokens = tokens[1:] + [int(alone[-1].argmax())]
+    for chain, together in chained.items():
+        for j, (a, b) in enumerate(zip(alone, together, strict=True)):
             torch.testing.assert_close(b, a, atol=1e-4, rtol=0, msg=f"chains of {chain}: token {j}")
-            assert int(a.argmax()) == int(b.argmax()) == (tokens + [token])[j + 1]
+            assert int(a.argmax()) == int(b.argmax()) == next_tokens[j]
