@@ -40,8 +40,9 @@ MEASURED_PRIOR_STEPS = 8.0
 HUBER_K = 1.5
 ROBUST_PASSES = 5
 WARM_PASSES = 2  # a refit after a few more steps, starting from the previous fit
-WARM_MAX_PENDING = 8
-REFIT_EVERY = 4  # CostModel refits each part once this many of its steps have come in
+WARM_MAX_PENDING = 16
+REFIT_EVERY = 16  # CostModel refits each part once this many of its steps have come in (a refit costs
+# about 0.3 ms, a batch-1 step 8-16: refitting every few steps would be a few per cent of every step)
 ERROR_EMA_ALPHA = 0.1
 
 # Defaults before any measurement: roughly a small model on a CPU; the start-up profile replaces them.

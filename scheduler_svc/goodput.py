@@ -17,7 +17,8 @@ of that plan and repeat until it stops rising (a few rounds). Every (subset, cap
 tried, all at once as one array (there are one or two costly proposers and caps 1..K in practice).
 Exactness: a charged time is never below the plan's true time, and the optimal plan is charged its
 true time in the combination whose caps are its own longest chains, so the best charged goodput is
-the optimum.
+the optimum. A batch of one (light load, most steps there) needs none of it: its plan pays its
+proposer's coupled costs in full, so every (proposer, k) is scored exactly in one array.
 """
 
 from __future__ import annotations
@@ -154,6 +155,8 @@ def choose(surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
         return no_speculation(b, cost)
     max_k = np.minimum(max_k, k_max)
     table = gains_table(surv, max_k)  # [B, P, K+1]
+    if b == 1:
+        return _choose_alone(table[0], cost)
     width = k_max + 1
     ks_axis = np.arange(width)
     # Cost of (p, k) for one request, without the proposers' coupled costs: [P * (K+1)].
@@ -171,6 +174,23 @@ def choose(surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
     ks = picked[best] % width
     proposer = np.where(ks > 0, picked[best] // width, -1)
     return Choice(ks, proposer, float(expected[best]), cost.step_ms(ks, proposer))
+
+
+def _choose_alone(table: np.ndarray, cost: StepCost) -> Choice:
+    """choose() for a batch of one (light load, the common case): every (proposer, k) scored directly.
+
+    table [P, K+1] expected accepted candidates (-inf beyond a proposer's cap). Alone, a request's plan
+    pays its proposer's coupled costs in full, so its time is exact without caps or Dinkelbach rounds.
+    """
+    ks = np.arange(table.shape[1])
+    ms = (cost.base_ms + cost.token_ms * (ks[None, :] + 1) + np.where(ks[None, :] > 0, (
+        cost.fixed_ms + cost.request_ms)[:, None] + ks[None, :] * (cost.proposer_token_ms + cost.depth_ms)[:, None],
+        0.0))
+    goodput = (1.0 + table) / ms  # -inf where not allowed
+    # Ties go to the first option in (proposer, k) order, k = 0 of proposer 0 first: no speculation.
+    best = int(np.argmax(goodput))
+    p, k = divmod(best, table.shape[1])
+    return Choice(np.array([k]), np.array([p if k > 0 else -1]), 1.0 + float(table[p, k]), float(ms[p, k]))
 
 
 def _dinkelbach(tables: np.ndarray, marginal: np.ndarray, base: np.ndarray) -> np.ndarray:

@@ -146,6 +146,22 @@ def test_matches_exhaustive_search_on_small_cases(seed):
     assert np.all(choice.ks <= k_max)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_batch_of_one_matches_exhaustive_search(seed):
+    # A batch of one is scored directly (no caps, no Dinkelbach rounds): the same optimum.
+    rng = np.random.default_rng(1000 + seed)
+    p, k_max = int(rng.integers(1, 4)), int(rng.integers(1, 9))
+    surv = survival(rng.uniform(0.0, 1.0, size=(1, p, k_max)))
+    max_k = rng.integers(0, k_max + 2, size=(1, p))
+    step = random_cost(rng, p)
+    choice = choose(surv, max_k, step)
+    assert choice.goodput == pytest.approx(exhaustive(surv, max_k, step), rel=1e-9, abs=1e-12)
+    assert choice.goodput == pytest.approx(plan_goodput(surv, choice.ks, choice.proposer, step), rel=1e-12)
+    assert choice.step_ms == pytest.approx(step.step_ms(choice.ks, choice.proposer), rel=1e-12)
+    k, q = int(choice.ks[0]), int(choice.proposer[0])
+    assert (k == 0 and q == -1) or (q >= 0 and 0 < k <= min(max_k[0, q], k_max))
+
+
 def test_free_proposer_preferred_where_it_matches_costly_one_elsewhere():
     # Proposer 0: free prompt lookup (matched for request 0 only), proposer 1: a draft with costs.
     surv = iid([[0.8, 0.7], [0.8, 0.7]], 4)
