@@ -35,6 +35,14 @@ doubles the request's `patience`, up to MAX_PATIENCE: its drift then runs that m
 that keeps failing is re-tried at exponentially spaced steps (it would be every few steps where
 little acceptance pays), while one that fell by noise comes back within a half life or two.
 
+The prior itself can fall the same way: a stretch of requests a proposer serves badly pulls it below
+where speculation pays, and from then on every new request starts at k = 0 and none brings evidence
+that could raise it again (one bad tenant would switch the draft off for good). So while no request
+brings evidence for a proposer, its prior drifts the same way towards its ceiling, the highest rate
+it has held (the initial rate at first), with the same patience: a re-try that fails doubles it, one
+that accepts something resets it. A proposer whose requests keep failing costs a short re-try every
+MAX_PATIENCE half lives at most; one that is good again is back within a half life or two.
+
 The clock is the policy's plans: it calls advance() once per plan (without those calls nothing
 drifts). The drift is applied lazily, when an estimate is read or updated, so a step costs O(1)
 whatever the number of requests.
@@ -51,13 +59,24 @@ import numpy as np
 # the chooser tries it again, and a = 1 would promise unbounded gains.
 MIN_RATE = 0.01
 MAX_RATE = 0.99
-# Observations of a position before its own rate shapes the estimate (too few are noise).
-MIN_POSITION_OBSERVATIONS = 20.0
+# A position's shape (its rate over the proposer's) is shrunk towards 1 by seen / (seen + this), seen
+# its decayed count of observations: a position observed rarely, or long ago, shapes little. (Deep
+# positions are reached only after hits: from a stretch where the proposer was good, their rates
+# would otherwise linger and promise long chains where the first candidate already fails.)
+POSITION_SHRINK = 20.0
+# Per observation of the proposer, the counts decay by prior_alpha / this (a memory this many times
+# the prior's own): a position reached in a quarter of the steps keeps a count near 20.
+POSITION_MEMORY = 4.0
 # Fraction of the way from a request's own rate to the prior's covered per step without evidence:
 # a half life of about 10 steps, short next to a request's life (tens to hundreds of steps).
 DEFAULT_DRIFT = 0.07
 # Most a request's drift is slowed by failed re-tries (x2 each): a half life of about 80 steps.
 MAX_PATIENCE = 8.0
+# A proposer's prior drifts this many times slower than a request's estimate (a half life of about 40
+# steps, at most 320 after failed re-tries): every request starts from it, so a prior that rose too
+# soon would cost a re-try per request.
+PRIOR_PATIENCE = 4.0
+MAX_PRIOR_PATIENCE = PRIOR_PATIENCE * MAX_PATIENCE
 
 
 @dataclass(frozen=True)
@@ -114,10 +133,13 @@ class _Rate:
 class _ProposerStats:
     """A proposer's prior over all requests, and its per-position conditional rates."""
 
-    prior: _Rate
+    prior: _Rate  # its `step` and `patience` drive the prior's own drift towards `ceiling`
+    ceiling: float  # the highest rate the prior has held: where it drifts while no evidence comes
+    since_drift: float  # observations since a drift was last folded into the prior's counts
+    evidence: _Rate  # the prior's EMA without the drift: the scale of the position rates
     position_accepted: np.ndarray  # [K] EMA of acceptance at position j given j - 1 accepted
     position_seen: np.ndarray  # [K] how often each position was tested (decayed count)
-    shape: np.ndarray = field(default=None)  # [K] position rate / prior rate, 1 where too few observations
+    shape: np.ndarray = field(default=None)  # [K] position rate / evidence rate, shrunk towards 1
 
 
 class AcceptanceEstimator:
@@ -147,8 +169,13 @@ class AcceptanceEstimator:
     # -- reading -----------------------------------------------------------------------------------
 
     def prior(self, proposer: str) -> float:
-        """The proposer's conditional acceptance rate over all requests."""
-        return self._stats(proposer).prior.rate
+        """The proposer's conditional acceptance rate over all requests, drifted towards its ceiling for
+        the steps in which no request brought evidence for it."""
+        stats = self._stats(proposer)
+        weight = self._drift_weight(stats.prior)
+        if weight >= 1.0:
+            return stats.prior.rate
+        return _Rate(stats.prior.drifted(stats.ceiling, weight), stats.prior.tested).rate
 
     def rate(self, request_id: str, proposer: str) -> float:
         """The request's conditional acceptance rate with this proposer (the prior until it has its own),
@@ -178,6 +205,7 @@ class AcceptanceEstimator:
         if observation.tested <= 0:
             return
         stats = self._stats(observation.proposer)
+        self._settle_prior(stats, observation)
         key = (request_id, observation.proposer)
         own = self._requests.get(key)
         if own is None:
@@ -195,9 +223,17 @@ class AcceptanceEstimator:
         own.update(self.alpha, observation.accepted, observation.tested)
         own.step = self.steps
         stats.prior.update(self.prior_alpha, observation.accepted, observation.tested)
+        stats.evidence.update(self.prior_alpha, observation.accepted, observation.tested)
+        stats.prior.step = self.steps
+        stats.since_drift += 1
+        if stats.since_drift >= 2.0 / self.prior_alpha:
+            # Only a prior that its evidence has made its own (the drift's pull has faded) moves the
+            # ceiling: re-tries that happened to hit must not ratchet it up.
+            stats.ceiling = max(stats.ceiling, stats.prior.rate)
         n = min(observation.tested, self.max_k)
         hits = (np.arange(n) < observation.accepted).astype(float)
         stats.position_accepted[:n] += self.prior_alpha * (hits - stats.position_accepted[:n])
+        stats.position_seen *= 1.0 - self.prior_alpha / POSITION_MEMORY
         stats.position_seen[:n] += 1.0
         self._reshape(stats)
 
@@ -206,6 +242,21 @@ class AcceptanceEstimator:
         keep = set(keep)
         for key in [key for key in self._requests if key[0] not in keep]:
             del self._requests[key]
+
+    def _settle_prior(self, stats: _ProposerStats, observation: Observation) -> None:
+        """The first evidence for a proposer after steps without any: fold the prior's drift into its
+        counts, and slow the next drift down if this re-try failed (reset it if it did not)."""
+        prior = stats.prior
+        weight = self._drift_weight(prior)
+        if weight < 1.0:
+            # As for a request's re-try: weigh the drift by how well each rate explains this evidence.
+            unchanged = weight * _likelihood(prior.rate, observation)
+            weight = unchanged / (unchanged + (1.0 - weight) * _likelihood(stats.ceiling, observation))
+            prior.accepted = prior.drifted(stats.ceiling, weight)
+            stats.since_drift = 0.0
+            prior.patience = (min(2.0 * prior.patience, MAX_PRIOR_PATIENCE) if observation.accepted == 0
+                              else PRIOR_PATIENCE)
+            prior.step = self.steps
 
     def _drift_weight(self, own: _Rate) -> float:
         """(1 - drift)^(n / patience) for the n steps since own's last evidence that brought none.
@@ -224,14 +275,18 @@ class AcceptanceEstimator:
         stats = self._proposers.get(proposer)
         if stats is None:
             stats = self._proposers[proposer] = _ProposerStats(
-                _Rate(self.initial_rate, 1.0), np.full(self.max_k, self.initial_rate), np.zeros(self.max_k))
+                _Rate(self.initial_rate, 1.0, self.steps, PRIOR_PATIENCE), self.initial_rate, np.inf, _Rate(self.initial_rate, 1.0),
+                np.full(self.max_k, self.initial_rate), np.zeros(self.max_k))
             self._reshape(stats)
         return stats
 
     @staticmethod
     def _reshape(stats: _ProposerStats) -> None:
-        shape = np.clip(stats.position_accepted, MIN_RATE, MAX_RATE) / stats.prior.rate
-        stats.shape = np.where(stats.position_seen >= MIN_POSITION_OBSERVATIONS, shape, 1.0)
+        # Against the evidence's own rate (both are EMAs of the same observations): the prior's drift
+        # moves the level the shape multiplies, not the shape.
+        shape = np.clip(stats.position_accepted, MIN_RATE, MAX_RATE) / stats.evidence.rate
+        trust = stats.position_seen / (stats.position_seen + POSITION_SHRINK)
+        stats.shape = 1.0 + trust * (shape - 1.0)
 
 
 def _likelihood(rate: float, observation: Observation) -> float:

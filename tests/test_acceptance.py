@@ -187,3 +187,81 @@ def test_a_request_that_keeps_failing_stays_mostly_at_k_zero(token_ms, pass_ms):
     retries = int((ks > 0).sum())
     assert 3 <= retries <= 0.08 * len(ks)  # still explored now and then, but rarely
     assert ks[ks > 0].max() <= 2  # and never with a long chain
+
+
+def serve_pinned(est: AcceptanceEstimator, cost, true_rate: float, requests: int, rng, tag: str,
+                 tokens: int = 32) -> list[int]:
+    """Requests of `tokens` tokens one after another, pinned to the draft, planned by the chooser and
+    verified with iid acceptance true_rate; returns k per step."""
+    from scheduler_svc.goodput import choose, survival
+
+    ks = []
+    for r in range(requests):
+        rid, left = f"{tag}{r}", tokens
+        while left > 0:
+            est.advance()
+            cap = min(est.max_k, left - 1)
+            surv = survival(est.position_rates([rid], "draft"))[:, None, :]
+            k = int(choose(surv, np.array([[cap]]), cost).ks[0]) if cap > 0 else 0
+            accepted = geometric_steps(rng, true_rate, k, 1)[0] if k > 0 else 0
+            if k > 0:
+                est.observe(rid, Observation.from_verified("draft", k, accepted))
+            left -= accepted + 1
+            ks.append(k)
+        est.forget([])
+    return ks
+
+
+def test_a_prior_that_fell_recovers_when_the_requests_are_good_again():
+    # A draft that served well, then a stretch of requests it cannot guess at all: the prior falls below
+    # where speculation pays and no new request brings evidence any more. Without the prior's drift the
+    # draft would stay off for good; with it, good requests get long chains again within a few.
+    cost = draft_cost(0.3, 1.0)
+    est = AcceptanceEstimator(8, alpha=0.3, prior_alpha=0.05)
+    rng = np.random.default_rng(0)
+    assert np.mean(serve_pinned(est, cost, 0.85, 20, rng, "good")) > 3
+    bad = serve_pinned(est, cost, 0.05, 60, rng, "bad")
+    assert np.mean(np.array(bad[-600:]) > 0) < 0.1  # rarely re-tried while its requests keep failing
+    again = serve_pinned(est, cost, 0.85, 20, rng, "again")
+    assert np.mean(again[-300:]) > 3
+    # drift = 0 turns every drift off, the prior's too: the same history leaves the draft off.
+    frozen = AcceptanceEstimator(8, alpha=0.3, prior_alpha=0.05, drift=0.0)
+    serve_pinned(frozen, cost, 0.85, 20, rng, "good")
+    serve_pinned(frozen, cost, 0.05, 60, rng, "bad")
+    assert sum(serve_pinned(frozen, cost, 0.85, 20, rng, "again")) == 0
+
+
+def test_a_failed_retry_of_the_prior_takes_its_drift_back_and_slows_the_next():
+    est = AcceptanceEstimator(5, alpha=0.3, prior_alpha=0.05, drift=0.1)
+    for i in range(200):
+        est.observe(f"r{i % 5}", Observation("draft", 5, 4))  # ceiling 0.8
+    for i in range(200):
+        est.observe(f"s{i % 5}", Observation("draft", 1, 0))  # then nothing accepted
+    low = est.prior("draft")
+    assert low < 0.1
+    for _ in range(60):
+        est.advance()
+    drifted = est.prior("draft")
+    assert drifted > low + 0.2  # towards the ceiling while nobody brings evidence
+    patience = est._stats("draft").prior.patience
+    est.observe("t", Observation("draft", 1, 0))  # the re-try fails
+    # Its evidence took much of the drift back (a miss is 5 times likelier at the fallen rate than at
+    # the ceiling's 0.8, weighed against the drift's own weight).
+    assert est.prior("draft") < drifted - 0.2
+    assert est._stats("draft").prior.patience == 2 * patience
+
+
+def test_deep_positions_seen_rarely_or_long_ago_shape_little():
+    est = AcceptanceEstimator(5, alpha=0.3, prior_alpha=0.05)
+    for i in range(300):  # long chains mostly accepted: every position observed often
+        est.observe(f"r{i % 5}", Observation.from_verified("draft", 5, 5 if i % 3 else 1))
+    shaped = est._stats("draft").shape.copy()
+    assert abs(shaped[1] - 1) > 0.05  # position 2 is accepted more often than the average position
+    for i in range(600):  # then the first candidate always fails: deeper positions are never reached
+        est.observe(f"s{i % 5}", Observation("draft", 1, 0))
+    stats = est._stats("draft")
+    raw = stats.position_accepted[1:] / stats.evidence.rate  # the stale ratios: 0.8 / 0.01
+    assert raw.min() > 20
+    assert np.all(np.abs(stats.shape[1:] - 1) < 0.2)  # shrunk to about 1: their counts have decayed
+    rates = est.position_rates(["fresh"], "draft")[0]
+    assert rates.max() < 0.1  # no promise of long chains after a first candidate that fails
