@@ -39,9 +39,13 @@ The prior itself can fall the same way: a stretch of requests a proposer serves 
 where speculation pays, and from then on every new request starts at k = 0 and none brings evidence
 that could raise it again (one bad tenant would switch the draft off for good). So while no request
 brings evidence for a proposer, its prior drifts the same way towards its ceiling, the highest rate
-it has held (the initial rate at first), with the same patience: a re-try that fails doubles it, one
-that accepts something resets it. A proposer whose requests keep failing costs a short re-try every
-MAX_PATIENCE half lives at most; one that is good again is back within a half life or two.
+it has held (the initial rate at first), PRIOR_PATIENCE times slower than a request's estimate and
+with a patience of its own: a re-try that fails doubles it, one that accepts something resets it. Its
+first re-try's evidence weighs the drift by Bayes' rule as a request's does. A proposer whose requests
+keep failing costs a short re-try every few hundred steps at most; one that is good again is back
+within a few tens. The position rates keep their shape meanwhile: it is taken against the evidence's
+own rate, and a position's shape fades as its observations age (deep positions are reached only
+after hits, so a stretch where the proposer was good would otherwise keep promising long chains).
 
 The clock is the policy's plans: it calls advance() once per plan (without those calls nothing
 drifts). The drift is applied lazily, when an estimate is read or updated, so a step costs O(1)
@@ -275,8 +279,9 @@ class AcceptanceEstimator:
         stats = self._proposers.get(proposer)
         if stats is None:
             stats = self._proposers[proposer] = _ProposerStats(
-                _Rate(self.initial_rate, 1.0, self.steps, PRIOR_PATIENCE), self.initial_rate, np.inf, _Rate(self.initial_rate, 1.0),
-                np.full(self.max_k, self.initial_rate), np.zeros(self.max_k))
+                prior=_Rate(self.initial_rate, 1.0, self.steps, PRIOR_PATIENCE), ceiling=self.initial_rate,
+                since_drift=np.inf, evidence=_Rate(self.initial_rate, 1.0),
+                position_accepted=np.full(self.max_k, self.initial_rate), position_seen=np.zeros(self.max_k))
             self._reshape(stats)
         return stats
 
