@@ -83,6 +83,7 @@ class StepRecord:
     propose_ms: dict[str, float] = field(default_factory=dict)  # per proposer, its own measure
     propose_forward_ms: dict[str, float] = field(default_factory=dict)
     propose_max_new_tokens: dict[str, int] = field(default_factory=dict)  # per proposer, see ProposeResult
+    propose_new_tokens: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per proposer, per item
     propose_wall_ms: float = 0.0  # the parallel propose phase as the engine saw it
     free_propose_wall_ms: float = 0.0  # free proposers proposing before the plan, when the policy asks
     plan_ms: float = 0.0  # the policy's plan() call (part of the overhead)
@@ -365,6 +366,7 @@ class Engine:
         for name, result in results.items():
             record.propose_ms[name], record.propose_forward_ms[name] = result.propose_ms, result.forward_ms
             record.propose_max_new_tokens[name] = result.max_new_tokens
+            record.propose_new_tokens[name] = result.new_tokens
             for rid, cand in result.candidates.items():
                 # A tree may be deeper than max_tokens can use; chains were asked for no more than that.
                 cand = fit_candidates(cand, len(cand.token_ids), self._room(self._running[rid]))
@@ -467,6 +469,8 @@ class Engine:
             offered_trees={name: tuple(c[rid].parent_indices) for name, c in offered.items()
                            if rid in c and self.proposers[name].kind in TREE_PROPOSER_KINDS},
             max_nodes=self._node_room(request),
+            unsent={name: p.unsent(rid, len(request.tokens)) for name, p in self.proposers.items()
+                    if p.kind not in FREE_PROPOSER_KINDS},
         )
 
     def _work(self, request: Request, proposer: ProposerClient, budget: int) -> ProposeWork:

@@ -54,6 +54,10 @@ class StepCost:
               + sum_p [p used] * (fixed_ms[p] + depth_ms[p] * max_{i served by p} k_i)
                                + requests_p * request_ms[p] + tokens_p * proposer_token_ms[p]
 
+    catch_up_ms [B, P] is what serving request i with proposer p costs on top (a draft that has not read
+    the request's prompt yet must run through it first), already spread over the request's steps by the
+    caller; None: zeros.
+
     depth_ms is the cost of one sequential pass of a proposer that builds chains one token per batched
     forward (a draft model): its chains take as many passes as the longest one. Proposers run in
     parallel, so the true proposer phase is the slowest of them, not the sum; with one costly proposer
@@ -66,10 +70,17 @@ class StepCost:
     request_ms: np.ndarray  # [P] per request it serves
     proposer_token_ms: np.ndarray  # [P] per candidate token it proposes
     depth_ms: np.ndarray = field(default=None)  # [P] per unit of its longest chain; None: zeros
+    catch_up_ms: np.ndarray | None = None  # [B, P] per request served by a proposer; None: zeros
 
     def __post_init__(self) -> None:
         if self.depth_ms is None:
             object.__setattr__(self, "depth_ms", np.zeros(len(self.fixed_ms)))
+
+    def catch_up(self, batch_size: int) -> np.ndarray:
+        """[B, P] the per-request charges (zeros when there are none)."""
+        if self.catch_up_ms is None:
+            return np.zeros((batch_size, len(self.fixed_ms)))
+        return self.catch_up_ms
 
     def step_ms(self, ks: np.ndarray, choice: np.ndarray) -> float:
         """Time of a plan: ks [B] candidates per request, choice [B] proposer index (-1 = none)."""
@@ -79,6 +90,8 @@ class StepCost:
         if used.any():
             props, served = choice[used], ks[used]
             t += float(self.request_ms[props].sum() + (self.proposer_token_ms[props] * served).sum())
+            if self.catch_up_ms is not None:
+                t += float(self.catch_up_ms[np.flatnonzero(used), props].sum())
             longest = np.zeros(len(self.fixed_ms))
             np.maximum.at(longest, props, served)
             t += float(self.fixed_ms[longest > 0].sum() + (self.depth_ms * longest).sum())
@@ -159,9 +172,10 @@ def choose(surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
         return _choose_alone(table[0], cost)
     width = k_max + 1
     ks_axis = np.arange(width)
-    # Cost of (p, k) for one request, without the proposers' coupled costs: [P * (K+1)].
-    marginal = (ks_axis[None, :] * (cost.token_ms + cost.proposer_token_ms[:, None]) + np.where(
-        ks_axis[None, :] > 0, cost.request_ms[:, None], 0.0)).reshape(-1)
+    # Cost of (p, k) for each request, without the proposers' coupled costs: [B, P * (K+1)].
+    marginal = (ks_axis[None, None, :] * (cost.token_ms + cost.proposer_token_ms[None, :, None]) + np.where(
+        ks_axis[None, None, :] > 0, cost.request_ms[None, :, None] + cost.catch_up(b)[:, :, None], 0.0)
+    ).reshape(b, -1)
     caps, charged = _cap_options(cost, max_k.max(axis=0))
     # Each combination's table: [C, B, P * (K+1)], -inf beyond its caps.
     beyond = (ks_axis[None, None, :] > caps[:, :, None]).reshape(len(caps), 1, -1)
@@ -169,7 +183,8 @@ def choose(surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
     base = cost.base_ms + cost.token_ms * b + charged  # [C]
     picked = _dinkelbach(tables, marginal, base)  # [C, B]
     expected = b + np.take_along_axis(tables, picked[..., None], axis=2)[..., 0].sum(axis=1)
-    charged_goodput = expected / (base + marginal[picked].sum(axis=1))
+    spent = np.take_along_axis(np.broadcast_to(marginal, tables.shape), picked[..., None], axis=2)[..., 0]
+    charged_goodput = expected / (base + spent.sum(axis=1))
     best = int(np.argmax(charged_goodput))  # ties: the first, i.e. the fewest proposers and shortest caps
     ks = picked[best] % width
     proposer = np.where(ks > 0, picked[best] // width, -1)
@@ -184,8 +199,8 @@ def _choose_alone(table: np.ndarray, cost: StepCost) -> Choice:
     """
     ks = np.arange(table.shape[1])
     ms = (cost.base_ms + cost.token_ms * (ks[None, :] + 1) + np.where(ks[None, :] > 0, (
-        cost.fixed_ms + cost.request_ms)[:, None] + ks[None, :] * (cost.proposer_token_ms + cost.depth_ms)[:, None],
-        0.0))
+        cost.fixed_ms + cost.request_ms + cost.catch_up(1)[0])[:, None]
+        + ks[None, :] * (cost.proposer_token_ms + cost.depth_ms)[:, None], 0.0))
     goodput = (1.0 + table) / ms  # -inf where not allowed
     # Ties go to the first option in (proposer, k) order, k = 0 of proposer 0 first: no speculation.
     best = int(np.argmax(goodput))
@@ -196,8 +211,8 @@ def _choose_alone(table: np.ndarray, cost: StepCost) -> Choice:
 def _dinkelbach(tables: np.ndarray, marginal: np.ndarray, base: np.ndarray) -> np.ndarray:
     """Per combination c, the plan maximising (B + gains) / (base[c] + costs): [C, B] flat (p, k) picks.
 
-    tables [C, B, W] gains per flat (proposer, k) option (-inf: not allowed); marginal [W] each option's
-    cost; base [C] the time every plan of combination c pays. All combinations iterate together, each
+    tables [C, B, W] gains per flat (proposer, k) option (-inf: not allowed); marginal [B, W] each option's
+    cost for each request; base [C] the time every plan of combination c pays. All combinations iterate together, each
     keeping its own trial goodput g; one that stops rising is done (its g stays, so its picks do too).
     """
     n_comb, b, _ = tables.shape
@@ -205,10 +220,11 @@ def _dinkelbach(tables: np.ndarray, marginal: np.ndarray, base: np.ndarray) -> n
     picked = np.zeros((n_comb, b), dtype=int)  # 0 is k = 0
     active = np.ones(n_comb, dtype=bool)
     for _ in range(MAX_ROUNDS):
-        net = tables - g[:, None, None] * marginal[None, None, :]
+        net = tables - g[:, None, None] * marginal[None, :, :]
         new_pick = np.argmax(net, axis=2)  # ties go to the first: k = 0 before any speculation
         expected = b + np.take_along_axis(tables, new_pick[..., None], axis=2)[..., 0].sum(axis=1)
-        g_new = expected / (base + marginal[new_pick].sum(axis=1))
+        spent = np.take_along_axis(np.broadcast_to(marginal, tables.shape), new_pick[..., None], axis=2)[..., 0]
+        g_new = expected / (base + spent.sum(axis=1))
         rising = active & (g_new > g * (1 + 1e-12))
         settled = active & ~rising & (g_new >= g)  # the same optimum reached again: keep its plan
         picked[rising | settled] = new_pick[rising | settled]

@@ -74,6 +74,9 @@ class RequestView:
     # Free tree proposer -> the parent indices of the tree it proposed (a plan keeps its first k nodes).
     offered_trees: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     max_nodes: int = 0  # most tree nodes that fit its context this step (trees may be wider than max_k)
+    # Costly proposer -> committed tokens it has not read yet (a whole prompt the first time it serves the
+    # request): what it must run through before proposing.
+    unsent: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

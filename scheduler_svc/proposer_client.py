@@ -52,6 +52,7 @@ class ProposeResult:
     # Most committed tokens one item brought (a request seen for the first time brings its whole prompt,
     # which a draft model must run through before it can propose: not what a step usually costs).
     max_new_tokens: int = 0
+    new_tokens: tuple[int, ...] = ()  # committed tokens each item brought, in the order of the work
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,10 @@ class ProposerClient:
             self._maybe_held.discard(request_id)
             self._to_release.add(request_id)
 
+    def unsent(self, request_id: str, committed: int) -> int:
+        """Committed tokens of a request this proposer has not been sent yet (all of them at first)."""
+        return committed - self._sent.get(request_id, 0)
+
     def resync(self) -> None:
         """Send every request from scratch (reset=true) next time, keeping the stream."""
         self._sent.clear()
@@ -169,7 +174,8 @@ class ProposerClient:
         for w in work:
             self._sent[w.request_id] = len(w.tokens)
         self._to_release.difference_update(releases)
-        return ProposeResult(candidates, response.propose_ms, response.forward_ms, max_new_tokens=max_new)
+        return ProposeResult(candidates, response.propose_ms, response.forward_ms, max_new_tokens=max_new,
+                             new_tokens=tuple(len(item.new_token_ids) for item in request.items))
 
     async def _exchange(self, request: proposer_pb2.ProposeRequest) -> proposer_pb2.ProposeResponse:
         if self._call is None:

@@ -16,7 +16,7 @@ step-time model (cost_model.CostModel) online from every step's outcomes and tim
 from __future__ import annotations
 
 import abc
-
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 DEFAULT_MAX_K = 8
 DEFAULT_MAX_TREE_NODES = 16
 NO_CAP = 1 << 30
+# EMA weight of one step's measure of a costly proposer's cost per prompt token it catches up on.
+CATCH_UP_ALPHA = 0.2
 
 
 @dataclass
@@ -67,6 +69,8 @@ class GoodputPolicy(Policy):
         self.specs: dict[str, ProposerSpec] = {name: ProposerSpec("", NO_CAP) for name in self.proposers}
         self.last_plan_ms = 0.0  # the chooser's own time, last step
         self.predicted_goodput: float | None = None  # tokens per second
+        # Costly proposer -> ms per committed token it catches up on (a prompt it has not read), measured.
+        self.catch_up_ms_per_token: dict[str, float] = {}
         self._planned: _PlannedStep | None = None
 
     def bind_proposers(self, proposers: Mapping[str, ProposerSpec]) -> None:
@@ -89,6 +93,9 @@ class GoodputPolicy(Policy):
         surv = self._gains(requests, max_k)
         context = sum(r.context_len for r in requests)
         cost = self.cost_model.step_cost(len(requests), context, self.proposers, self._free())
+        catch_up = self._catch_up(requests, surv)
+        if catch_up is not None:
+            cost = dataclasses.replace(cost, catch_up_ms=catch_up)
         choice = self._choose(surv, max_k, cost)
         plans = {}
         for rid, k, p in zip(ids, choice.ks.tolist(), choice.proposer.tolist()):
@@ -146,6 +153,41 @@ class GoodputPolicy(Policy):
                 surv[i, p, :len(gains)] = gains
         return surv
 
+    def _catch_up(self, requests: Sequence[RequestView], surv: np.ndarray) -> np.ndarray | None:
+        """[B, P] what serving each request costs each costly proposer beyond a steady step, or None.
+
+        A draft that has not read a request's prompt runs through it first (at high load, a new request
+        nearly every step: 5-20 ms on a 40-90 ms step on the development machine). That is paid once and
+        buys the draft for the rest of the request, so it is charged spread over the request's expected
+        steps with that proposer: its remaining tokens over 1 + the expected accepted per step. It is
+        charged only where a free proposer has candidates for the request this step: then the choice is
+        between proposers, and one that needs no catch-up may well be the better buy. Against no
+        speculation the charge would mislead a per-step choice: waiting does not make the catch-up
+        cheaper (the request only grows), it only gives up the draft's tokens meanwhile.
+        """
+        steady = self._steady_new_tokens
+        free = [name for name, is_free in zip(self.proposers, self._free()) if is_free]
+        charges: np.ndarray | None = None
+        for p, name in enumerate(self.proposers):
+            per_token = self.catch_up_ms_per_token.get(name, 0.0)
+            if per_token <= 0:
+                continue
+            for i, r in enumerate(requests):
+                if not any(r.offered.get(f, 0) > 0 or r.offered_trees.get(f) for f in free):
+                    continue
+                extra = r.unsent.get(name, 0) - steady
+                if extra > 0:
+                    steps = max(1.0, (r.max_k + 1) / (1.0 + float(surv[i, p].sum())))
+                    if charges is None:
+                        charges = np.zeros((len(requests), len(self.proposers)))
+                    charges[i, p] = per_token * extra / steps
+        return charges
+
+    @property
+    def _steady_new_tokens(self) -> int:
+        """Most committed tokens a proposer that serves a request every step gets at once (accepted + bonus)."""
+        return max(self.max_k, 1) + 1
+
     @abc.abstractmethod
     def _choose(self, surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
         """The plan's search: per-request (SmartSpec) or one k for the whole batch (batch-uniform)."""
@@ -202,9 +244,19 @@ class GoodputPolicy(Policy):
         # A proposer that caught up on a request's prompt this step (first sight, or after many steps
         # without it) ran far more than the plan asked: that time would teach the fit a per-request cost
         # no steady step pays, so such steps are left out of its fit.
-        catch_up = max(self.max_k, 1) + 1
+        catch_up = self._steady_new_tokens
         proposer_ms = {name: ms + rpc for name, ms in own.items()
                        if ms > 0 and record.propose_max_new_tokens.get(name, 0) <= catch_up}
+        # What those steps cost beyond a steady one, per token caught up on: the chooser charges it to the
+        # requests the proposer has not read yet (_catch_up).
+        for name, ms in own.items():
+            extra = sum(max(0, n - catch_up) for n in record.propose_new_tokens.get(name, ()))
+            if ms > 0 and extra > 0:
+                steady = self.cost_model.proposer(name).predict(shape.proposer_features(name))
+                sample = max(ms + rpc - steady, 0.0) / extra
+                known = self.catch_up_ms_per_token.get(name)
+                self.catch_up_ms_per_token[name] = sample if known is None else known + CATCH_UP_ALPHA * (
+                    sample - known)
         # Steps that also admitted requests carry a Prefill call: not what the model predicts.
         clean = record.admitted == 0
         overhead = record.wall_ms - record.verify_total_ms - record.propose_wall_ms if clean else None

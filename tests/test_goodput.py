@@ -162,6 +162,33 @@ def test_batch_of_one_matches_exhaustive_search(seed):
     assert (k == 0 and q == -1) or (q >= 0 and 0 < k <= min(max_k[0, q], k_max))
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_per_request_catch_up_charges_match_exhaustive_search(seed):
+    # A request the draft has not read yet costs it more (its prompt): the chooser weighs that per request.
+    rng = np.random.default_rng(2000 + seed)
+    b, p, k_max = int(rng.integers(1, 4)), int(rng.integers(1, 3)), int(rng.integers(1, 5))
+    surv = survival(rng.uniform(0.0, 1.0, size=(b, p, k_max)))
+    max_k = rng.integers(0, k_max + 2, size=(b, p))
+    base = random_cost(rng, p)
+    step = StepCost(base.base_ms, base.token_ms, base.fixed_ms, base.request_ms, base.proposer_token_ms,
+                    base.depth_ms, catch_up_ms=rng.uniform(0, 6, size=(b, p)) * (rng.random((b, p)) < 0.6))
+    choice = choose(surv, max_k, step)
+    assert choice.goodput == pytest.approx(exhaustive(surv, max_k, step), rel=1e-9, abs=1e-12)
+    assert choice.goodput == pytest.approx(plan_goodput(surv, choice.ks, choice.proposer, step), rel=1e-12)
+
+
+def test_a_request_new_to_the_draft_goes_to_prompt_lookup_when_catching_up_costs_more():
+    # Both requests could use prompt lookup (free, a lower rate) or the draft; the draft has read request 0
+    # already and would have to read request 1's prompt first.
+    surv = iid([[0.5, 0.8], [0.5, 0.8]], 4)
+    max_k = np.array([[4, 4], [4, 4]])
+    plain = cost(base=20.0, token=0.3, fixed=(0.0, 1.0), request=(0.0, 0.2), prop_token=(0.0, 0.5))
+    assert choose(surv, max_k, plain).proposer.tolist() == [1, 1]
+    charged = StepCost(plain.base_ms, plain.token_ms, plain.fixed_ms, plain.request_ms, plain.proposer_token_ms,
+                       plain.depth_ms, catch_up_ms=np.array([[0.0, 0.0], [0.0, 8.0]]))
+    assert choose(surv, max_k, charged).proposer.tolist() == [1, 0]
+
+
 def test_free_proposer_preferred_where_it_matches_costly_one_elsewhere():
     # Proposer 0: free prompt lookup (matched for request 0 only), proposer 1: a draft with costs.
     surv = iid([[0.8, 0.7], [0.8, 0.7]], 4)

@@ -163,3 +163,34 @@ def test_a_proposer_catching_up_on_a_prompt_does_not_teach_the_cost_fit():
     assert len(draft) == 0
     step(3, 6.0)  # a steady step: accepted + bonus tokens only
     assert len(draft) == 1
+
+
+def test_the_draft_s_catch_up_on_a_new_prompt_is_measured_and_charged_to_requests_it_has_not_read():
+    policy = smartspec(draft=(1.0, 0.2, 0.5, 0.0))
+    teach(policy, "ngram", 4, 2)
+    teach(policy, "draft", 4, 3)
+    outcomes = [RequestOutcome("a", "draft", 3, 3, 1, committed=(5, 6))]
+    policy.plan([view("a", offered={"ngram": 0}, max_k=30)])
+    # Its first step on request a: the draft read the 150-token prompt, 30 ms more than a steady step.
+    steady = policy.cost_model.proposer("draft").predict((1.0, 1.0, 3.0, 3.0))
+    record = StepRecord(step_id=1, start_s=0.0, wall_ms=60.0, verify_total_ms=20.0,
+                        propose_ms={"draft": steady + 30.0}, propose_wall_ms=steady + 30.0,
+                        propose_max_new_tokens={"draft": 150}, propose_new_tokens={"draft": (150,)})
+    policy.observe(outcomes, record)
+    assert policy.catch_up_ms_per_token["draft"] == pytest.approx(30.0 / (150 - 5))
+    # Two requests where prompt lookup matched: the draft is better for both when it has read them, but
+    # not for one whose whole prompt it would read first, with 20 tokens to go.
+    read = view("r", offered={"ngram": 4}, max_k=19)
+    new = RequestView(request_id="n", proposer="", context_len=200, max_k=19, offered={"ngram": 4},
+                      unsent={"draft": 200})
+    plans = policy.plan([read, new])
+    assert plans["r"].proposer == "draft" and plans["n"].proposer == "ngram"
+    # The same request with its prompt already read goes to the draft too.
+    plans = policy.plan([read, RequestView(request_id="n", proposer="", context_len=200, max_k=19,
+                                           offered={"ngram": 4}, unsent={"draft": 1})])
+    assert plans["n"].proposer == "draft"
+    # Where prompt lookup has nothing, the choice is the draft or nothing: waiting would not make the catch-up
+    # cheaper, so it is not charged and the new request gets the draft.
+    plans = policy.plan([read, RequestView(request_id="n", proposer="", context_len=200, max_k=19,
+                                           offered={"ngram": 0}, unsent={"draft": 200})])
+    assert plans["n"].proposer == "draft"
