@@ -5,6 +5,9 @@
   have no match for falls to a costly proposer (the draft) or to none. For a tree proposer k counts
   nodes (up to max_tree_nodes): the plan keeps the first k nodes of its best-first tree, each worth the
   chance its path is accepted (tree_acceptance.TreeAcceptance); a chain is scored the same way.
+  A draft must read a request's prompt before it first proposes for it: where a free proposer also has
+  candidates for such a request, that catch-up (measured per prompt token) is charged to the draft,
+  spread over the request's expected steps.
 - `batch-uniform`: one k for the whole batch, chosen by goodput, each request with its own or the
   first configured proposer: what the SmartSpec paper's implementation did.
 
