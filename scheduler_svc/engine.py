@@ -82,8 +82,7 @@ class StepRecord:
     verify_context_tokens: int = 0
     propose_ms: dict[str, float] = field(default_factory=dict)  # per proposer, its own measure
     propose_forward_ms: dict[str, float] = field(default_factory=dict)
-    propose_max_new_tokens: dict[str, int] = field(default_factory=dict)  # per proposer, see ProposeResult
-    propose_new_tokens: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per proposer, per item
+    propose_new_tokens: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per proposer, see ProposeResult
     propose_wall_ms: float = 0.0  # the parallel propose phase as the engine saw it
     free_propose_wall_ms: float = 0.0  # free proposers proposing before the plan, when the policy asks
     plan_ms: float = 0.0  # the policy's plan() call (part of the overhead)
@@ -365,7 +364,6 @@ class Engine:
         answered = {name for name, result in results.items() if result.ok} | set(offered)
         for name, result in results.items():
             record.propose_ms[name], record.propose_forward_ms[name] = result.propose_ms, result.forward_ms
-            record.propose_max_new_tokens[name] = result.max_new_tokens
             record.propose_new_tokens[name] = result.new_tokens
             for rid, cand in result.candidates.items():
                 # A tree may be deeper than max_tokens can use; chains were asked for no more than that.

@@ -183,8 +183,7 @@ def choose(surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
     base = cost.base_ms + cost.token_ms * b + charged  # [C]
     picked = _dinkelbach(tables, marginal, base)  # [C, B]
     expected = b + np.take_along_axis(tables, picked[..., None], axis=2)[..., 0].sum(axis=1)
-    spent = np.take_along_axis(np.broadcast_to(marginal, tables.shape), picked[..., None], axis=2)[..., 0]
-    charged_goodput = expected / (base + spent.sum(axis=1))
+    charged_goodput = expected / (base + marginal[np.arange(b), picked].sum(axis=1))
     best = int(np.argmax(charged_goodput))  # ties: the first, i.e. the fewest proposers and shortest caps
     ks = picked[best] % width
     proposer = np.where(ks > 0, picked[best] // width, -1)
@@ -212,19 +211,20 @@ def _dinkelbach(tables: np.ndarray, marginal: np.ndarray, base: np.ndarray) -> n
     """Per combination c, the plan maximising (B + gains) / (base[c] + costs): [C, B] flat (p, k) picks.
 
     tables [C, B, W] gains per flat (proposer, k) option (-inf: not allowed); marginal [B, W] each option's
-    cost for each request; base [C] the time every plan of combination c pays. All combinations iterate together, each
-    keeping its own trial goodput g; one that stops rising is done (its g stays, so its picks do too).
+    cost for each request; base [C] the time every plan of combination c pays. All combinations iterate
+    together, each keeping its own trial goodput g; one that stops rising is done (its g stays, so its
+    picks do too).
     """
     n_comb, b, _ = tables.shape
     g = b / base  # all k = 0 is always allowed, so this is a lower bound of each optimum
     picked = np.zeros((n_comb, b), dtype=int)  # 0 is k = 0
+    requests = np.arange(b)  # with a [C, B] pick, marginal[requests, pick] is each pick's cost [C, B]
     active = np.ones(n_comb, dtype=bool)
     for _ in range(MAX_ROUNDS):
         net = tables - g[:, None, None] * marginal[None, :, :]
         new_pick = np.argmax(net, axis=2)  # ties go to the first: k = 0 before any speculation
         expected = b + np.take_along_axis(tables, new_pick[..., None], axis=2)[..., 0].sum(axis=1)
-        spent = np.take_along_axis(np.broadcast_to(marginal, tables.shape), new_pick[..., None], axis=2)[..., 0]
-        g_new = expected / (base + spent.sum(axis=1))
+        g_new = expected / (base + marginal[requests, new_pick].sum(axis=1))
         rising = active & (g_new > g * (1 + 1e-12))
         settled = active & ~rising & (g_new >= g)  # the same optimum reached again: keep its plan
         picked[rising | settled] = new_pick[rising | settled]

@@ -49,10 +49,10 @@ class ProposeResult:
     propose_ms: float = 0.0
     forward_ms: float = 0.0
     ok: bool = True  # False: skipped (backoff) or failed; candidates are then empty
-    # Most committed tokens one item brought (a request seen for the first time brings its whole prompt,
-    # which a draft model must run through before it can propose: not what a step usually costs).
-    max_new_tokens: int = 0
-    new_tokens: tuple[int, ...] = ()  # committed tokens each item brought, in the order of the work
+    # Committed tokens each item brought, in the order of the work (a request seen for the first time
+    # brings its whole prompt, which a draft model must run through before it can propose: not what a
+    # step usually costs).
+    new_tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -155,10 +155,8 @@ class ProposerClient:
         releases = sorted(self._to_release)
         request = proposer_pb2.ProposeRequest(step_id=self._step_id, release_request_ids=releases,
                                               trace_context=inject_context())
-        max_new = 0
         for w in work:
             sent = self._sent.get(w.request_id, 0)
-            max_new = max(max_new, len(w.tokens) - sent)
             request.items.add(request_id=w.request_id, new_token_ids=w.tokens[sent:], reset=sent == 0,
                               budget=w.budget, hidden_state=w.hidden_state)
             self._maybe_held.add(w.request_id)  # before the answer: a failed step may still have built state
@@ -174,7 +172,7 @@ class ProposerClient:
         for w in work:
             self._sent[w.request_id] = len(w.tokens)
         self._to_release.difference_update(releases)
-        return ProposeResult(candidates, response.propose_ms, response.forward_ms, max_new_tokens=max_new,
+        return ProposeResult(candidates, response.propose_ms, response.forward_ms,
                              new_tokens=tuple(len(item.new_token_ids) for item in request.items))
 
     async def _exchange(self, request: proposer_pb2.ProposeRequest) -> proposer_pb2.ProposeResponse:

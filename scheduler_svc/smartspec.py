@@ -170,16 +170,15 @@ class GoodputPolicy(Policy):
         """
         steady = self._steady_new_tokens
         free = [name for name, is_free in zip(self.proposers, self._free()) if is_free]
+        matched = [any(r.offered.get(f, 0) > 0 or r.offered_trees.get(f) for f in free) for r in requests]
         charges: np.ndarray | None = None
         for p, name in enumerate(self.proposers):
             per_token = self.catch_up_ms_per_token.get(name, 0.0)
             if per_token <= 0:
                 continue
             for i, r in enumerate(requests):
-                if not any(r.offered.get(f, 0) > 0 or r.offered_trees.get(f) for f in free):
-                    continue
                 extra = r.unsent.get(name, 0) - steady
-                if extra > 0:
+                if matched[i] and extra > 0:
                     steps = max(1.0, (r.max_k + 1) / (1.0 + float(surv[i, p].sum())))
                     if charges is None:
                         charges = np.zeros((len(requests), len(self.proposers)))
@@ -246,15 +245,18 @@ class GoodputPolicy(Policy):
         rpc = max(record.propose_wall_ms - max(own.values(), default=0.0), 0.0)
         # A proposer that caught up on a request's prompt this step (first sight, or after many steps
         # without it) ran far more than the plan asked: that time would teach the fit a per-request cost
-        # no steady step pays, so such steps are left out of its fit.
-        catch_up = self._steady_new_tokens
-        proposer_ms = {name: ms + rpc for name, ms in own.items()
-                       if ms > 0 and record.propose_max_new_tokens.get(name, 0) <= catch_up}
-        # What those steps cost beyond a steady one, per token caught up on: the chooser charges it to the
-        # requests the proposer has not read yet (_catch_up).
+        # no steady step pays, so such steps are left out of its fit. What they cost beyond a steady
+        # step, per token caught up on, is what the chooser charges to requests the proposer has not
+        # read yet (_catch_up).
+        steady_tokens = self._steady_new_tokens
+        proposer_ms = {}
         for name, ms in own.items():
-            extra = sum(max(0, n - catch_up) for n in record.propose_new_tokens.get(name, ()))
-            if ms > 0 and extra > 0:
+            if ms <= 0:
+                continue
+            extra = sum(max(0, n - steady_tokens) for n in record.propose_new_tokens.get(name, ()))
+            if extra == 0:
+                proposer_ms[name] = ms + rpc
+            else:
                 steady = self.cost_model.proposer(name).predict(shape.proposer_features(name))
                 sample = max(ms + rpc - steady, 0.0) / extra
                 known = self.catch_up_ms_per_token.get(name)

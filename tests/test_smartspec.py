@@ -156,7 +156,7 @@ def test_a_proposer_catching_up_on_a_prompt_does_not_teach_the_cost_fit():
     def step(new_tokens: int, ms: float) -> None:
         policy.plan([view("a", offered={"ngram": 0})])
         record = StepRecord(step_id=1, start_s=0.0, wall_ms=40.0, verify_total_ms=20.0, propose_ms={"draft": ms},
-                            propose_wall_ms=ms + 1.0, propose_max_new_tokens={"draft": new_tokens})
+                            propose_wall_ms=ms + 1.0, propose_new_tokens={"draft": (new_tokens,)})
         policy.observe(outcomes, record)
 
     step(150, 60.0)  # first sight: the draft ran the whole 150-token prompt
@@ -175,7 +175,7 @@ def test_the_draft_s_catch_up_on_a_new_prompt_is_measured_and_charged_to_request
     steady = policy.cost_model.proposer("draft").predict((1.0, 1.0, 3.0, 3.0))
     record = StepRecord(step_id=1, start_s=0.0, wall_ms=60.0, verify_total_ms=20.0,
                         propose_ms={"draft": steady + 30.0}, propose_wall_ms=steady + 30.0,
-                        propose_max_new_tokens={"draft": 150}, propose_new_tokens={"draft": (150,)})
+                        propose_new_tokens={"draft": (150,)})
     policy.observe(outcomes, record)
     assert policy.catch_up_ms_per_token["draft"] == pytest.approx(30.0 / (150 - 5))
     # Two requests where prompt lookup matched: the draft is better for both when it has read them, but
