@@ -124,6 +124,16 @@ class _Rate:
         """Accepted count after drifting a fraction 1 - weight of the way to the prior's rate."""
         return weight * self.accepted + (1.0 - weight) * prior_rate * self.tested
 
+    def settle(self, target: float, weight: float, observation: Observation, patience: float,
+               most_patience: float) -> None:
+        """A re-try after steps without evidence, `weight` of the estimate left undrifted: fold the drift
+        towards `target` in, weighed by how well each rate explains this evidence (Bayes' rule). A re-try
+        that accepted nothing doubles the patience (up to most_patience); one that did resets it."""
+        unchanged = weight * _likelihood(self.rate, observation)
+        changed = (1.0 - weight) * _likelihood(target, observation)
+        self.accepted = self.drifted(target, unchanged / (unchanged + changed))
+        self.patience = min(2.0 * self.patience, most_patience) if observation.accepted == 0 else patience
+
     def update(self, alpha: float, accepted: float, tested: float) -> None:
         self.accepted += alpha * (accepted - self.accepted)
         self.tested += alpha * (tested - self.tested)
@@ -220,10 +230,7 @@ class AcceptanceEstimator:
         else:
             weight = self._drift_weight(own)
             if weight < 1.0:  # a re-try after steps without evidence: was the drift right?
-                unchanged = weight * _likelihood(own.rate, observation)
-                changed = (1.0 - weight) * _likelihood(stats.prior.rate, observation)
-                own.accepted = own.drifted(stats.prior.rate, unchanged / (unchanged + changed))
-                own.patience = min(2.0 * own.patience, MAX_PATIENCE) if observation.accepted == 0 else 1.0
+                own.settle(stats.prior.rate, weight, observation, 1.0, MAX_PATIENCE)
         own.update(self.alpha, observation.accepted, observation.tested)
         own.step = self.steps
         stats.prior.update(self.prior_alpha, observation.accepted, observation.tested)
@@ -252,14 +259,9 @@ class AcceptanceEstimator:
         counts, and slow the next drift down if this re-try failed (reset it if it did not)."""
         prior = stats.prior
         weight = self._drift_weight(prior)
-        if weight < 1.0:
-            # As for a request's re-try: weigh the drift by how well each rate explains this evidence.
-            unchanged = weight * _likelihood(prior.rate, observation)
-            weight = unchanged / (unchanged + (1.0 - weight) * _likelihood(stats.ceiling, observation))
-            prior.accepted = prior.drifted(stats.ceiling, weight)
+        if weight < 1.0:  # as a request's re-try, with the prior's own patience
+            prior.settle(stats.ceiling, weight, observation, PRIOR_PATIENCE, MAX_PRIOR_PATIENCE)
             stats.since_drift = 0.0
-            prior.patience = (min(2.0 * prior.patience, MAX_PRIOR_PATIENCE) if observation.accepted == 0
-                              else PRIOR_PATIENCE)
             prior.step = self.steps
 
     def _drift_weight(self, own: _Rate) -> float:
