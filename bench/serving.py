@@ -8,7 +8,8 @@ scheduler, back to back (so that whatever else the machine does at the time weig
 compared there): each request is sent at its arrival offset, greedy, `--max-tokens` tokens (EOS ignored
 so every request asks for the same work). `--repeats N` replays the whole sweep N times, rotating the
 policies' order each time, and pools the requests of a run's repeats (each repeat's mean latency is kept
-in the row as well). Per run it reports mean/p50/p99 client-side
+in the row as well); `--repeats 3,3,8` gives each rate of `--rates` its own count (the heaviest rate's runs
+are short, and past saturation their mean latency is the noisiest). Per run it reports mean/p50/p99 client-side
 latency, mean time to first token (server-side, from the request's stats), mean time per output token,
 goodput (generated tokens per wall second of the run), acceptance rate, the mean speculation length
 (proposed tokens per request-step; a tree's node count for medusa) and accepted tokens per request-step.
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -53,6 +55,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -457,24 +460,47 @@ def _repeat_label(repeat: int, repeats: int) -> str:
     return f" (repeat {repeat + 1}/{repeats})" if repeats > 1 else ""
 
 
+def repeats_per_rate(args: argparse.Namespace) -> dict[float, int]:
+    """--repeats as rate -> repeats: one number for every rate, or one per rate in --rates order.
+
+    Heavier rates are cheap to repeat (a run lasts about requests / rate seconds) and need it most: past
+    saturation a few per cent of throughput moves the queue, and so the mean latency, several times as much.
+    """
+    rates = [float(r) for r in _split(args.rates)]
+    value = str(getattr(args, "repeats", 1))
+    try:
+        counts = [int(c) for c in _split(value)]
+    except ValueError:
+        raise ValueError(f"--repeats must be a number or one per rate, got {value!r}") from None
+    if len(counts) == 1:
+        counts *= len(rates)
+    if len(counts) != len(rates) or any(c < 1 for c in counts):
+        raise ValueError(f"--repeats must be one number >= 1 or one per rate ({len(rates)}), got {value!r}")
+    return dict(zip(rates, counts))
+
+
 def _describe(run: RunConfig) -> str:
     proposer = "" if run.is_peer else f" proposer={run.proposer}"
     return f"policy={run.policy_label} workload={run.workload}{proposer} rate={run.rate:g}/s"
 
 
-def interleave(runs: list[RunConfig], repeats: int = 1) -> list[tuple[int, RunConfig]]:
+def interleave(runs: list[RunConfig], repeats: int | Mapping[float, int] = 1) -> list[tuple[int, RunConfig]]:
     """The order the stack's runs are replayed in: (repeat, run) pairs.
 
     The runs of one (workload, rate, proposer) - every policy's - are replayed back to back, so that what
     else the machine does at the time weighs on all the policies compared there; each repeat rotates their
-    order by one, so that no policy always goes first.
+    order by one, so that no policy always goes first. `repeats` may differ per rate (repeats_per_rate):
+    a rate's extra repeats come in the later rounds of the sweep.
     """
     groups: dict[tuple, list[RunConfig]] = {}
     for run in runs:
         groups.setdefault((run.workload, run.rate, run.proposer), []).append(run)
+    counts = repeats if isinstance(repeats, Mapping) else collections.defaultdict(lambda: repeats)
     order = []
-    for repeat in range(repeats):
-        for group in groups.values():
+    for repeat in range(max((counts[rate] for _, rate, _ in groups), default=0)):
+        for (_, rate, _), group in groups.items():
+            if repeat >= counts[rate]:
+                continue
             shift = repeat % len(group)
             order += [(repeat, run) for run in group[shift:] + group[:shift]]
     return order
@@ -499,14 +525,14 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     from specdec.launcher import Stack, free_ports, local_specs
 
     runs = plan(args)
-    repeats = getattr(args, "repeats", 1)
+    repeats = repeats_per_rate(args)
     stack_runs = [run for run in runs if not run.is_peer]
     peer_runs = [run for run in runs if run.is_peer]
     kinds = [kind for kind in PROPOSER_KINDS
              if any(kind in PROPOSER_KINDS_OF_LABEL[label] for run in stack_runs for label in run.labels)]
     prompts = {w: WORKLOADS[w](args.requests, args.seed) for w in {run.workload for run in runs}}
     order = interleave(stack_runs, repeats)
-    progress = Progress(len(order) + len(peer_runs) * repeats)
+    progress = Progress(len(order) + sum(repeats[run.rate] for run in peer_runs))
     rows: list[dict] = []
     if stack_runs:
         env = {"SPECDEC_TORCH_THREADS": str(args.service_threads)} if args.service_threads else None
@@ -532,7 +558,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
                 # Warm-up: the first request of a fresh scheduler pays one-off costs.
                 asyncio.run(replay(addresses[policy_label], [0.0], prompts[first.workload][:1], "", 4))
             for repeat, run in order:
-                progress.start(_describe(run) + _repeat_label(repeat, repeats))
+                progress.start(_describe(run) + _repeat_label(repeat, repeats[run.rate]))
                 trace = poisson_trace(run.rate, args.requests, args.seed)
                 results = asyncio.run(replay(addresses[run.policy_label], trace, prompts[run.workload],
                                              run.request_proposer, args.max_tokens, timeout=args.timeout))
@@ -583,12 +609,14 @@ def run_peers(runs: list[RunConfig], prompts: dict[str, list[str]], args: argpar
         prompt_ids = {w: [models.encode(text) for text in texts] for w, texts in prompts.items()}
         first = next(iter(prompt_ids.values()))[0]
         hf_peers.warm_up(models, list(dict.fromkeys(run.policy for run in runs)), first, lookup)
-        repeats = getattr(args, "repeats", 1)
+        repeats = repeats_per_rate(args)
         measured: dict[RunConfig, list[list]] = {run: [] for run in runs}
-        for repeat in range(repeats):
+        for repeat in range(max(repeats.values(), default=0)):
             for run in runs:
+                if repeat >= repeats[run.rate]:
+                    continue
                 if progress:
-                    progress.start(_describe(run) + _repeat_label(repeat, repeats))
+                    progress.start(_describe(run) + _repeat_label(repeat, repeats[run.rate]))
                 trace = poisson_trace(run.rate, args.requests, args.seed)
                 measured[run].append(hf_peers.run_peer(models, run.policy, trace, prompt_ids[run.workload],
                                                        args.max_tokens, lookup))
@@ -732,8 +760,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per run (default 32)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrival traces")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="replay every run this many times, interleaved, and pool the requests (default 1)")
+    parser.add_argument("--repeats", default="1",
+                        help="replay every run this many times, interleaved, and pool the requests: one number, or "
+                             "one per rate in --rates order (e.g. 3,3,8) (default 1)")
     parser.add_argument("--out", default="docs/bench", help="output folder (default docs/bench)")
     parser.add_argument("--model", help="target checkpoint folder (default: the embedded models/code-target)")
     parser.add_argument("--draft-model", help="draft checkpoint folder (default: the embedded models/code-draft)")
@@ -750,11 +779,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.requests < 1 or args.max_tokens < 1 or args.repeats < 1:
-        raise ValueError("--requests, --max-tokens and --repeats must be >= 1")
+    if args.requests < 1 or args.max_tokens < 1:
+        raise ValueError("--requests and --max-tokens must be >= 1")
     if args.peer_lookup_tokens < 1 or args.peer_threads < 0 or args.service_threads < 0:
         raise ValueError("--peer-lookup-tokens must be >= 1, --peer-threads and --service-threads >= 0")
     plan(args)  # fails on bad flags before anything starts
+    repeats_per_rate(args)
     rows = run_sweep(args)
     paths = write_outputs(rows, Path(args.out), args)
     for path in paths:

@@ -33,6 +33,7 @@ from bench.serving import (  # noqa: E402
     plan,
     pool,
     poisson_trace,
+    repeats_per_rate,
     stack_rows,
     summarize,
 )
@@ -143,6 +144,24 @@ def test_interleave_compares_policies_back_to_back_and_rotates_them():
     # none (run once, under the first proposer label) is not compared with the draft-pinned runs.
     assert [run.policy_label for rep, run in order if rep == 0 and (run.rate, run.proposer) == (4.0, "draft")] == [
         "fixed:3", "smartspec"]
+
+
+def test_repeats_per_rate_give_the_heavy_rate_more_runs():
+    args = _args(["--rates", "1,16", "--repeats", "2,3", "--policies", "fixed:3,smartspec", "--proposers", "ngram",
+                  "--workloads", "code", "--peers", ""])
+    assert repeats_per_rate(args) == {1.0: 2, 16.0: 3}
+    runs = plan(args)
+    order = interleave(runs, repeats_per_rate(args))
+    count = {run: sum(1 for _, r in order if r == run) for run in runs}
+    assert count == {run: 2 if run.rate == 1.0 else 3 for run in runs}
+    # The second round rotates the policies, the third (the heavy rate's only) rotates them again.
+    assert [(run.rate, run.policy_label) for rep, run in order if rep == 1] == [
+        (1.0, "smartspec"), (1.0, "fixed:3"), (16.0, "smartspec"), (16.0, "fixed:3")]
+    assert [(run.rate, run.policy_label) for rep, run in order if rep == 2] == [(16.0, "fixed:3"), (16.0, "smartspec")]
+    assert repeats_per_rate(_args(["--rates", "1,4,16", "--repeats", "3"])) == {1.0: 3, 4.0: 3, 16.0: 3}
+    for bad in ("0", "2,3", "3,3,0", "x"):
+        with pytest.raises(ValueError, match="--repeats"):
+            repeats_per_rate(_args(["--rates", "1,4,16", "--repeats", bad]))
 
 
 def test_pool_repeats_exact_numbers():
