@@ -310,6 +310,19 @@ def test_summary_fails_with_the_numbers():
     assert d["copy / both / 1 req/s (lightest)"].detail == "smartspec 600 ms / hf-assisted 300 ms = 2.000 > 1.1"
 
 
+def test_summary_shows_smartspec_repeat_by_repeat():
+    rows = _passing_rows()
+    _set(rows, "code", "draft", "smartspec", 16.0, mean_latency_ms=2100, repeat_mean_latency_ms=[2300, 1900, 2100])
+    _set(rows, "code", "draft", "none", 16.0, repeat_mean_latency_ms=[2000, 2000, 2000])
+    _set(rows, "code", "ngram", "smartspec", 16.0, repeat_mean_latency_ms=[2000, 2000])  # unpaired: not shown
+    _set(rows, "code", "ngram", "none", 16.0, repeat_mean_latency_ms=[2000, 2000, 2000])
+    a = {cell.where: cell for cell in summary.run_checks(rows)[0].cells}
+    assert a["code / draft / 16 req/s"].status == summary.PASS  # the verdict is the pooled mean's
+    assert a["code / draft / 16 req/s"].detail == (
+        "smartspec 2100 ms / best 2000 ms (none) = 1.050 <= 1.05; by repeat 0.95x-1.15x, within 1.05x in 2 of 3")
+    assert a["code / ngram / 16 req/s"].detail == "smartspec 2000 ms / best 2000 ms (none) = 1.000 <= 1.05"
+
+
 def test_summary_missing_rows_are_never_a_pass(tmp_path):
     rows = [r for r in _passing_rows() if r["proposer"] not in ("hf", "medusa")
             and not (r["proposer"] == "ngram" and r["policy"] == "none" and r["rate"] == 16.0)]
