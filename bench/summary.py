@@ -125,7 +125,8 @@ def _rate(rate: float) -> str:
 def _per_repeat(row: dict, best: dict) -> str:
     """'; by repeat 0.91x-1.12x, within 1.05x in 5 of 8': the ratio repeat by repeat, where both rows kept
     their repeats' means (the verdict stays on the pooled means; this says how much of it the noise could
-    move). Repeat i of the two rows ran in the same round of the sweep, policies of a cell back to back."""
+    move). Repeat i of the two rows ran in the same round of the sweep, back to back within a cell; `none`,
+    run once for every proposer label, ran beside the first label's cell of that round."""
     ours, theirs = row.get("repeat_mean_latency_ms"), best.get("repeat_mean_latency_ms")
     if not ours or not theirs or len(ours) != len(theirs):
         return ""
