@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import json
@@ -495,9 +494,9 @@ def interleave(runs: list[RunConfig], repeats: int | Mapping[float, int] = 1) ->
     groups: dict[tuple, list[RunConfig]] = {}
     for run in runs:
         groups.setdefault((run.workload, run.rate, run.proposer), []).append(run)
-    counts = repeats if isinstance(repeats, Mapping) else collections.defaultdict(lambda: repeats)
+    counts = repeats if isinstance(repeats, Mapping) else {rate: repeats for _, rate, _ in groups}
     order = []
-    for repeat in range(max((counts[rate] for _, rate, _ in groups), default=0)):
+    for repeat in range(max(counts.values(), default=0)):
         for (_, rate, _), group in groups.items():
             if repeat >= counts[rate]:
                 continue
