@@ -33,6 +33,8 @@ class SchedulerConfig:
     max_tree_nodes: int = 16  # most tree nodes (tree proposers) the goodput policies verify per request
     ema_alpha: float = 0.3  # weight of one step in a request's acceptance-rate estimate (goodput policies)
     cost_window: int = 256  # recent steps the cost model is fitted over (goodput policies)
+    # Seconds of arrivals the goodput policies estimate the arrival rate over (0 = ignore arrivals).
+    arrival_window_s: float = 0.5
     profile_s: float = 2.0  # time budget of the start-up cost profile (goodput policies); 0 = none
     disable_batch_size: int = 8  # disable-by-batch-size: no speculation above this many running requests
     batch_size_table: str = "1-4:5,5-16:3,17-:0"  # batch-size-table: LO-HI:K ranges of running requests
@@ -61,6 +63,8 @@ class SchedulerConfig:
             raise ValueError(f"--ema-alpha must be in (0, 1], got {self.ema_alpha}")
         if self.cost_window < 1 or self.profile_s < 0 or self.disable_batch_size < 0:
             raise ValueError("--cost-window must be >= 1, --profile-s and --disable-batch-size >= 0")
+        if self.arrival_window_s < 0:
+            raise ValueError(f"--arrival-window-s must be >= 0, got {self.arrival_window_s}")
         from scheduler_svc.batch_size_policies import parse_batch_size_table  # here: it imports this module
 
         parse_batch_size_table(self.batch_size_table)
@@ -130,6 +134,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="weight of one step in a request's acceptance estimate (smartspec, batch-uniform)")
     parser.add_argument("--cost-window", type=int, default=int(_env("COST_WINDOW", 256)),
                         help="recent steps the step-time model is fitted over (smartspec, batch-uniform)")
+    parser.add_argument("--arrival-window-s", type=float, default=float(_env("ARRIVAL_WINDOW_S", 0.5)),
+                        help="seconds over which the arrival rate is measured; a step's length is also "
+                             "weighed by the wait it imposes on arrivals, 0 = ignore them (smartspec, "
+                             "batch-uniform)")
     parser.add_argument("--profile-s", type=float, default=float(_env("PROFILE_S", 2.0)),
                         help="time budget of the start-up cost profile, 0 = none (smartspec, batch-uniform)")
     parser.add_argument("--disable-batch-size", type=int, default=int(_env("DISABLE_BATCH_SIZE", 8)),
@@ -178,6 +186,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> SchedulerConfig:
             max_tree_nodes=args.max_tree_nodes,
             ema_alpha=args.ema_alpha,
             cost_window=args.cost_window,
+            arrival_window_s=args.arrival_window_s,
             profile_s=args.profile_s,
             disable_batch_size=args.disable_batch_size,
             batch_size_table=args.batch_size_table,

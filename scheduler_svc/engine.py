@@ -181,6 +181,7 @@ class Engine:
                 f"(limit {self.max_waiting}); retry later"
             )
         self._waiting.append(request)
+        self.policy.observe_arrival(request.arrival_s)
         self._wake.set()
 
     def cancel(self, request: Request) -> None:

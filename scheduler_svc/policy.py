@@ -118,6 +118,9 @@ class Policy(ABC):
     def observe(self, outcomes: Sequence[RequestOutcome], record: StepRecord) -> None:
         """Feedback after a step: per-request outcomes and the step's timings. Default: ignore."""
 
+    def observe_arrival(self, arrival_s: float) -> None:
+        """A request was queued at arrival_s (time.perf_counter seconds). Default: ignore."""
+
 
 class NoSpeculationPolicy(Policy):
     """Plain decoding for everyone (k = 0)."""
@@ -154,7 +157,8 @@ class FixedPolicy(Policy):
 
 def make_policy(name: str, proposers: Sequence[str], k: int, **options) -> Policy:
     """The policy called `name` (see config.POLICIES); `options` are the keyword arguments of its class
-    (smartspec / batch-uniform: max_k, ema_alpha, cost_window; disable-by-batch-size: threshold;
+    (smartspec / batch-uniform: max_k, ema_alpha, cost_window, max_tree_nodes, arrival_window_s;
+    disable-by-batch-size: threshold;
     batch-size-table: table)."""
     if name == "none":
         return NoSpeculationPolicy()
@@ -180,7 +184,7 @@ def policy_from_config(config: SchedulerConfig, proposers: Sequence[str]) -> Pol
     options: dict = {}
     if config.policy in ("smartspec", "batch-uniform"):
         options = dict(max_k=config.max_k, ema_alpha=config.ema_alpha, cost_window=config.cost_window,
-                       max_tree_nodes=config.max_tree_nodes)
+                       max_tree_nodes=config.max_tree_nodes, arrival_window_s=config.arrival_window_s)
     elif config.policy == "disable-by-batch-size":
         options = dict(threshold=config.disable_batch_size)
     elif config.policy == "batch-size-table":

@@ -8,6 +8,8 @@
   A draft must read a request's prompt before it first proposes for it: where a free proposer also has
   candidates for such a request, that catch-up (measured per prompt token) is charged to the draft,
   spread over the request's expected steps.
+  Requests arriving during a step wait for its end: at a high arrival rate (arrivals.ArrivalRate) a
+  step's length is weighed by the wait it imposes on them as well (goodput.py, "Arrivals").
 - `batch-uniform`: one k for the whole batch, chosen by goodput, each request with its own or the
   first configured proposer: what the SmartSpec paper's implementation did.
 
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 
 from scheduler_svc.acceptance import AcceptanceEstimator, Observation
+from scheduler_svc.arrivals import DEFAULT_WINDOW_S, ArrivalRate
 from scheduler_svc.config import NO_PROPOSER
 from scheduler_svc.cost_model import DEFAULT_WINDOW, CostModel, StepShape
 from scheduler_svc.goodput import Choice, StepCost, best_uniform_k, choose, survival
@@ -56,7 +59,8 @@ class GoodputPolicy(Policy):
     """The shared machinery: acceptance estimates, the cost model, and the feedback from each step."""
 
     def __init__(self, proposers: Sequence[str], *, max_k: int = DEFAULT_MAX_K, ema_alpha: float = 0.3,
-                 cost_window: int = DEFAULT_WINDOW, max_tree_nodes: int = DEFAULT_MAX_TREE_NODES) -> None:
+                 cost_window: int = DEFAULT_WINDOW, max_tree_nodes: int = DEFAULT_MAX_TREE_NODES,
+                 arrival_window_s: float = DEFAULT_WINDOW_S) -> None:
         if max_k < 0:
             raise ValueError(f"--max-k must be >= 0, got {max_k}")
         if max_tree_nodes < 0:
@@ -74,10 +78,15 @@ class GoodputPolicy(Policy):
         self.predicted_goodput: float | None = None  # tokens per second
         # Costly proposer -> ms per committed token it catches up on (a prompt it has not read), measured.
         self.catch_up_ms_per_token: dict[str, float] = {}
+        self.arrivals = ArrivalRate(arrival_window_s)
+        self.arrival_rate: float = 0.0  # requests per second, as of the last plan
         self._planned: _PlannedStep | None = None
 
     def bind_proposers(self, proposers: Mapping[str, ProposerSpec]) -> None:
         self.specs.update({name: spec for name, spec in proposers.items() if name in self.specs})
+
+    def observe_arrival(self, arrival_s: float) -> None:
+        self.arrivals.observe(arrival_s)
 
     def _free(self) -> list[bool]:
         return [self.specs[name].free for name in self.proposers]
@@ -97,8 +106,12 @@ class GoodputPolicy(Policy):
         context = sum(r.context_len for r in requests)
         cost = self.cost_model.step_cost(len(requests), context, self.proposers, self._free())
         catch_up = self._catch_up(requests, surv)
-        if catch_up is not None:
-            cost = dataclasses.replace(cost, catch_up_ms=catch_up)
+        per_ms = self.arrivals.per_ms(t0)
+        self.arrival_rate = per_ms * 1e3
+        if catch_up is not None or (per_ms > 0 and requests):
+            # Arrivals during the step wait T/2 on average: T * (B + lam * T / 2) request-ms in all.
+            cost = dataclasses.replace(cost, catch_up_ms=catch_up,
+                                       wait_weight=per_ms / (2 * len(requests)) if requests else 0.0)
         choice = self._choose(surv, max_k, cost)
         plans = {}
         for rid, k, p in zip(ids, choice.ks.tolist(), choice.proposer.tolist()):

@@ -96,7 +96,10 @@ def test_smartspec_end_to_end_is_lossless_profiles_at_start_and_learns():
             profiled = [rid for rid in c.verifier.prefilled if rid.startswith(PROFILE_PREFIX)]
             assert profiled and set(profiled) <= set(c.verifier.released)
             assert len(policy.cost_model.verify) > 0 and len(policy.cost_model.proposer("draft")) > 0
+            arrivals, observe_arrival = [], policy.observe_arrival
+            policy.observe_arrival = lambda t: (arrivals.append(t), observe_arrival(t))
             results = await generate_all(c, max_tokens=16)
+            assert len(arrivals) == len(PROMPTS)  # the engine tells the policy of every arrival
             assert any(stats.proposers["ngram"].accepted > 0 for _, _, _, stats, _ in results)
             records = list(c.engine.step_records)
             assert all(r.predicted_step_ms is not None and r.predicted_step_ms > 0 for r in records)
@@ -114,8 +117,9 @@ def test_smartspec_end_to_end_is_lossless_profiles_at_start_and_learns():
 def test_scheduler_flags_select_policies():
     config = config_from_args(["--verifier", "h:1", "--policy", "batch-size-table", "--batch-size-table", "1-:2",
                                "--max-k", "7", "--ema-alpha", "0.5", "--disable-batch-size", "3",
-                               "--cost-window", "64", "--profile-s", "0"])
+                               "--cost-window", "64", "--profile-s", "0", "--arrival-window-s", "0"])
     assert (config.policy, config.batch_size_table, config.max_k, config.ema_alpha) == ("batch-size-table", "1-:2",
                                                                                          7, 0.5)
     assert (config.disable_batch_size, config.cost_window, config.profile_s) == (3, 64, 0.0)
+    assert config.arrival_window_s == 0.0 and config_from_args(["--verifier", "h:1"]).arrival_window_s == 0.5
     assert config_from_args(["--verifier", "h:1"]).policy == "smartspec"

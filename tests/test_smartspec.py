@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from scheduler_svc.batch_size_policies import (
@@ -73,6 +75,25 @@ def test_smartspec_stops_speculating_when_acceptance_is_low_or_the_batch_is_larg
     policy = smartspec(verify=(30.0, 0.1, 0.2, 0.0))
     teach(policy, "draft", 5, 5)
     assert policy.plan([view("a")])["a"].k == 4
+
+
+def test_smartspec_shortens_draft_chains_while_requests_arrive():
+    def plan(arrivals: int):
+        policy = smartspec(verify=(15.0, 0.1, 0.3, 0.0), draft=(1.0, 0.2, 0.1, 5.0), max_k=8)
+        teach(policy, "draft", 5, 3)
+        now = time.perf_counter()
+        for i in range(arrivals):  # 32 a second over the last 0.5 s
+            policy.observe_arrival(now - 0.49 + i / 32)
+        return policy.plan([view("a"), view("b")]), policy.arrival_rate
+
+    (calm, calm_rate), (busy, busy_rate) = plan(0), plan(16)
+    assert calm_rate == 0.0 and busy_rate == pytest.approx(32.0)
+    assert [calm[r].k for r in "ab"] == [3, 3] and [busy[r].k for r in "ab"] == [2, 2]
+    # A policy told to ignore arrivals does.
+    policy = SmartSpecPolicy(["draft"], arrival_window_s=0.0)
+    policy.observe_arrival(time.perf_counter())
+    policy.plan([view("a")])
+    assert policy.arrival_rate == 0.0
 
 
 def test_smartspec_learns_from_outcomes_and_timings():
