@@ -204,9 +204,16 @@ class CostModel:
                 t += self.proposer(name).predict(shape.proposer_features(name))
         return t
 
+    def no_speculation_ms(self, batch_size: int, context_tokens: int) -> float:
+        """Predicted time of a step in which nobody speculates (one new token per request)."""
+        return (self.predict_verify_ms(batch_size, batch_size, context_tokens)
+                + self.overhead.predict((1.0, batch_size, batch_size)))
+
     def step_cost(self, batch_size: int, context_tokens: int, proposers: Sequence[str],
-                  free: Sequence[bool]) -> StepCost:
-        """The StepCost for a batch of this size and context, proposers in the chooser's order."""
+                  free: Sequence[bool], catch_up_ms: np.ndarray | None = None,
+                  wait_weight: float = 0.0) -> StepCost:
+        """The StepCost for a batch of this size and context, proposers in the chooser's order; the
+        per-request charges and the arrivals' weight (StepCost) as given."""
         c0, c1, c2, c3 = self.verify.coef
         o0, o1, o2 = self.overhead.coef
         fits = [None if is_free else self.proposer(name).coef for name, is_free in zip(proposers, free)]
@@ -217,6 +224,8 @@ class CostModel:
             request_ms=np.array([0.0 if f is None else f[1] for f in fits]),
             proposer_token_ms=np.array([0.0 if f is None else f[2] for f in fits]),
             depth_ms=np.array([0.0 if f is None else f[3] for f in fits]),
+            catch_up_ms=catch_up_ms,
+            wait_weight=wait_weight,
         )
 
     # -- learning ------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ step-time model (cost_model.CostModel) online from every step's outcomes and tim
 from __future__ import annotations
 
 import abc
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -100,25 +99,30 @@ class GoodputPolicy(Policy):
     def plan(self, requests: Sequence[RequestView]) -> dict[str, Plan]:
         t0 = time.perf_counter()
         self.acceptance.advance()  # the drift clock: one tick per plan (see acceptance.py)
-        ids = [r.request_id for r in requests]
         max_k = self._caps(requests)  # [B, P]
-        surv = self._gains(requests, max_k)
         context = sum(r.context_len for r in requests)
-        cost = self.cost_model.step_cost(len(requests), context, self.proposers, self._free())
-        catch_up = self._catch_up(requests, surv)
         per_ms = self.arrivals.per_ms(t0)
         self.arrival_rate = per_ms * 1e3
-        if catch_up is not None or (per_ms > 0 and requests):
+        if not max_k.any():
+            # Nobody may speculate (no prompt-lookup match, no costly proposer): nothing to choose, and
+            # at light load with prompt lookup alone that is about every other step.
+            plans = {r.request_id: NO_SPECULATION for r in requests}
+            step_ms = self.cost_model.no_speculation_ms(len(requests), context)
+            tokens = float(len(requests))
+        else:
+            surv = self._gains(requests, max_k)
             # Arrivals during the step wait T/2 on average: T * (B + lam * T / 2) request-ms in all.
-            cost = dataclasses.replace(cost, catch_up_ms=catch_up,
-                                       wait_weight=per_ms / (2 * len(requests)) if requests else 0.0)
-        choice = self._choose(surv, max_k, cost)
-        plans = {}
-        for rid, k, p in zip(ids, choice.ks.tolist(), choice.proposer.tolist()):
-            plans[rid] = Plan(self.proposers[p], k) if k > 0 else NO_SPECULATION
-        self.predicted_step_ms = choice.step_ms
-        self.predicted_goodput = choice.goodput * 1e3
-        self._planned = _PlannedStep({r.request_id: r.context_len for r in requests}, choice.step_ms,
+            cost = self.cost_model.step_cost(len(requests), context, self.proposers, self._free(),
+                                             catch_up_ms=self._catch_up(requests, surv),
+                                             wait_weight=per_ms / (2 * len(requests)))
+            choice = self._choose(surv, max_k, cost)
+            plans = {}
+            for r, k, p in zip(requests, choice.ks.tolist(), choice.proposer.tolist()):
+                plans[r.request_id] = Plan(self.proposers[p], k) if k > 0 else NO_SPECULATION
+            step_ms, tokens = choice.step_ms, choice.expected_tokens
+        self.predicted_step_ms = step_ms
+        self.predicted_goodput = tokens / step_ms * 1e3 if step_ms > 0 else 0.0
+        self._planned = _PlannedStep({r.request_id: r.context_len for r in requests}, step_ms,
                                      self.predicted_goodput)
         self.last_plan_ms = (time.perf_counter() - t0) * 1e3
         return plans
