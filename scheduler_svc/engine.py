@@ -7,7 +7,9 @@ One step (DESIGN.md "One step of the engine"):
 3. every other proposer used gets one ProposeRequest, all in parallel;
 4. one Verify call for all running requests (k = 0 ones bring no candidates);
 5. commit accepted + bonus tokens, apply EOS / stop strings / max_tokens, stream, release the finished;
-6. record the step's timings (StepRecord) and feed the outcomes to the policy.
+6. record the step's timings (StepRecord) and feed the outcomes to the policy. The policy's learning
+   runs at the engine's next wait on a service (the free proposers' call, an admission's Prefill) so
+   that it overlaps that call instead of lengthening the step; the next plan runs it first if not.
 
 The engine holds the token truth of every request: when the verifier fails a call its state is
 unknown, so the running requests are released there and prefilled again from their committed tokens
@@ -134,6 +136,7 @@ class Engine:
         self._cancelled: list[Request] = []
         self._release_in_verifier: list[str] = []  # finished ids the verifier still holds
         self._needs_reprefill = False
+        self._feedback: tuple[list[RequestOutcome], StepRecord] | None = None  # for the policy, not yet given
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -262,10 +265,21 @@ class Engine:
             outcomes = await self._step(record)
             record.wall_ms = (time.perf_counter() - record.start_s) * 1e3
             self.step_records.append(record)
-            self.policy.observe(outcomes, record)
             self.telemetry.observe_step(record, outcomes, self.policy)
+            self._feedback = (outcomes, record)
+            asyncio.get_running_loop().call_soon(self._feed_back)
         elif any(p.has_releases for p in self.proposers.values()):
             await self._propose({})  # nothing runs: send the release lists on their own
+
+    def _feed_back(self) -> None:
+        """Give the policy the last step's outcomes, once (see the module docstring, 6.)."""
+        feedback, self._feedback = self._feedback, None
+        if feedback is None:
+            return
+        try:
+            self.policy.observe(*feedback)
+        except Exception:  # a fault in the policy's learning costs it one step's lesson, nobody's output
+            log.exception("the policy failed to learn from step %d", feedback[1].step_id)
 
     def _free_slots(self) -> int:
         return self.capacity - len(self._running) - len(self._release_in_verifier)
@@ -332,6 +346,7 @@ class Engine:
         """Plan, propose, verify and commit for every running request; fills `record`."""
         running = list(self._running.values())
         offered = await self._free_proposals(running, record)
+        self._feed_back()  # no-op unless no call came before the plan
         t0 = time.perf_counter()
         plans = self.policy.plan([self._view(r, offered) for r in running])
         record.plan_ms = (time.perf_counter() - t0) * 1e3

@@ -85,6 +85,44 @@ def test_free_proposer_proposes_first_and_is_truncated_to_the_plan():
     run(body())
 
 
+class OrderedPolicy(ScriptedPolicy):
+    """Logs plans and feedback in order; its learning may fail."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.events: list[tuple[str, int]] = []
+        self.fail = fail
+
+    def plan(self, requests):
+        self.events.append(("plan", len(self.records)))
+        return super().plan(requests)
+
+    def observe(self, outcomes, record):
+        self.events.append(("observe", record.step_id))
+        super().observe(outcomes, record)
+        if self.fail:
+            raise RuntimeError("a bug in the policy's learning")
+
+
+def test_the_policy_learns_from_each_step_once_before_the_next_plan_and_its_faults_cost_no_output():
+    async def body(fail: bool, free: bool):
+        # With prompt lookup the feedback runs during its call; without, just before the plan.
+        proposers = {"ngram": FakeNgram("good"), "draft": FakeProposer("good")} if free else {
+            "draft": FakeProposer("good")}
+        async with cluster(proposers=proposers) as c:
+            c.engine.policy = policy = OrderedPolicy(fail)
+            await generate_all(c, max_tokens=12)  # the output is the target's alone, even when it fails
+            await asyncio.sleep(0)  # the last step's feedback runs at the engine's next wait
+            steps = len(c.engine.step_records)
+            # plan (having learnt from 0 steps), observe step 1, plan (1 step learnt), observe step 2, ...
+            assert policy.events == [e for i in range(steps) for e in (("plan", i), ("observe", i + 1))]
+            assert c.engine.num_running == 0
+
+    for fail in (False, True):
+        for free in (False, True):
+            run(body(fail, free))
+
+
 def test_smartspec_end_to_end_is_lossless_profiles_at_start_and_learns():
     async def body():
         ngram, draft = FakeNgram("good"), FakeProposer("mixed")
