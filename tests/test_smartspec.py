@@ -82,8 +82,8 @@ def test_smartspec_shortens_draft_chains_while_requests_arrive():
         policy = smartspec(verify=(15.0, 0.1, 0.3, 0.0), draft=(1.0, 0.2, 0.1, 5.0), max_k=8)
         teach(policy, "draft", 5, 3)
         now = time.perf_counter()
-        for i in range(arrivals):  # 32 a second over the last 0.5 s
-            policy.observe_arrival(now - 0.49 + i / 32)
+        for i in range(arrivals):  # 16 in the last 0.4 s: 32 a second over the 0.5 s window
+            policy.observe_arrival(now - 0.4 + i / 40)
         return policy.plan([view("a"), view("b")]), policy.arrival_rate
 
     (calm, calm_rate), (busy, busy_rate) = plan(0), plan(16)
