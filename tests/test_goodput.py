@@ -43,19 +43,8 @@ def random_cost(rng: np.random.Generator, p: int) -> StepCost:
 
 
 def exhaustive(surv: np.ndarray, max_k: np.ndarray, step: StepCost) -> float:
-    """Best goodput over every (proposer, k) per request."""
-    b, p, k_max = surv.shape
-    options = [[(-1, 0)] + [(q, k) for q in range(p) for k in range(1, min(max_k[i, q], k_max) + 1)]
-               for i in range(b)]
-    best = 0.0
-    for combo in itertools.product(*options):
-        props, ks = zip(*combo)
-        best = max(best, plan_goodput(surv, ks, props, step))
-    return best
-
-
-def exhaustive_score(surv: np.ndarray, max_k: np.ndarray, step: StepCost) -> float:
-    """Best tokens per weighted ms (arrivals included) over every (proposer, k) per request."""
+    """Best score over every (proposer, k) per request: tokens per weighted ms, which is goodput when
+    nobody arrives (wait_weight 0: the weighted time is the step time itself)."""
     b, p, k_max = surv.shape
     options = [[(-1, 0)] + [(q, k) for q in range(p) for k in range(1, min(max_k[i, q], k_max) + 1)]
                for i in range(b)]
@@ -200,7 +189,7 @@ def test_with_arrivals_a_batch_of_one_matches_exhaustive_search(seed):
     plain = random_cost(rng, p)
     step = dataclasses.replace(plain, wait_weight=float(rng.uniform(0, 0.3)) / plain.base_ms)
     choice = choose(surv, max_k, step)
-    assert choice.score == pytest.approx(exhaustive_score(surv, max_k, step), rel=1e-9, abs=1e-12)
+    assert choice.score == pytest.approx(exhaustive(surv, max_k, step), rel=1e-9, abs=1e-12)
     assert choice.weighted_ms == pytest.approx(step.weighted_ms(choice.step_ms), rel=1e-12)
 
 
@@ -218,7 +207,7 @@ def test_with_arrivals_batches_come_close_to_exhaustive_search():
         # lam * T / 2B up to 0.3 at the base time: from light load to several arrivals per step.
         step = dataclasses.replace(plain, wait_weight=float(rng.uniform(0, 0.3)) / plain.base_ms)
         choice = choose(surv, max_k, step)
-        ratio = choice.score / exhaustive_score(surv, max_k, step)
+        ratio = choice.score / exhaustive(surv, max_k, step)
         assert ratio <= 1 + 1e-9
         exact += ratio > 1 - 1e-9
         worst = min(worst, ratio)
@@ -234,7 +223,7 @@ def test_arrivals_shorten_a_long_draft_chain():
     busy_step = dataclasses.replace(step, wait_weight=0.016 / (2 * 2))
     calm, busy = choose(surv, max_k, step), choose(surv, max_k, busy_step)
     assert calm.ks.tolist() == [3, 3] and busy.ks.tolist() == [2, 2]
-    assert busy.score == pytest.approx(exhaustive_score(surv, max_k, busy_step), rel=1e-9)
+    assert busy.score == pytest.approx(exhaustive(surv, max_k, busy_step), rel=1e-9)
     assert busy.goodput < calm.goodput  # it gives up some goodput for the newcomers' wait
     # Without arrivals the score is goodput.
     assert calm.score == pytest.approx(calm.goodput) and calm.weighted_ms == pytest.approx(calm.step_ms)
