@@ -125,7 +125,7 @@ class Choice:
     proposer: np.ndarray  # [B] int, -1 where k = 0
     expected_tokens: float  # sum_i E_i(k_i)
     step_ms: float  # predicted T_step
-    weighted_ms: float | None = None  # StepCost.weighted_ms(step_ms); None: step_ms (no arrivals)
+    weighted_ms: float  # StepCost.weighted_ms(step_ms): step_ms itself when nobody arrives
 
     @property
     def goodput(self) -> float:
@@ -135,8 +135,7 @@ class Choice:
     @property
     def score(self) -> float:
         """What the chooser maximises: tokens per weighted ms (goodput when nobody is arriving)."""
-        weighted = self.step_ms if self.weighted_ms is None else self.weighted_ms
-        return self.expected_tokens / weighted if weighted > 0 else 0.0
+        return self.expected_tokens / self.weighted_ms if self.weighted_ms > 0 else 0.0
 
 
 def _choice(ks: np.ndarray, proposer: np.ndarray, expected: float, cost: StepCost) -> Choice:
