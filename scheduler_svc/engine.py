@@ -8,8 +8,9 @@ One step (DESIGN.md "One step of the engine"):
 4. one Verify call for all running requests (k = 0 ones bring no candidates);
 5. commit accepted + bonus tokens, apply EOS / stop strings / max_tokens, stream, release the finished;
 6. record the step's timings (StepRecord) and feed the outcomes to the policy. The policy's learning
-   runs at the engine's next wait on a service (the free proposers' call, an admission's Prefill) so
-   that it overlaps that call instead of lengthening the step; the next plan runs it first if not.
+   runs once the engine's next call to a service (a Release, an admission's Prefill, the free
+   proposers' call) is sent, so that it overlaps the service's work instead of lengthening the step;
+   the next plan runs it first if no such call came, and an idle engine before it waits.
 
 The engine holds the token truth of every request: when the verifier fails a call its state is
 unknown, so the running requests are released there and prefilled again from their committed tokens
@@ -214,6 +215,7 @@ class Engine:
         backoff = 0.0
         while True:
             if not self._has_work():
+                self._feed_back()  # nothing to overlap it with
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -254,7 +256,7 @@ class Engine:
         self._cancelled.clear()
         if self._release_in_verifier:
             ids = list(self._release_in_verifier)
-            await self.verifier.release(ids)
+            await self.verifier.release(ids, while_waiting=self._feed_back)
             del self._release_in_verifier[: len(ids)]
         if self._needs_reprefill:
             await self._reprefill()
@@ -266,8 +268,7 @@ class Engine:
             record.wall_ms = (time.perf_counter() - record.start_s) * 1e3
             self.step_records.append(record)
             self.telemetry.observe_step(record, outcomes, self.policy)
-            self._feedback = (outcomes, record)
-            asyncio.get_running_loop().call_soon(self._feed_back)
+            self._feedback = (outcomes, record)  # given to the policy at the next call (see 6.)
         elif any(p.has_releases for p in self.proposers.values()):
             await self._propose({})  # nothing runs: send the release lists on their own
 
@@ -299,7 +300,8 @@ class Engine:
             return
         items = [PrefillItem(r.request_id, r.tokens, r.params.sampling) for r in batch]
         try:
-            first, timing, hidden = await self.verifier.prefill(items, self.wants_hidden)
+            first, timing, hidden = await self.verifier.prefill(items, self.wants_hidden,
+                                                                while_waiting=self._feed_back)
         except VerifierError as exc:
             # Some of them may hold state now: release before they are tried again.
             self._release_in_verifier.extend(r.request_id for r in batch)
@@ -459,7 +461,8 @@ class Engine:
         if not work:
             return {}
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(self.proposers[name].step(items) for name, items in work.items()))
+        results = await asyncio.gather(*(self.proposers[name].step(items, while_waiting=self._feed_back)
+                                         for name, items in work.items()))
         record.free_propose_wall_ms = (time.perf_counter() - t0) * 1e3
         offered = {}
         for name, result in zip(work, results):

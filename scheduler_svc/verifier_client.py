@@ -6,8 +6,9 @@ VerifierError; the engine decides what to do (back off, re-prefill).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import grpc
 
@@ -21,6 +22,11 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# Event-loop turns a grpc.aio unary call takes, once made, to hand its request to the transport (its
+# task runs the interceptors, then the call's own task sends): work done after them overlaps the call.
+# Measured with a server in another process: after 2 turns the request was out in 40 of 40 calls, with
+# and without a traced span; after 1, in 12 of 40. Fewer turns than needed only loses the overlap.
+SEND_TURNS = 2
 
 
 class VerifierError(Exception):
@@ -125,10 +131,12 @@ class VerifierClient:
         )
 
     async def prefill(
-        self, items: Sequence[PrefillItem], return_hidden: bool = False
+        self, items: Sequence[PrefillItem], return_hidden: bool = False,
+        while_waiting: Callable[[], None] | None = None,
     ) -> tuple[dict[str, int], Timing, dict[str, bytes]]:
         """Admit requests; returns each one's first sampled token (its pending token) by id, the timing,
-        and (with return_hidden) each one's hidden state at its last token by id."""
+        and (with return_hidden) each one's hidden state at its last token by id. `while_waiting` (which
+        must not raise) runs once the request is sent, while the verifier works."""
         request = verifier_pb2.PrefillRequest(
             items=[
                 verifier_pb2.PrefillItem(
@@ -138,7 +146,7 @@ class VerifierClient:
             ],
             return_hidden=return_hidden,
         )
-        msg = await self._call(self._stub.Prefill, request)
+        msg = await self._call(self._stub.Prefill, request, while_waiting=while_waiting)
         first = {r.request_id: r.next_token_id for r in msg.results}
         self._check_covered("Prefill", [i.request_id for i in items], first)
         hidden = {r.request_id: r.hidden_state for r in msg.results if r.hidden_state}
@@ -162,14 +170,22 @@ class VerifierClient:
         self._check_covered("Verify", [i.request_id for i in items], outputs)
         return outputs, _timing(msg.timing)
 
-    async def release(self, request_ids: Sequence[str]) -> int:
-        """Free the verifier state of these requests (unknown ids are ignored); returns how many held state."""
-        msg = await self._call(self._stub.Release, verifier_pb2.ReleaseRequest(request_ids=request_ids))
+    async def release(self, request_ids: Sequence[str], while_waiting: Callable[[], None] | None = None) -> int:
+        """Free the verifier state of these requests (unknown ids are ignored); returns how many held state.
+        `while_waiting` as for prefill."""
+        msg = await self._call(self._stub.Release, verifier_pb2.ReleaseRequest(request_ids=request_ids),
+                               while_waiting=while_waiting)
         return msg.released
 
-    async def _call(self, method, request, timeout_s: float | None = None):
+    async def _call(self, method, request, timeout_s: float | None = None,
+                    while_waiting: Callable[[], None] | None = None):
         try:
-            return await method(request, timeout=timeout_s or self.timeout_s)
+            call = method(request, timeout=timeout_s or self.timeout_s)
+            if while_waiting is not None:
+                for _ in range(SEND_TURNS):  # let the call's tasks send the request, then work meanwhile
+                    await asyncio.sleep(0)
+                while_waiting()
+            return await call
         except grpc.aio.AioRpcError as exc:
             raise VerifierError(
                 f"verifier {self.address} {type(request).__name__}: {exc.code().name}: {exc.details()}", exc.code()

@@ -104,19 +104,60 @@ class OrderedPolicy(ScriptedPolicy):
             raise RuntimeError("a bug in the policy's learning")
 
 
-def test_the_policy_learns_from_each_step_once_before_the_next_plan_and_its_faults_cost_no_output():
+class LoggedStream:
+    """A proposer's Propose stream that logs when a request is out and when its answer came."""
+
+    def __init__(self, call, events: list) -> None:
+        self._call, self._events = call, events
+
+    async def write(self, request) -> None:
+        await self._call.write(request)
+        self._events.append(("sent", request.step_id))
+
+    async def read(self):
+        response = await self._call.read()
+        self._events.append(("answered", response.step_id))
+        return response
+
+    def __getattr__(self, name):
+        return getattr(self._call, name)
+
+
+def logged(name: str, method, events: list):
+    """`method` (a verifier call), logging that it was made in `events`."""
+
+    async def call(*args, **kwargs):
+        events.append((name, len(args[0])))
+        return await method(*args, **kwargs)
+
+    return call
+
+
+def test_the_policy_learns_from_each_step_once_before_the_next_plan_while_a_call_is_out_and_its_faults_cost_no_output():
     async def body(fail: bool, free: bool):
-        # With prompt lookup the feedback runs during its call; without, just before the plan.
+        # The feedback runs once the free proposer's call, a Prefill or a Release is sent; else at the plan.
         proposers = {"ngram": FakeNgram("good"), "draft": FakeProposer("good")} if free else {
             "draft": FakeProposer("good")}
         async with cluster(proposers=proposers) as c:
             c.engine.policy = policy = OrderedPolicy(fail)
+            if free:
+                client = c.engine.proposers["ngram"]
+                stub = client._stub
+                client._stub = type("Stub", (), {"Propose": lambda _: LoggedStream(stub.Propose(), policy.events)})()
+            for call in ("prefill", "release"):
+                setattr(c.engine.verifier, call, logged(call, getattr(c.engine.verifier, call), policy.events))
             await generate_all(c, max_tokens=12)  # the output is the target's alone, even when it fails
-            await asyncio.sleep(0)  # the last step's feedback runs at the engine's next wait
+            await asyncio.sleep(0)  # the last step's feedback comes once the engine is idle
             steps = len(c.engine.step_records)
+            learning = [e for e in policy.events if e[0] in ("plan", "observe")]
             # plan (having learnt from 0 steps), observe step 1, plan (1 step learnt), observe step 2, ...
-            assert policy.events == [e for i in range(steps) for e in (("plan", i), ("observe", i + 1))]
+            assert learning == [e for i in range(steps) for e in (("plan", i), ("observe", i + 1))]
             assert c.engine.num_running == 0
+            observed = [i for i, e in enumerate(policy.events) if e[0] == "observe"][:-1]  # the last: when idle
+            if free:  # after the free proposer's request is sent (or a verifier call made), before its answer
+                assert all(policy.events[i - 1][0] in ("sent", "prefill", "release") for i in observed)
+                assert any(policy.events[i - 1][0] == "sent" and policy.events[i + 1][0] == "answered"
+                           for i in observed)
 
     for fail in (False, True):
         for free in (False, True):
