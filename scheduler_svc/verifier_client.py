@@ -182,8 +182,12 @@ class VerifierClient:
         try:
             call = method(request, timeout=timeout_s or self.timeout_s)
             if while_waiting is not None:
-                for _ in range(SEND_TURNS):  # let the call's tasks send the request, then work meanwhile
-                    await asyncio.sleep(0)
+                try:
+                    for _ in range(SEND_TURNS):  # let the call's tasks send the request, then work meanwhile
+                        await asyncio.sleep(0)
+                except asyncio.CancelledError:
+                    call.cancel()  # awaited, the call would be cancelled with us
+                    raise
                 while_waiting()
             return await call
         except grpc.aio.AioRpcError as exc:
