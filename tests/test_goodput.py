@@ -42,6 +42,14 @@ def random_cost(rng: np.random.Generator, p: int) -> StepCost:
     )
 
 
+def random_case(rng: np.random.Generator, b: int, p: int, k_max: int) -> tuple[np.ndarray, np.ndarray, StepCost]:
+    """Survival curves from any per-position rates (so marginal gains are any decreasing sequence), caps
+    that sometimes exceed K (K caps them) and a random_cost, drawn in that order."""
+    surv = survival(rng.uniform(0.0, 1.0, size=(b, p, k_max)))
+    max_k = rng.integers(0, k_max + 2, size=(b, p))
+    return surv, max_k, random_cost(rng, p)
+
+
 def exhaustive(surv: np.ndarray, max_k: np.ndarray, step: StepCost) -> float:
     """Best score over every (proposer, k) per request: tokens per weighted ms, which is goodput when
     nobody arrives (wait_weight 0: the weighted time is the step time itself)."""
@@ -137,10 +145,7 @@ def test_k_respects_max_k_and_unavailable_options():
 def test_matches_exhaustive_search_on_small_cases(seed):
     rng = np.random.default_rng(seed)
     b, p, k_max = int(rng.integers(1, 5)), int(rng.integers(1, 3)), int(rng.integers(1, 5))
-    # Per-position rates (not only iid), so marginal gains are any decreasing sequence.
-    surv = survival(rng.uniform(0.0, 1.0, size=(b, p, k_max)))
-    max_k = rng.integers(0, k_max + 2, size=(b, p))  # sometimes beyond K: K caps it
-    step = random_cost(rng, p)
+    surv, max_k, step = random_case(rng, b, p, k_max)
     choice = choose(surv, max_k, step)
     assert choice.goodput == pytest.approx(exhaustive(surv, max_k, step), rel=1e-9, abs=1e-12)
     # The reported numbers are those of the plan it returns.
@@ -154,9 +159,7 @@ def test_batch_of_one_matches_exhaustive_search(seed):
     # A batch of one is scored directly (no caps, no Dinkelbach rounds): the same optimum.
     rng = np.random.default_rng(1000 + seed)
     p, k_max = int(rng.integers(1, 4)), int(rng.integers(1, 9))
-    surv = survival(rng.uniform(0.0, 1.0, size=(1, p, k_max)))
-    max_k = rng.integers(0, k_max + 2, size=(1, p))
-    step = random_cost(rng, p)
+    surv, max_k, step = random_case(rng, 1, p, k_max)
     choice = choose(surv, max_k, step)
     assert choice.goodput == pytest.approx(exhaustive(surv, max_k, step), rel=1e-9, abs=1e-12)
     assert choice.goodput == pytest.approx(plan_goodput(surv, choice.ks, choice.proposer, step), rel=1e-12)
@@ -170,9 +173,7 @@ def test_per_request_catch_up_charges_match_exhaustive_search(seed):
     # A request the draft has not read yet costs it more (its prompt): the chooser weighs that per request.
     rng = np.random.default_rng(2000 + seed)
     b, p, k_max = int(rng.integers(1, 4)), int(rng.integers(1, 3)), int(rng.integers(1, 5))
-    surv = survival(rng.uniform(0.0, 1.0, size=(b, p, k_max)))
-    max_k = rng.integers(0, k_max + 2, size=(b, p))
-    base = random_cost(rng, p)
+    surv, max_k, base = random_case(rng, b, p, k_max)
     step = StepCost(base.base_ms, base.token_ms, base.fixed_ms, base.request_ms, base.proposer_token_ms,
                     base.depth_ms, catch_up_ms=rng.uniform(0, 6, size=(b, p)) * (rng.random((b, p)) < 0.6))
     choice = choose(surv, max_k, step)
@@ -184,9 +185,7 @@ def test_per_request_catch_up_charges_match_exhaustive_search(seed):
 def test_with_arrivals_a_batch_of_one_matches_exhaustive_search(seed):
     rng = np.random.default_rng(3000 + seed)
     p, k_max = int(rng.integers(1, 4)), int(rng.integers(1, 9))
-    surv = survival(rng.uniform(0.0, 1.0, size=(1, p, k_max)))
-    max_k = rng.integers(0, k_max + 2, size=(1, p))
-    plain = random_cost(rng, p)
+    surv, max_k, plain = random_case(rng, 1, p, k_max)
     step = dataclasses.replace(plain, wait_weight=float(rng.uniform(0, 0.3)) / plain.base_ms)
     choice = choose(surv, max_k, step)
     assert choice.score == pytest.approx(exhaustive(surv, max_k, step), rel=1e-9, abs=1e-12)
