@@ -206,8 +206,7 @@ class CostModel:
 
     def no_speculation_ms(self, batch_size: int, context_tokens: int) -> float:
         """Predicted time of a step in which nobody speculates (one new token per request)."""
-        return (self.predict_verify_ms(batch_size, batch_size, context_tokens)
-                + self.overhead.predict((1.0, batch_size, batch_size)))
+        return self.predict_step_ms(StepShape(batch_size, batch_size, context_tokens, {}, {}))
 
     def step_cost(self, batch_size: int, context_tokens: int, proposers: Sequence[str],
                   free: Sequence[bool], catch_up_ms: np.ndarray | None = None,

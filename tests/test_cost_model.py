@@ -79,6 +79,8 @@ def test_cost_model_learns_verify_proposer_and_overhead_and_reports_its_error():
     ks, props = np.array([2, 0, 3, 1]), np.array([1, -1, 1, 0])
     shape = StepShape(4, int(4 + ks.sum()), 800, {"draft": 2}, {"draft": 5}, {"draft": 3})
     assert cost.step_ms(ks, props) == pytest.approx(model.predict_step_ms(shape))
+    # The plan's shortcut when nobody may speculate predicts what the chooser's view gives for all k = 0.
+    assert model.no_speculation_ms(4, 800) == pytest.approx(cost.step_ms(np.zeros(4, int), np.full(4, -1)))
 
 
 def test_proposer_fit_recovers_per_request_token_and_pass_costs_from_noisy_timings():
