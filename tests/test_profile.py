@@ -126,3 +126,42 @@ def test_verifier_is_profiled_from_batch_one_to_the_slots_it_may_use(monkeypatch
     assert sorted(set(calls)) == [1, 2, 4, 8, 16]  # capped at VERIFY_PROFILE_MAX_BATCH
     # The fake costs 5 + 0.5 per batched token: the fit finds it with no per-request cost.
     assert model.verify.coef[:3] == pytest.approx([5.0, 0.0, 0.5], abs=0.05)
+
+
+def test_verifier_is_profiled_at_a_short_and_a_long_context_and_the_fit_finds_attention(monkeypatch):
+    """A verifier whose tokens cost 0.2 ms plus 0.001 ms per context token they attend over."""
+    assert profile.verify_profile_prompts(1024) == [profile.PROMPT_TOKENS, profile.LONG_PROMPT_TOKENS]
+    assert profile.verify_profile_prompts(256) == [32, 128]
+    assert profile.verify_profile_prompts(64) == [16]  # no room for a long round
+    prompts: list[int] = []
+
+    class Attending(FakeVerifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.context: dict[str, int] = {}
+
+        async def prefill(self, items, return_hidden=False):
+            prompts.extend(len(item.token_ids) for item in items)
+            self.context.update({item.request_id: len(item.token_ids) + 1 for item in items})
+            return await super().prefill(items)
+
+        async def verify(self, items, return_hidden=False):
+            ms = 5.0
+            for item in items:
+                n = 1 + (len(item.candidates.token_ids) if item.candidates else 0)
+                ms += 0.2 * n + 0.001 * n * self.context[item.request_id]
+                self.context[item.request_id] += 1  # nothing accepted: the bonus token only
+            return {item.request_id: VerifyOutput([], 1) for item in items}, Timing(total_ms=ms)
+
+    clock = Clock()
+    monkeypatch.setattr(profile, "time", clock)
+    model = CostModel()
+    fake = Attending()
+    asyncio.run(profile_costs(model, fake, {}, max_k=4, vocab_size=100, max_seq_len=1024, slots=16, budget_s=10.0))
+    assert sorted(set(prompts)) == [profile.PROMPT_TOKENS, profile.LONG_PROMPT_TOKENS]
+    assert sorted(fake.released) == sorted([f"{PROFILE_PREFIX}0-{i}" for i in range(16)] + [f"{PROFILE_PREFIX}1-{i}" for i in range(8)])
+    # Exact timings: the fit is the truth up to the weak pull towards the defaults (a token 0.5 ms, no
+    # attention cost); with one context it could not tell a token's cost from its attention's.
+    c = model.verify.coef
+    assert c[2] == pytest.approx(0.2, rel=0.1) and c[4] == pytest.approx(0.001, rel=0.1)
+    assert c[3] == pytest.approx(0.0, abs=2e-4) and c[5] == pytest.approx(0.0, abs=0.05)
