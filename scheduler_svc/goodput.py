@@ -4,10 +4,11 @@ goodput(plan) = sum_i E_i(k_i) / T_step(plan)                      (DESIGN.md)
 E_i(k)        = 1 + sum_{j<=k} s_ij,  s_ij = P(the first j candidates are accepted)
               = (1 - a^(k+1)) / (1 - a) for iid acceptance a
 
-The step time (see StepCost) is linear in what a plan controls, but for one coupling term: every
-batched token costs the same, and a proposer costs a fixed amount when anyone uses it, plus per
-request and per token it serves, plus per *sequential* forward pass -- a batched draft model runs
-max_i(k_i) passes over its requests, so its time grows with the longest chain asked of it.
+The step time (see StepCost) is linear in what a plan controls, but for one coupling term: a batched
+token costs the same plus its attention over its own request's context, and a proposer costs a fixed
+amount when anyone uses it, plus per request and per token it serves, plus per *sequential* forward
+pass -- a batched draft model runs max_i(k_i) passes over its requests, so its time grows with the
+longest chain asked of it.
 
 The best plan is found exactly. For a fixed choice of which costly proposers may be used and, for
 those with a per-pass cost, a cap m on their chains (k_i <= m, charged as if m passes ran), the step
