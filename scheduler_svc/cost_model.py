@@ -1,17 +1,8 @@
 """The step-time model the goodput chooser scores plans with, fitted online from measured timings.
 
-    T_verify   = c0 + c1 * batch_size + c2 * batched_tokens + c3 * context_tokens
-                 + c4 * attended_tokens + c5 * speculating                          (verifier's total_ms)
+    T_verify   = c0 + c1 * batch_size + c2 * batched_tokens + c3 * context_tokens   (verifier's total_ms)
     T_proposer = d0 + d1 * requests + d2 * tokens + d3 * max_k                      (per costly proposer)
     T_overhead = o0 + o1 * batch_size + o2 * batched_tokens                          (RPCs, scheduler work)
-
-attended_tokens = sum_i (k_i + 1) * context_i counts each new token's attention over its request's
-context: a candidate is dearer in a long request than in a short one (on two CPU cores, 0.19 ms at 30
-tokens of context against 0.32 at 500, the rest of the model being equal). speculating counts the
-requests with k_i > 0: several new tokens of a request take the masked attention path, which costs a
-fixed amount per request beyond a single decode token's (0.27 ms there). Without these two terms a
-token's cost was one number, measured by the start-up profile on short prompts, and serving steps
-could not correct it (see below): at high load speculation looked half its price.
 
 A batched draft model proposes chains one token per forward pass over its requests, so it runs
 max_k = max_i k_i passes (the longest chain asked of it): d3 is the cost of a pass, d1 and d2 what
@@ -55,8 +46,7 @@ REFIT_EVERY = 16  # CostModel refits each part once this many of its steps have 
 ERROR_EMA_ALPHA = 0.1
 
 # Defaults before any measurement: roughly a small model on a CPU; the start-up profile replaces them.
-# c0..c5: ms, ms/request, ms/token, ms/context token, ms/(new token x context token), ms/speculating request
-DEFAULT_VERIFY_SEED = (5.0, 0.5, 0.5, 0.0, 0.0, 0.0)
+DEFAULT_VERIFY_SEED = (5.0, 0.5, 0.5, 0.0)  # c0, c1, c2, c3 (ms, ms/request, ms/token, ms/context token)
 # d0, d1, d2, d3 (ms, ms/request, ms/token, ms/pass): about the embedded draft on two CPU cores, where a
 # pass over the batch costs five times what each token in it adds.
 DEFAULT_PROPOSER_SEED = (0.5, 0.05, 0.2, 1.0)
@@ -169,18 +159,6 @@ class StepShape:
     proposer_tokens: Mapping[str, int]  # and candidate tokens asked of each
     # and the longest chain asked of each (its sequential passes); where missing, the mean chain
     proposer_max_k: Mapping[str, int] = field(default_factory=dict)
-    # sum over requests of (k + 1) * committed tokens, and the requests with k > 0; where None, every
-    # request alike (context_tokens * batched_tokens / batch_size, and all or none speculating)
-    attended_tokens: int | None = None
-    speculating: int | None = None
-
-    def verify_features(self) -> tuple[float, float, float, float, float, float]:
-        """(1, batch, batched tokens, context tokens, attended tokens, speculating requests): what
-        CostModel.verify is fitted on."""
-        b, n, c = self.batch_size, self.batched_tokens, self.context_tokens
-        attended = self.attended_tokens if self.attended_tokens is not None else (c * n / b if b else 0.0)
-        speculating = self.speculating if self.speculating is not None else (b if n > b else 0)
-        return (1.0, float(b), float(n), float(c), float(attended), float(speculating))
 
     def proposer_features(self, name: str) -> tuple[float, float, float, float]:
         """(1, requests, tokens, max_k) of a costly proposer: what CostModel.proposer(name) is fitted on."""
@@ -214,9 +192,12 @@ class CostModel:
 
     # -- prediction ----------------------------------------------------------------------------------
 
+    def predict_verify_ms(self, batch_size: int, batched_tokens: int, context_tokens: int) -> float:
+        return self.verify.predict((1.0, batch_size, batched_tokens, context_tokens))
+
     def predict_step_ms(self, shape: StepShape) -> float:
         """Predicted step time (no admission) of a plan with these totals."""
-        t = self.verify.predict(shape.verify_features())
+        t = self.predict_verify_ms(shape.batch_size, shape.batched_tokens, shape.context_tokens)
         t += self.overhead.predict((1.0, shape.batch_size, shape.batched_tokens))
         for name, requests in shape.proposer_requests.items():
             if requests > 0:
@@ -227,26 +208,23 @@ class CostModel:
         """Predicted time of a step in which nobody speculates (one new token per request)."""
         return self.predict_step_ms(StepShape(batch_size, batch_size, context_tokens, {}, {}))
 
-    def step_cost(self, contexts: Sequence[int], proposers: Sequence[str], free: Sequence[bool],
-                  catch_up_ms: np.ndarray | None = None, wait_weight: float = 0.0) -> StepCost:
-        """The StepCost for a batch whose requests have these committed tokens, proposers in the
-        chooser's order; the per-request charges and the arrivals' weight (StepCost) as given."""
-        c0, c1, c2, c3, c4, c5 = self.verify.coef
+    def step_cost(self, batch_size: int, context_tokens: int, proposers: Sequence[str],
+                  free: Sequence[bool], catch_up_ms: np.ndarray | None = None,
+                  wait_weight: float = 0.0) -> StepCost:
+        """The StepCost for a batch of this size and context, proposers in the chooser's order; the
+        per-request charges and the arrivals' weight (StepCost) as given."""
+        c0, c1, c2, c3 = self.verify.coef
         o0, o1, o2 = self.overhead.coef
-        batch_size = len(contexts)
-        context = np.asarray(contexts, dtype=float)
         fits = [None if is_free else self.proposer(name).coef for name, is_free in zip(proposers, free)]
         return StepCost(
-            base_ms=c0 + c1 * batch_size + c3 * float(context.sum()) + o0 + o1 * batch_size,
+            base_ms=c0 + c1 * batch_size + c3 * context_tokens + o0 + o1 * batch_size,
             token_ms=c2 + o2,
             fixed_ms=np.array([0.0 if f is None else f[0] for f in fits]),
-            # whichever proposer serves it, a speculating request costs the verifier c5
-            request_ms=np.array([c5 + (0.0 if f is None else f[1]) for f in fits]),
+            request_ms=np.array([0.0 if f is None else f[1] for f in fits]),
             proposer_token_ms=np.array([0.0 if f is None else f[2] for f in fits]),
             depth_ms=np.array([0.0 if f is None else f[3] for f in fits]),
             catch_up_ms=catch_up_ms,
             wait_weight=wait_weight,
-            attention_ms=c4 * context,
         )
 
     # -- learning ------------------------------------------------------------------------------------
@@ -257,7 +235,7 @@ class CostModel:
         """One step's measurements: the verifier's time, each costly proposer's (as the engine waited for
         it), and the rest (None when the step is not representative, e.g. it also admitted requests)."""
         self.steps_observed += 1
-        _learn(self.verify, shape.verify_features(), verify_ms)
+        _learn(self.verify, (1.0, shape.batch_size, shape.batched_tokens, shape.context_tokens), verify_ms)
         for name, ms in proposer_ms.items():
             if shape.proposer_requests.get(name, 0) > 0:
                 _learn(self.proposer(name), shape.proposer_features(name), ms)

@@ -4,11 +4,10 @@ goodput(plan) = sum_i E_i(k_i) / T_step(plan)                      (DESIGN.md)
 E_i(k)        = 1 + sum_{j<=k} s_ij,  s_ij = P(the first j candidates are accepted)
               = (1 - a^(k+1)) / (1 - a) for iid acceptance a
 
-The step time (see StepCost) is linear in what a plan controls, but for one coupling term: a batched
-token costs the same plus its attention over its own request's context, and a proposer costs a fixed
-amount when anyone uses it, plus per request and per token it serves, plus per *sequential* forward
-pass -- a batched draft model runs max_i(k_i) passes over its requests, so its time grows with the
-longest chain asked of it.
+The step time (see StepCost) is linear in what a plan controls, but for one coupling term: every
+batched token costs the same, and a proposer costs a fixed amount when anyone uses it, plus per
+request and per token it serves, plus per *sequential* forward pass -- a batched draft model runs
+max_i(k_i) passes over its requests, so its time grows with the longest chain asked of it.
 
 The best plan is found exactly. For a fixed choice of which costly proposers may be used and, for
 those with a per-pass cost, a cap m on their chains (k_i <= m, charged as if m passes ran), the step
@@ -61,12 +60,9 @@ def survival(rates: np.ndarray) -> np.ndarray:
 class StepCost:
     """The step-time model a plan is scored with, all in milliseconds.
 
-    T(plan) = base_ms + sum_i (token_ms + attention_ms[i]) * (k_i + 1)
+    T(plan) = base_ms + token_ms * sum_i (k_i + 1)
               + sum_p [p used] * (fixed_ms[p] + depth_ms[p] * max_{i served by p} k_i)
                                + requests_p * request_ms[p] + tokens_p * proposer_token_ms[p]
-
-    attention_ms [B] is what each batched token of request i costs beyond token_ms: its attention over
-    the request's context, so a candidate of a long request is dearer (None: zeros).
 
     catch_up_ms [B, P] is what serving request i with proposer p costs on top (a draft that has not read
     the request's prompt yet must run through it first), already spread over the request's steps by the
@@ -86,7 +82,6 @@ class StepCost:
     depth_ms: np.ndarray = field(default=None)  # [P] per unit of its longest chain; None: zeros
     catch_up_ms: np.ndarray | None = None  # [B, P] per request served by a proposer; None: zeros
     wait_weight: float = 0.0  # 1/ms: lam / (2B), the wait a step's length imposes on arrivals (module doc)
-    attention_ms: np.ndarray | None = None  # [B] per batched token of request i, on top of token_ms
 
     def __post_init__(self) -> None:
         if self.depth_ms is None:
@@ -95,12 +90,6 @@ class StepCost:
     def weighted_ms(self, step_ms):
         """What a step of step_ms (scalar or array) costs the requests in the system, per batch request."""
         return step_ms * (1.0 + self.wait_weight * step_ms)
-
-    def token_costs(self, batch_size: int) -> np.ndarray:
-        """[B] what each batched token of each request costs: token_ms plus its attention_ms."""
-        if self.attention_ms is None:
-            return np.full(batch_size, float(self.token_ms))
-        return self.token_ms + self.attention_ms
 
     def catch_up(self, batch_size: int) -> np.ndarray:
         """[B, P] the per-request charges (zeros when there are none)."""
@@ -112,7 +101,7 @@ class StepCost:
         """Time of a plan: ks [B] candidates per request, choice [B] proposer index (-1 = none)."""
         ks, choice = np.asarray(ks), np.asarray(choice)
         used = (choice >= 0) & (ks > 0)
-        t = self.base_ms + float(np.dot(self.token_costs(len(ks)), ks + 1))
+        t = self.base_ms + self.token_ms * float(np.sum(ks + 1))
         if used.any():
             props, served = choice[used], ks[used]
             t += float(self.request_ms[props].sum() + (self.proposer_token_ms[props] * served).sum())
@@ -211,15 +200,14 @@ def choose(surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
     width = k_max + 1
     ks_axis = np.arange(width)
     # Cost of (p, k) for each request, without the proposers' coupled costs: [B, P * (K+1)].
-    token_ms = cost.token_costs(b)  # [B]
-    marginal = (ks_axis[None, None, :] * (token_ms[:, None, None] + cost.proposer_token_ms[None, :, None]) + np.where(
+    marginal = (ks_axis[None, None, :] * (cost.token_ms + cost.proposer_token_ms[None, :, None]) + np.where(
         ks_axis[None, None, :] > 0, cost.request_ms[None, :, None] + cost.catch_up(b)[:, :, None], 0.0)
     ).reshape(b, -1)
     caps, charged = _cap_options(cost, max_k.max(axis=0))
     # Each combination's table: [C, B, P * (K+1)], -inf beyond its caps.
     beyond = (ks_axis[None, None, :] > caps[:, :, None]).reshape(len(caps), 1, -1)
     tables = np.where(beyond, -np.inf, table.reshape(1, b, -1))
-    base = cost.base_ms + float(token_ms.sum()) + charged  # [C]
+    base = cost.base_ms + cost.token_ms * b + charged  # [C]
     picked = _dinkelbach(tables, marginal, base, cost.wait_weight)  # [C, B]
     expected = b + np.take_along_axis(tables, picked[..., None], axis=2)[..., 0].sum(axis=1)
     charged_score = expected / cost.weighted_ms(base + marginal[np.arange(b), picked].sum(axis=1))
@@ -236,7 +224,7 @@ def _choose_alone(table: np.ndarray, cost: StepCost) -> Choice:
     pays its proposer's coupled costs in full, so its time is exact without caps or Dinkelbach rounds.
     """
     ks = np.arange(table.shape[1])
-    ms = (cost.base_ms + cost.token_costs(1)[0] * (ks[None, :] + 1) + np.where(ks[None, :] > 0, (
+    ms = (cost.base_ms + cost.token_ms * (ks[None, :] + 1) + np.where(ks[None, :] > 0, (
         cost.fixed_ms + cost.request_ms + cost.catch_up(1)[0])[:, None]
         + ks[None, :] * (cost.proposer_token_ms + cost.depth_ms)[:, None], 0.0))
     score = (1.0 + table) / cost.weighted_ms(ms)  # -inf where not allowed

@@ -2,8 +2,7 @@
 
 It seeds the cost model so that the first steps are not planned blind: dummy requests are prefilled
 in up to VERIFY_PROFILE_MAX_BATCH verifier slots, verified at batch sizes from 1 to all of them with no
-candidates and with chains of several lengths, and released, once with short prompts and once with long
-ones (a token's attention over its context grows with it); each costly proposer (not prompt lookup)
+candidates and with chains of several lengths, and released; each costly proposer (not prompt lookup)
 is asked for chains of a few lengths at batch 1 and at a larger batch, plus one larger batch of mixed
 lengths, so that its per-request, per-token and per-pass costs (d1, d2, d3 in cost_model) are told
 apart: at batch 1 tokens and passes are the same number, at a larger batch with one length they differ
@@ -22,7 +21,7 @@ from typing import Mapping
 
 import numpy as np
 
-from scheduler_svc.cost_model import MEASURED_PRIOR_STEPS, CostModel, RidgeFit, StepShape
+from scheduler_svc.cost_model import MEASURED_PRIOR_STEPS, CostModel, RidgeFit
 from scheduler_svc.policy import FREE_PROPOSER_KINDS
 from scheduler_svc.proposer_client import ProposerClient, ProposeWork
 from scheduler_svc.request import SamplingParams
@@ -33,7 +32,6 @@ log = logging.getLogger(__name__)
 
 PROFILE_PREFIX = "__specdec_profile_"  # request ids of the dummy requests (never a client's: those are UUIDs)
 PROMPT_TOKENS = 32
-LONG_PROMPT_TOKENS = 384  # the second round's prompts (a long context: see verify_profile_prompts)
 PROPOSER_PROFILE_BATCH = 4  # the larger batch size costly proposers are profiled at
 # The verifier is profiled up to this batch: a token's cost grows with the batch (small batches leave the
 # hardware idle, so extra tokens there are nearly free), and serving at a fixed k cannot tell a request's
@@ -96,100 +94,26 @@ async def _profile(cost_model: CostModel, verifier: VerifierClient, proposers: M
                    report: ProfileReport, *, max_k: int, vocab_size: int, max_seq_len: int, slots: int,
                    deadline: float) -> None:
     n_slots = max(1, min(VERIFY_PROFILE_MAX_BATCH, slots))
-    # Chains of several lengths (k = 1 against 0: what a speculating request costs beyond its token);
-    # each Verify commits up to k + 1 tokens, so stay well inside the context.
-    lengths = sorted({0, 1, max(1, max_k // 2), max_k})
+    batches = verify_profile_batches(n_slots)
+    prompt_len = max(1, min(PROMPT_TOKENS, max_seq_len // 4))
+    ids = [f"{PROFILE_PREFIX}{i}" for i in range(n_slots)]
     token = 1 % max(vocab_size, 1)
-    prompts = [[(7 * i + 3) % max(vocab_size, 1) for i in range(n)] for n in verify_profile_prompts(max_seq_len)]
-    points: list[tuple[tuple[float, ...], float]] = []
-    try:
-        ids = [f"{PROFILE_PREFIX}0-{i}" for i in range(n_slots)]
-        points += await _profile_verifier(verifier, ids, prompts[0], lengths, token, max_seq_len, deadline)
-        for name, proposer in proposers.items():
-            if proposer.kind not in FREE_PROPOSER_KINDS and proposer.available():
-                await _profile_proposer(cost_model, name, proposer, report, prompts[0], max_k, slots, deadline)
-        # The long round last: it is what the budget cuts first, the rest being needed more. Half the
-        # slots at long context cost about what all of them cost at the short one.
-        if len(prompts) > 1 and time.perf_counter() < deadline:
-            ids = [f"{PROFILE_PREFIX}1-{i}" for i in range(max(1, n_slots // 2))]
-            points += await _profile_verifier(verifier, ids, prompts[1], lengths, token, max_seq_len, deadline)
-    finally:
-        _fit_verifier(cost_model, points, report)
-
-
-def _fit_verifier(cost_model: CostModel, points: list[tuple[tuple[float, ...], float]],
-                  report: ProfileReport) -> None:
-    """Seed the verifier's fit with what the profile measured (also when it stopped early)."""
-    points = [(xi, yi) for xi, yi in points if np.isfinite(yi)]
-    if not points:
-        return
-    fit = RidgeFit(cost_model.verify.seed, window=len(points))
-    for xi, yi in points:
-        fit.add(xi, yi, refit=False)
-    fit.refit()
-    cost_model.verify.reseed(fit.coef, MEASURED_PRIOR_STEPS)
-    for xi, yi in points:
-        cost_model.verify.add(xi, yi, refit=False)
-    cost_model.verify.refit()
-    report.verify_points = len(points)
-
-
-async def _profile_proposer(cost_model: CostModel, name: str, proposer: ProposerClient, report: ProfileReport,
-                            prompt: list[int], max_k: int, slots: int, deadline: float) -> None:
-    fit = cost_model.proposer(name)
-    points = []
-    warmed: set[int] = set()  # batch sizes called once already
-    asked: set[str] = set()
-    try:
-        for ks in _proposer_batches(max(1, min(max_k, proposer.max_budget)), slots):
-            if time.perf_counter() > deadline:
-                break
-            rids = [f"{PROFILE_PREFIX}{name}-{j}" for j in range(len(ks))]
-            asked.update(rids)
-            t = time.perf_counter()
-            result = await proposer.step([ProposeWork(rid, prompt, k) for rid, k in zip(rids, ks)])
-            if not result.ok:
-                break
-            # The first call at a batch size warms up (new requests' prompts are fed then).
-            if len(ks) in warmed:
-                points.append((_proposer_features(ks), (time.perf_counter() - t) * 1e3))
-            warmed.add(len(ks))
-    finally:
-        for rid in sorted(asked):
-            proposer.forget(rid)  # released with the next step
-    if points:
-        for xi, ms in points:
-            fit.add(xi, ms, refit=False)
-        fit.refit()
-        fit.reseed(fit.coef, MEASURED_PRIOR_STEPS)
-        report.proposer_points[name] = len(points)
-
-
-def verify_profile_prompts(max_seq_len: int) -> list[int]:
-    """Prompt lengths of the verifier's rounds: short, then long where the context allows, so that a
-    token's own cost and its attention over the context (c2 and c4 in cost_model) are told apart."""
-    short = max(1, min(PROMPT_TOKENS, max_seq_len // 4))
-    long = min(LONG_PROMPT_TOKENS, max_seq_len // 2)  # half the context stays free for the chains
-    return [short, long] if long >= 4 * short else [short]
-
-
-async def _profile_verifier(verifier: VerifierClient, ids: list[str], prompt: list[int], lengths: list[int],
-                            token: int, max_seq_len: int, deadline: float) -> list[tuple[tuple[float, ...], float]]:
-    """One round: prefill `ids` with `prompt`, verify chains of `lengths` at every profiled batch size,
-    release; returns (features as in StepShape.verify_features, total ms) of the measured calls."""
-    context = {rid: len(prompt) + 1 for rid in ids}  # committed tokens, the pending one included
-    points = []
+    prompt = [(7 * i + 3) % max(vocab_size, 1) for i in range(prompt_len)]
+    # Chains of several lengths; each Verify commits up to k + 1 tokens, so stay well inside the context.
+    lengths = sorted({0, max(1, max_k // 2), max_k})
+    context = {rid: prompt_len + 1 for rid in ids}  # committed tokens, the pending one included
+    x, y = [], []
     try:
         await verifier.prefill([PrefillItem(rid, prompt, SamplingParams()) for rid in ids])
-        for batch in verify_profile_batches(len(ids)):
+        for batch in batches:
             for i, k in enumerate([lengths[-1], *lengths]):  # the first call of a batch size warms up
                 if time.perf_counter() > deadline or context[ids[0]] + k + 1 >= max_seq_len:
                     break
                 items = [VerifyItem(rid, _chain(k, token) if k else None) for rid in ids[:batch]]
                 outputs, timing = await verifier.verify(items)
                 if i > 0:
-                    shape = StepShape(batch, batch * (k + 1), sum(context[rid] for rid in ids[:batch]), {}, {})
-                    points.append((shape.verify_features(), timing.total_ms))
+                    x.append((1.0, batch, batch * (k + 1), sum(context[rid] for rid in ids[:batch])))
+                    y.append(timing.total_ms)
                 for rid in ids[:batch]:
                     context[rid] += len(outputs[rid].accepted_token_ids) + 1
     finally:
@@ -197,7 +121,48 @@ async def _profile_verifier(verifier: VerifierClient, ids: list[str], prompt: li
             await verifier.release(ids)
         except Exception as exc:  # the leftover dummies are released by the next scheduler's start-up
             log.warning("could not release the profile's dummy requests: %s", exc)
-    return points
+    points = [(xi, yi) for xi, yi in zip(x, y) if np.isfinite(yi)]  # features as in CostModel.verify
+    if points:
+        fit = RidgeFit(cost_model.verify.seed, window=len(points))
+        for xi, yi in points:
+            fit.add(xi, yi, refit=False)
+        fit.refit()
+        cost_model.verify.reseed(fit.coef, MEASURED_PRIOR_STEPS)
+        for xi, yi in points:
+            cost_model.verify.add(xi, yi, refit=False)
+        cost_model.verify.refit()
+        report.verify_points = len(points)
+
+    for name, proposer in proposers.items():
+        if proposer.kind in FREE_PROPOSER_KINDS or not proposer.available():
+            continue
+        fit = cost_model.proposer(name)
+        points = []
+        warmed: set[int] = set()  # batch sizes called once already
+        asked: set[str] = set()
+        try:
+            for ks in _proposer_batches(max(1, min(max_k, proposer.max_budget)), slots):
+                if time.perf_counter() > deadline:
+                    break
+                rids = [f"{PROFILE_PREFIX}{name}-{j}" for j in range(len(ks))]
+                asked.update(rids)
+                t = time.perf_counter()
+                result = await proposer.step([ProposeWork(rid, prompt, k) for rid, k in zip(rids, ks)])
+                if not result.ok:
+                    break
+                # The first call at a batch size warms up (new requests' prompts are fed then).
+                if len(ks) in warmed:
+                    points.append((_proposer_features(ks), (time.perf_counter() - t) * 1e3))
+                warmed.add(len(ks))
+        finally:
+            for rid in sorted(asked):
+                proposer.forget(rid)  # released with the next step
+        if points:
+            for xi, ms in points:
+                fit.add(xi, ms, refit=False)
+            fit.refit()
+            fit.reseed(fit.coef, MEASURED_PRIOR_STEPS)
+            report.proposer_points[name] = len(points)
 
 
 def _proposer_batches(max_k: int, slots: int) -> list[list[int]]:

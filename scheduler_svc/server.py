@@ -116,10 +116,9 @@ class Scheduler:
             report = await profile_costs(
                 cost_model, self.verifier, self.proposers, max_k=self.config.max_k, vocab_size=info.vocab_size,
                 max_seq_len=info.max_seq_len, slots=engine.capacity, budget_s=self.config.profile_s)
-            log.info("start-up cost profile: %d verifier and %s proposer measurements in %.2fs; verify ms = %s . "
-                     "(1, batch, batched tokens, context tokens, attended tokens, speculating requests)",
-                     report.verify_points, report.proposer_points or 0, report.seconds,
-                     cost_model.verify.coef.round(5).tolist())
+            log.info("start-up cost profile: %d verifier and %s proposer measurements in %.2fs; verify ms = "
+                     "%s . (1, batch, batched tokens, context tokens)", report.verify_points,
+                     report.proposer_points or 0, report.seconds, cost_model.verify.coef.round(4).tolist())
         self.telemetry.metrics.watch(running=lambda: engine.num_running, waiting=lambda: engine.num_waiting,
                                      free_slots=lambda: max(0, engine.capacity - engine.num_running),
                                      cost_model_error=self._cost_model_error)

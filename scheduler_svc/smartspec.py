@@ -112,7 +112,7 @@ class GoodputPolicy(Policy):
         else:
             surv = self._gains(requests, max_k)
             # Arrivals during the step wait T/2 on average: T * (B + lam * T / 2) request-ms in all.
-            cost = self.cost_model.step_cost([r.context_len for r in requests], self.proposers, self._free(),
+            cost = self.cost_model.step_cost(len(requests), context, self.proposers, self._free(),
                                              catch_up_ms=self._catch_up(requests, surv),
                                              wait_weight=per_ms / (2 * len(requests)))
             choice = self._choose(surv, max_k, cost)
@@ -255,8 +255,6 @@ class GoodputPolicy(Policy):
             proposer_requests=requests,
             proposer_tokens=tokens,
             proposer_max_k=longest,
-            attended_tokens=sum((o.proposed + 1) * planned.context.get(o.request_id, 0) for o in outcomes),
-            speculating=sum(1 for o in outcomes if o.proposed > 0),
         )
         # The costly proposers run in parallel: each is charged its own time plus the phase's waiting
         # beyond the slowest one's own time (the RPC), which is what the step waited for it.

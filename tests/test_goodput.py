@@ -181,29 +181,6 @@ def test_per_request_catch_up_charges_match_exhaustive_search(seed):
     assert choice.goodput == pytest.approx(plan_goodput(surv, choice.ks, choice.proposer, step), rel=1e-12)
 
 
-@pytest.mark.parametrize("seed", range(30))
-def test_per_request_token_costs_match_exhaustive_search(seed):
-    # A long request's tokens cost more (their attention over its context): per request token costs,
-    # batches of one included.
-    rng = np.random.default_rng(3000 + seed)
-    b, p, k_max = int(rng.integers(1, 4)), int(rng.integers(1, 3)), int(rng.integers(1, 5))
-    surv, max_k, base = random_case(rng, b, p, k_max)
-    step = dataclasses.replace(base, attention_ms=rng.uniform(0, 3, size=b))
-    choice = choose(surv, max_k, step)
-    assert choice.goodput == pytest.approx(exhaustive(surv, max_k, step), rel=1e-9, abs=1e-12)
-    assert choice.goodput == pytest.approx(plan_goodput(surv, choice.ks, choice.proposer, step), rel=1e-12)
-    assert choice.step_ms == pytest.approx(step.step_ms(choice.ks, choice.proposer), rel=1e-12)
-
-
-def test_the_longer_request_gets_the_shorter_chain_when_its_tokens_cost_more():
-    # Two requests alike but for their context: the same acceptance, one's tokens three times as dear.
-    step = dataclasses.replace(cost(base=10.0, token=0.5), attention_ms=np.array([0.0, 1.0]))
-    choice = choose(iid([[0.7], [0.7]], 8), np.array([[8], [8]]), step)
-    assert choice.ks[0] > choice.ks[1]
-    flat = choose(iid([[0.7], [0.7]], 8), np.array([[8], [8]]), cost(base=10.0, token=0.5))
-    assert flat.ks[0] == flat.ks[1]
-
-
 @pytest.mark.parametrize("seed", range(20))
 def test_with_arrivals_a_batch_of_one_matches_exhaustive_search(seed):
     rng = np.random.default_rng(3000 + seed)
