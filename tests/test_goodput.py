@@ -174,8 +174,7 @@ def test_per_request_catch_up_charges_match_exhaustive_search(seed):
     rng = np.random.default_rng(2000 + seed)
     b, p, k_max = int(rng.integers(1, 4)), int(rng.integers(1, 3)), int(rng.integers(1, 5))
     surv, max_k, base = random_case(rng, b, p, k_max)
-    step = StepCost(base.base_ms, base.token_ms, base.fixed_ms, base.request_ms, base.proposer_token_ms,
-                    base.depth_ms, catch_up_ms=rng.uniform(0, 6, size=(b, p)) * (rng.random((b, p)) < 0.6))
+    step = dataclasses.replace(base, catch_up_ms=rng.uniform(0, 6, size=(b, p)) * (rng.random((b, p)) < 0.6))
     choice = choose(surv, max_k, step)
     assert choice.goodput == pytest.approx(exhaustive(surv, max_k, step), rel=1e-9, abs=1e-12)
     assert choice.goodput == pytest.approx(plan_goodput(surv, choice.ks, choice.proposer, step), rel=1e-12)
@@ -235,8 +234,7 @@ def test_a_request_new_to_the_draft_goes_to_prompt_lookup_when_catching_up_costs
     max_k = np.array([[4, 4], [4, 4]])
     plain = cost(base=20.0, token=0.3, fixed=(0.0, 1.0), request=(0.0, 0.2), prop_token=(0.0, 0.5))
     assert choose(surv, max_k, plain).proposer.tolist() == [1, 1]
-    charged = StepCost(plain.base_ms, plain.token_ms, plain.fixed_ms, plain.request_ms, plain.proposer_token_ms,
-                       plain.depth_ms, catch_up_ms=np.array([[0.0, 0.0], [0.0, 8.0]]))
+    charged = dataclasses.replace(plain, catch_up_ms=np.array([[0.0, 0.0], [0.0, 8.0]]))
     assert choose(surv, max_k, charged).proposer.tolist() == [1, 0]
 
 
