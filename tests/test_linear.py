@@ -61,3 +61,21 @@ def test_a_chain_verified_at_once_gets_the_logits_of_one_token_at_a_time():
         for j, (a, b) in enumerate(zip(alone, together, strict=True)):
             torch.testing.assert_close(b, a, atol=1e-4, rtol=0, msg=f"chains of {chain}: token {j}")
             assert int(a.argmax()) == int(b.argmax()) == next_tokens[j]
+
+
+@pytest.mark.parametrize("given, expected", [(None, "8192"), ("77", "77")])
+def test_loading_the_projections_raises_onednn_kernel_cache_unless_the_operator_set_it(given, expected):
+    """The cache must hold a kernel per row count serving produces (specdec/linear.py); oneDNN reads the
+    variable once, so it is set when the module loads, in a fresh process, and an explicit setting wins."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if given is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = given
+    code = "import os, specdec.linear; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == expected
