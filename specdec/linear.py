@@ -23,11 +23,12 @@ from dataclasses import dataclass
 # oneDNN compiles a kernel per matmul shape, and a projection's shape is the number of rows it gets:
 # the tokens of the whole batch, which in serving takes every value from 1 to a few hundred (batch
 # sizes times chain lengths, prompt chunks). Its cache of compiled kernels holds 1024 by default, too
-# few for that many row counts times the model's distinct projections: past ~100 row counts it evicts
-# what the next steps need again, and a recompiled kernel costs 1-3 ms on a 6-15 ms step on two CPU
-# cores (bench/primitive_cache.py: with the default, cycling through 160 row counts stayed as slow as
-# the first time through). 8192 entries keep ~1000 row counts for ~0.5 MB each. Read by oneDNN when it
-# first builds a kernel, so it is set here, before any weight is packed; an operator's own setting wins.
+# few for that many row counts times the model's distinct projections: it evicts what the next steps
+# need again, and a recompiled kernel costs 1-3 ms on a 6-15 ms step on two CPU cores
+# (bench/primitive_cache.py: cycling through 1..160 rows, later passes were as slow as the first with
+# the default and took 0.83x the time with 8192 entries, for ~0.5 MB more resident memory per row count
+# held). oneDNN reads the variable when it first builds a kernel, so it is set here, before any weight
+# is packed; an operator's own setting wins.
 PRIMITIVE_CACHE_CAPACITY = 8192
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(PRIMITIVE_CACHE_CAPACITY))
 
