@@ -238,6 +238,24 @@ class ModelRunner:
 
     # -- accept / rollback ---------------------------------------------------------------------
 
+    def warm_up(self, max_tokens: int) -> int:
+        """One throwaway forward per token count 1..max_tokens on a scratch slot, so that the kernels a
+        batch of that many tokens needs exist before the first request: oneDNN compiles one per token
+        count (specdec/linear.py), 1-3 ms each on two CPU cores, which the first steps would otherwise
+        pay and a scheduler's start-up cost profile would measure. Nothing stays cached; returns the
+        forwards run (0 when no slot is free)."""
+        count = min(max_tokens, self.max_seq_len)
+        if count < 1 or self.free_slots == 0:
+            return 0
+        slot = self.allocate()
+        try:
+            for n in range(1, count + 1):
+                self.truncate(slot, 0)
+                self.forward([SeqInput(slot, [0] * n)])  # every position's logits, as a verify has
+        finally:
+            self.release(slot)
+        return count
+
     def accept(self, slot: int, kept: Sequence[int]) -> None:
         """Keep the root path `kept` (indices into the last forward's new tokens) and drop the rest."""
         state = self._state(slot)

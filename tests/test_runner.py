@@ -129,3 +129,23 @@ def test_bad_batches_are_rejected_without_side_effects(tmp_path):
     runner.allocate()
     with pytest.raises(BatchError, match="slots are in use"):
         runner.allocate()
+
+
+def test_warm_up_runs_every_token_count_and_leaves_nothing_behind(tmp_path):
+    folder = make_tiny_checkpoint(tmp_path / "llama", "llama")
+    fresh = ModelRunner(folder, device="cpu", dtype="float32", max_slots=2, max_seq_len=32)
+    runner = ModelRunner(folder, device="cpu", dtype="float32", max_slots=2, max_seq_len=32)
+    counts = []
+    forward = runner.forward
+    runner.forward = lambda batch, **kw: counts.append(sum(len(s.tokens) for s in batch)) or forward(batch, **kw)
+    assert runner.warm_up(100) == 32  # capped by the context
+    assert counts == list(range(1, 33)) and runner.free_slots == 2
+    # A request afterwards computes what it computes on a runner that never warmed up.
+    for r in (fresh, runner):
+        r.slot = r.allocate()
+    tokens = [3, 1, 4, 1, 5]
+    torch.testing.assert_close(runner.forward([SeqInput(runner.slot, tokens)])[0].logits,
+                               fresh.forward([SeqInput(fresh.slot, tokens)])[0].logits, atol=0, rtol=0)
+    runner.allocate()
+    assert runner.warm_up(8) == 0  # no free slot: nothing to warm on, nothing taken
+    assert runner.warm_up(0) == 0

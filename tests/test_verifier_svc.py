@@ -351,6 +351,9 @@ def test_config_flags_override_environment_which_overrides_defaults():
     assert config.max_batch_size == VerifierConfig().max_batch_size
     with pytest.raises(ValueError, match="max-slots"):
         parse_config(["--max-slots", "0"], env={})
+    assert parse_config([], env={"SPECDEC_WARMUP_TOKENS": "0"}).warmup_tokens == 0
+    with pytest.raises(ValueError, match="warmup-tokens"):
+        parse_config(["--warmup-tokens", "-1"], env={})
 
 
 def test_process_serves_and_stops_on_sigterm(checkpoint, tmp_path):
@@ -372,9 +375,12 @@ def test_process_serves_and_stops_on_sigterm(checkpoint, tmp_path):
             assert status.status == health_pb2.HealthCheckResponse.SERVING
             info = verifier_pb2_grpc.VerifierStub(ch).Info(verifier_pb2.VerifierInfoRequest(), timeout=TIMEOUT_S)
             assert (info.max_slots, info.max_seq_len, info.device) == (3, 32, "cpu")
+            assert info.free_slots == 3  # the warm-up's scratch slot is back
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=TIMEOUT_S) == 0
         assert "verifier_svc config:" in log_file.read_text()
+        # Warmed up before serving, capped by the context (--warmup-tokens defaults to 64).
+        assert "warmed up batches of 1..32 tokens" in log_file.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()

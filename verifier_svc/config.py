@@ -23,6 +23,7 @@ class VerifierConfig:
     max_seq_len: int = 1024  # tokens per request (capped by the model's max_position_embeddings)
     max_batch_size: int = 32  # requests in one Verify call
     torch_threads: int = 0  # intra-op CPU threads; 0 = torch's default
+    warmup_tokens: int = 64  # before serving, one forward per batch token count 1..this (ModelRunner.warm_up)
     metrics_port: int = 0  # Prometheus /metrics on this port (same host); 0 = none
     log_level: str = "INFO"
 
@@ -36,6 +37,8 @@ class VerifierConfig:
             raise ValueError(f"--metrics-port {self.metrics_port} is not a TCP port (0 = none)")
         if self.torch_threads < 0:
             raise ValueError(f"--torch-threads must be >= 0, got {self.torch_threads}")
+        if self.warmup_tokens < 0:
+            raise ValueError(f"--warmup-tokens must be >= 0, got {self.warmup_tokens}")
 
     def describe(self) -> str:
         return " ".join(f"{k}={v}" for k, v in asdict(self).items())
@@ -59,6 +62,9 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=default("max_batch_size"), help="env SPECDEC_MAX_BATCH_SIZE")
     p.add_argument("--torch-threads", type=int, default=default("torch_threads"),
                    help="intra-op CPU threads, 0 = torch default (env SPECDEC_TORCH_THREADS)")
+    p.add_argument("--warmup-tokens", type=int, default=default("warmup_tokens"),
+                   help="before serving, compile the kernels of batches of 1..N tokens, 0 = none "
+                        "(env SPECDEC_WARMUP_TOKENS)")
     p.add_argument("--metrics-port", type=int, default=default("metrics_port"),
                    help="Prometheus metrics port, 0 = none (env SPECDEC_METRICS_PORT)")
     p.add_argument("--log-level", default=default("log_level"), help="env SPECDEC_LOG_LEVEL")

@@ -201,6 +201,10 @@ async def serve(config: VerifierConfig) -> None:
     log.info("loaded %s on %s (%s%s, vocab %d, eos %d, context %d) in %.1f s", info.model, info.device, info.dtype,
              ", oneDNN-prepacked projections" if core.runner.weights.prepacked else "", info.vocab_size,
              info.eos_token_id, info.max_seq_len, time.perf_counter() - started)
+    if config.warmup_tokens:
+        started = time.perf_counter()
+        count = core.runner.warm_up(config.warmup_tokens)
+        log.info("warmed up batches of 1..%d tokens in %.1f s", count, time.perf_counter() - started)
     running = await start_server(core, config.host, config.port)
     log.info("serving %s on %s:%d", SERVICE_NAME, config.host, running.port)
     if start_metrics_server(config.metrics_port, running.metrics.registry, config.host):
