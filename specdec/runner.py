@@ -236,8 +236,6 @@ class ModelRunner:
                             f"slot {seq.slot}: parent index {p} of node {j} out of range (must be -1..{j - 1})"
                         )
 
-    # -- accept / rollback ---------------------------------------------------------------------
-
     def warm_up(self, max_tokens: int) -> int:
         """One throwaway forward per token count 1..max_tokens on a scratch slot, so that the kernels a
         batch of that many tokens needs exist before the first request: oneDNN compiles one per token
@@ -255,6 +253,8 @@ class ModelRunner:
         finally:
             self.release(slot)
         return count
+
+    # -- accept / rollback ---------------------------------------------------------------------
 
     def accept(self, slot: int, kept: Sequence[int]) -> None:
         """Keep the root path `kept` (indices into the last forward's new tokens) and drop the rest."""
