@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     for capacity in capacities:
         env = dict(os.environ, ONEDNN_PRIMITIVE_CACHE_CAPACITY=str(capacity), PYTHONPATH=str(root))
         if args.threads:
-            env["SPECDEC_TORCH_THREADS"] = env["OMP_NUM_THREADS"] = str(args.threads)
+            env["OMP_NUM_THREADS"] = str(args.threads)  # torch reads it; SPECDEC_TORCH_THREADS only the services
         worker = subprocess.Popen([sys.executable, "-c", WORKER, str(args.max_rows)], env=env, cwd=root,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if worker.stdout.readline().strip() != "ready":

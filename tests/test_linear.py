@@ -8,7 +8,10 @@ docs/chain_invariance.md).
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,10 +70,6 @@ def test_a_chain_verified_at_once_gets_the_logits_of_one_token_at_a_time():
 def test_loading_the_projections_raises_onednn_kernel_cache_unless_the_operator_set_it(given, expected):
     """The cache must hold a kernel per row count serving produces (specdec/linear.py); oneDNN reads the
     variable once, so it is set when the module loads, in a fresh process, and an explicit setting wins."""
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
     if given is not None:
         env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = given
