@@ -507,9 +507,14 @@ def interleave(runs: list[RunConfig], repeats: int | Mapping[float, int] = 1) ->
 
 def pool(repeats: list[tuple[list[RequestResult], float]]) -> dict:
     """The figures of a run over all its repeats' requests ((results, wall_s) per repeat): latencies pooled,
-    goodput over the summed wall time; with more than one repeat, each repeat's own mean latency too."""
+    goodput over the summed wall time; every request's latency by repeat; with more than one repeat, each
+    repeat's own mean latency too."""
     figures = summarize([r for results, _ in repeats for r in results], sum(wall for _, wall in repeats))
     figures["repeats"] = len(repeats)
+    # Each request's latency (None: failed), repeat by repeat in trace order: the same index is the same
+    # prompt and arrival under every policy, so summary.py can compare policies request by request.
+    figures["request_latency_ms"] = [[None if r.error is not None else r.latency_ms
+                                      for r in sorted(results, key=lambda r: r.index)] for results, _ in repeats]
     if len(repeats) > 1:
         figures["repeat_mean_latency_ms"] = [summarize(results, wall)["mean_latency_ms"]
                                              for results, wall in repeats]

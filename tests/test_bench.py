@@ -173,6 +173,10 @@ def test_pool_repeats_exact_numbers():
     assert figures["mean_latency_ms"] == 200.0 and figures["repeat_mean_latency_ms"] == [100.0, 250.0]
     assert figures["goodput_tok_s"] == 30 / 4.0 and figures["acceptance_rate"] == 0.75
     assert "repeat_mean_latency_ms" not in pool([(one, 1.0)])
+    assert figures["request_latency_ms"] == [[100.0], [300.0, 200.0]]
+    failed = [RequestResult(1, 0.5, 0.5, 3.0, latency_ms=50.0, error="UNAVAILABLE"),
+              RequestResult(0, 0.0, 0.0, 1.0, latency_ms=120.0, completion_tokens=10, steps=5)]
+    assert pool([(failed, 3.0)])["request_latency_ms"] == [[120.0, None]]  # trace order; failed: None
 
 
 def test_shared_none_rows_are_marked_and_starred():
@@ -321,6 +325,50 @@ def test_summary_shows_smartspec_repeat_by_repeat():
     assert a["code / draft / 16 req/s"].detail == (
         "smartspec 2100 ms / best 2000 ms (none) = 1.050 <= 1.05; by repeat 0.95x-1.15x, within 1.05x in 2 of 3")
     assert a["code / ngram / 16 req/s"].detail == "smartspec 2000 ms / best 2000 ms (none) = 1.000 <= 1.05"
+
+
+def test_paired_ratio_interval_resamples_repeats_and_requests():
+    theirs = [[100.0, 250.0, 180.0, 90.0], [300.0, 120.0, 160.0, 210.0], [140.0, 200.0, 110.0, 260.0]]
+    scaled = [[1.2 * x for x in repeat] for repeat in theirs]
+    assert summary.paired_ratio_interval(scaled, theirs) == pytest.approx((1.2, 1.2))  # every pair 1.2x
+    # One repeat 10% faster, one level, one 30% slower: the interval lies within those and spans 1.05.
+    mixed = [[f * x for x in repeat] for f, repeat in zip((0.9, 1.0, 1.3), theirs)]
+    low, high = summary.paired_ratio_interval(mixed, theirs)
+    assert 0.9 <= low < 1.05 < high <= 1.3
+    assert summary.paired_ratio_interval(mixed, theirs) == (low, high)  # seeded
+    assert summary.paired_ratio_interval(mixed, theirs, level=0.5) != (low, high)
+    # Failed requests drop out of their pair; rows that do not pair give no interval.
+    with_failure = [[None if j == 0 else x for j, x in enumerate(repeat)] for repeat in scaled]
+    assert summary.paired_ratio_interval(with_failure, theirs) == pytest.approx((1.2, 1.2))
+    assert summary.paired_ratio_interval(scaled[:2], theirs) is None
+    assert summary.paired_ratio_interval([r[:3] for r in scaled], theirs) is None
+    assert summary.paired_ratio_interval([], []) is None
+    assert summary.paired_ratio_interval([[None]], [[100.0]]) is None
+
+
+def test_summary_tells_misses_beyond_the_noise_from_misses_within_it():
+    rows = _passing_rows()
+    base = [[2000.0, 1800.0, 2300.0], [2100.0, 1900.0, 2000.0], [1700.0, 2200.0, 2050.0]]
+    _set(rows, "code", "draft", "none", 16.0, request_latency_ms=base)
+    _set(rows, "code", "draft", "smartspec", 16.0, mean_latency_ms=2400,
+         request_latency_ms=[[1.2 * x for x in repeat] for repeat in base])  # every request 1.2x: real
+    _set(rows, "copy", "draft", "none", 16.0, request_latency_ms=base)
+    _set(rows, "copy", "draft", "smartspec", 16.0, mean_latency_ms=2200,
+         request_latency_ms=[[f * x for x in repeat] for f, repeat in zip((0.9, 1.0, 1.4), base)])
+    _set(rows, "code", "ngram", "none", 16.0, request_latency_ms=base)
+    _set(rows, "code", "ngram", "smartspec", 16.0, request_latency_ms=base)  # a pass: no verdict on noise
+    check = summary.run_checks(rows)[0]
+    a = {cell.where: cell for cell in check.cells}
+    assert a["code / draft / 16 req/s"].status == summary.FAIL
+    assert a["code / draft / 16 req/s"].detail.endswith(
+        "= 1.200 > 1.05; 90% interval 1.20x-1.20x (the miss is beyond the noise)")
+    assert a["copy / draft / 16 req/s"].detail.endswith("(the miss is within the noise)")
+    assert a["code / ngram / 16 req/s"].detail.endswith("<= 1.05; 90% interval 1.00x-1.00x")
+    (noise,) = check.info
+    assert noise.status == "1 beyond, 1 within"
+    assert noise.detail == ("beyond the noise (the whole 90% interval above 1.05x): code / draft / 16 req/s; "
+                            "within it: copy / draft / 16 req/s")
+    assert "misses against the noise" in summary.render(summary.run_checks(rows))
 
 
 def test_summary_missing_rows_are_never_a_pass(tmp_path):
