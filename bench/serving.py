@@ -513,7 +513,7 @@ def pool(repeats: list[tuple[list[RequestResult], float]]) -> dict:
     figures["repeats"] = len(repeats)
     # Each request's latency (None: failed), repeat by repeat in trace order: the same index is the same
     # prompt and arrival under every policy, so summary.py can compare policies request by request.
-    figures["request_latency_ms"] = [[None if r.error is not None else r.latency_ms
+    figures["request_latency_ms"] = [[None if r.error is not None else round(r.latency_ms, 1)
                                       for r in sorted(results, key=lambda r: r.index)] for results, _ in repeats]
     if len(repeats) > 1:
         figures["repeat_mean_latency_ms"] = [summarize(results, wall)["mean_latency_ms"]
