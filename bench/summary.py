@@ -178,8 +178,10 @@ def paired_ratio_interval(ours: list[list[float | None]], theirs: list[list[floa
 
 
 def _interval(row: dict, best: dict, missed: bool) -> tuple[str, bool | None]:
-    """'; 90% interval 0.98x-1.12x (within the noise)' and whether a miss is beyond the noise (None: no
-    interval, or not a miss)."""
+    """'; 90% interval 0.98x-1.12x (the miss is within the noise)' and whether a miss is beyond the noise
+    (None: no interval, or not a miss). `best` is the baseline the pooled means chose; the interval does not
+    redo that choice, which favours the baseline (the smallest of four noisy means), so it errs towards
+    calling a miss real."""
     interval = paired_ratio_interval(row.get("request_latency_ms") or [], best.get("request_latency_ms") or [])
     if interval is None:
         return "", None
