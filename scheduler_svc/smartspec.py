@@ -15,7 +15,10 @@
 
 Both learn acceptance rates (acceptance.AcceptanceEstimator; per depth and rank for trees) and the
 step-time model (cost_model.CostModel) online from every step's outcomes and timings; the start-up profile
-(profile.py) seeds the cost model.
+(profile.py) seeds the cost model. `smartspec` also rates a costly proposer's (the draft's) chains by each
+request's acceptance at the distance from the draft's last miss on it (chain_calibration.ChainCalibration):
+on repeated lines the draft misses at the text's period, and which k leaves the miss to the verifier's
+bonus token is what the position rates cannot tell.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 
 from scheduler_svc.acceptance import AcceptanceEstimator, Observation
 from scheduler_svc.arrivals import DEFAULT_WINDOW_S, ArrivalRate
+from scheduler_svc.chain_calibration import ChainCalibration
 from scheduler_svc.config import NO_PROPOSER
 from scheduler_svc.cost_model import DEFAULT_WINDOW, CostModel, StepShape
 from scheduler_svc.goodput import Choice, StepCost, best_uniform_k, choose, survival
@@ -57,6 +61,10 @@ class _PlannedStep:
 class GoodputPolicy(Policy):
     """The shared machinery: acceptance estimates, the cost model, and the feedback from each step."""
 
+    # Rate a costly proposer's chains by each request's acceptance at the distance from its last miss
+    # (chain_calibration.py), not only by the position in the chain.
+    calibrates_chains = False
+
     def __init__(self, proposers: Sequence[str], *, max_k: int = DEFAULT_MAX_K, ema_alpha: float = 0.3,
                  cost_window: int = DEFAULT_WINDOW, max_tree_nodes: int = DEFAULT_MAX_TREE_NODES,
                  arrival_window_s: float = DEFAULT_WINDOW_S) -> None:
@@ -72,6 +80,8 @@ class GoodputPolicy(Policy):
         # The prior averages over many requests, so it moves slower than a request's own estimate.
         self.acceptance = AcceptanceEstimator(max(max_k, 1), alpha=ema_alpha, prior_alpha=ema_alpha / 6)
         self.cost_model = CostModel(cost_window)
+        # A costly proposer's acceptance by distance from its last miss, per request (None: positions only).
+        self.calibration = ChainCalibration(max(max_k, 1)) if self.calibrates_chains else None
         self.specs: dict[str, ProposerSpec] = {name: ProposerSpec("", NO_CAP) for name in self.proposers}
         self.last_plan_ms = 0.0  # the chooser's own time, last step
         self.predicted_goodput: float | None = None  # tokens per second
@@ -157,7 +167,10 @@ class GoodputPolicy(Policy):
                 continue
             if not self.specs[name].tree:
                 if self.max_k > 0:
-                    surv[:, p, :self.max_k] = survival(self.acceptance.position_rates(ids, name))
+                    rates = self.acceptance.position_rates(ids, name)
+                    if self.calibration is not None and not self.specs[name].free:
+                        rates = self.calibration.rates(ids, name, rates)
+                    surv[:, p, :self.max_k] = survival(rates)
                 continue
             expected: np.ndarray | None = None
             for i, r in enumerate(requests):
@@ -235,8 +248,24 @@ class GoodputPolicy(Policy):
         planned, self._planned = self._planned, None
         if planned is not None:
             self._observe_costs(outcomes, record, planned)
+        if self.calibration is not None:
+            self._observe_chains(outcomes)
         if self.acceptance.tracked_requests > 2 * len(outcomes) + 16:
             self.acceptance.forget(o.request_id for o in outcomes)
+        if self.calibration is not None and self.calibration.tracked > 2 * len(outcomes) + 16:
+            self.calibration.forget(o.request_id for o in outcomes)
+
+    def _observe_chains(self, outcomes: Sequence[RequestOutcome]) -> None:
+        """Feed the chain calibration: each costly chain proposer's verified chains, and the tokens its
+        requests committed in steps it did not serve them (they age the text unseen)."""
+        for name in self.proposers:
+            if self.specs[name].free or self._is_tree(name):
+                continue
+            for o in outcomes:
+                if o.proposer == name and o.proposed > 0:
+                    self.calibration.observe(o.request_id, name, o.proposed, o.accepted)
+                else:
+                    self.calibration.skip(o.request_id, name, len(o.committed))
 
     def _observe_costs(self, outcomes: Sequence[RequestOutcome], record: StepRecord, planned: _PlannedStep) -> None:
         free = dict(zip(self.proposers, self._free()))
@@ -291,6 +320,7 @@ class SmartSpecPolicy(GoodputPolicy):
     """Per-request proposer and k maximising predicted batch goodput (see the module docstring)."""
 
     name = "smartspec"
+    calibrates_chains = True
 
     def __init__(self, proposers: Sequence[str], **options) -> None:
         super().__init__(proposers, **options)
