@@ -45,6 +45,11 @@ if TYPE_CHECKING:
 DEFAULT_MAX_K = 8
 DEFAULT_MAX_TREE_NODES = 16
 NO_CAP = 1 << 30
+# A proposer's acceptance prior before any evidence: optimistic, where a deployed draft usually is (the
+# embedded draft accepts about 0.8 of the target's tokens). A prior that says speculation does not pay is
+# never put to the test: at 0.5, bench/chain_phase.py's replay with the draft's costs doubled never tried
+# the draft and never learned its 0.8. Evidence brings an optimistic prior down within tens of chains.
+INITIAL_ACCEPTANCE = 0.8
 # EMA weight of one step's measure of a costly proposer's cost per prompt token it catches up on.
 CATCH_UP_ALPHA = 0.2
 
@@ -78,7 +83,8 @@ class GoodputPolicy(Policy):
         # Tree proposers' nodes, per (depth, rank); the tree's depth is bounded by its size.
         self.trees = TreeAcceptance(max_depth=max(max_tree_nodes, 1))
         # The prior averages over many requests, so it moves slower than a request's own estimate.
-        self.acceptance = AcceptanceEstimator(max(max_k, 1), alpha=ema_alpha, prior_alpha=ema_alpha / 6)
+        self.acceptance = AcceptanceEstimator(max(max_k, 1), alpha=ema_alpha, prior_alpha=ema_alpha / 6,
+                                              initial_rate=INITIAL_ACCEPTANCE)
         self.cost_model = CostModel(cost_window)
         # A costly proposer's acceptance by distance from its last miss, per request (None: positions only).
         self.calibration = ChainCalibration(max(max_k, 1)) if self.calibrates_chains else None

@@ -79,8 +79,8 @@ def test_smartspec_stops_speculating_when_acceptance_is_low_or_the_batch_is_larg
 
 def test_smartspec_shortens_draft_chains_while_requests_arrive():
     def plan(arrivals: int):
-        policy = smartspec(verify=(15.0, 0.1, 0.3, 0.0), draft=(1.0, 0.2, 0.1, 5.0), max_k=8)
-        teach(policy, "draft", 5, 3)
+        policy = smartspec(verify=(15.0, 0.1, 0.3, 0.0), draft=(1.0, 0.2, 0.1, 6.0), max_k=8)
+        teach(policy, "draft", 5, 3, steps=200)  # the prior is the taught rate, whatever it started at
         now = time.perf_counter()
         for i in range(arrivals):  # 16 in the last 0.4 s: 32 a second over the 0.5 s window
             policy.observe_arrival(now - 0.4 + i / 40)
