@@ -19,14 +19,14 @@ and its rate there is the request's own at that age, shrunk towards the position
     r_j = (accepted[u + j] + m * model_j) / (tested[u + j] + m)
 
 m (PRIOR_TESTS) weighs the position model like that many tokens tested: an age seen rarely keeps the
-model's rate. Where misses are independent of the text's period (a draft that misses at random) every
-age's rate tends to the model's and the choice is unchanged.
+model's rate. Where misses do not follow the text's period (a draft that misses at random) every age's
+rate tends to the request's overall rate, which the position model tracks, and the choice changes little.
 
 What is and is not seen: a rejected candidate is a miss at its age, and the age restarts after it (the
 verifier's bonus token replaced it). A chain accepted in full ends with a bonus token the draft was never
 asked about, and a step without speculation commits one the same way: those tokens age the text without
-telling whether the draft would have missed them (counted neither way). Ages from AGES on share one
-count (a text that has gone that long without a miss).
+telling whether the draft would have missed them (counted neither way). Ages from `ages` on (by default
+two longest chains and two more) share one count: a text that has gone that long without a miss.
 
 Counts decay with every chain the request verifies with the proposer (a memory of about 1 / DECAY
 chains): text whose pattern changed does not hold the choice for long.
@@ -49,8 +49,8 @@ DECAY = 0.05
 @dataclass
 class _Record:
     age: int  # tokens committed since the proposer's last observed miss on this request
-    tested: np.ndarray  # [AGES + 1] decaying count of candidates tested at each age (index 0 unused)
-    accepted: np.ndarray  # [AGES + 1] of those, accepted
+    tested: np.ndarray  # [ages + 1] decaying count of candidates tested at each age (index 0 unused)
+    accepted: np.ndarray  # [ages + 1] of those, accepted
 
 
 class ChainCalibration:
