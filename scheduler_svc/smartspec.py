@@ -106,6 +106,12 @@ class GoodputPolicy(Policy):
     def _free(self) -> list[bool]:
         return [self.specs[name].free for name in self.proposers]
 
+    def _calibrates(self, name: str) -> bool:
+        """Whether the chain calibration rates this proposer's chains (and so learns from them): a costly
+        chain proposer, under a policy that calibrates."""
+        spec = self.specs[name]
+        return self.calibration is not None and not spec.free and not spec.tree
+
     def _is_tree(self, name: str) -> bool:
         spec = self.specs.get(name)
         return spec is not None and spec.tree
@@ -174,7 +180,7 @@ class GoodputPolicy(Policy):
             if not self.specs[name].tree:
                 if self.max_k > 0:
                     rates = self.acceptance.position_rates(ids, name)
-                    if self.calibration is not None and not self.specs[name].free:
+                    if self._calibrates(name):
                         rates = self.calibration.rates(ids, name, rates)
                     surv[:, p, :self.max_k] = survival(rates)
                 continue
@@ -264,9 +270,7 @@ class GoodputPolicy(Policy):
     def _observe_chains(self, outcomes: Sequence[RequestOutcome]) -> None:
         """Feed the chain calibration: each costly chain proposer's verified chains, and the tokens its
         requests committed in steps it did not serve them (they age the text unseen)."""
-        for name in self.proposers:
-            if self.specs[name].free or self._is_tree(name):
-                continue
+        for name in filter(self._calibrates, self.proposers):
             for o in outcomes:
                 if o.proposer == name and o.proposed > 0:
                     self.calibration.observe(o.request_id, name, o.proposed, o.accepted)
