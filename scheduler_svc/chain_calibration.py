@@ -62,7 +62,6 @@ class ChainCalibration:
             raise ValueError(f"prior_tests must be > 0, got {prior_tests}")
         if not 0 <= decay < 1:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
-        self.max_k = max_k
         # Two chains' worth: a period up to about twice the longest chain is still seen as one.
         self.ages = ages if ages is not None else 2 * max_k + 2
         self.prior_tests = prior_tests
