@@ -260,12 +260,12 @@ class GoodputPolicy(Policy):
         planned, self._planned = self._planned, None
         if planned is not None:
             self._observe_costs(outcomes, record, planned)
-        if self.calibration is not None:
-            self._observe_chains(outcomes)
         if self.acceptance.tracked_requests > 2 * len(outcomes) + 16:
             self.acceptance.forget(o.request_id for o in outcomes)
-        if self.calibration is not None and self.calibration.tracked > 2 * len(outcomes) + 16:
-            self.calibration.forget(o.request_id for o in outcomes)
+        if self.calibration is not None:
+            self._observe_chains(outcomes)
+            if self.calibration.tracked > 2 * len(outcomes) + 16:
+                self.calibration.forget(o.request_id for o in outcomes)
 
     def _observe_chains(self, outcomes: Sequence[RequestOutcome]) -> None:
         """Feed the chain calibration: each costly chain proposer's verified chains, and the tokens its
