@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of the repository, not installed
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.chain_phase import CONTEXT, COSTS, draft_misses, make_policy
+from bench.chain_phase import CONTEXT, COSTS, draft_misses, make_policy, report
 from bench.serving import poisson_trace
 from scheduler_svc.engine import StepRecord
 from scheduler_svc.policy import RequestOutcome, RequestView
@@ -155,14 +155,8 @@ def main() -> int:
                 lines.append(f"| {workload} | {rate:g} | {label} | {cells} | {means['smartspec']:.0f} | "
                              f"{ratios[-1]:.3f}x |")
     lines += ["", (f"smartspec / best fixed k: {min(ratios):.3f}x to {max(ratios):.3f}x over the {len(ratios)} "
-                   f"rows, {sum(r <= 1.05 for r in ratios)} of them within 1.05x."), "",
-              "Cost models (ms; verifier: 1, batch, tokens, context; draft: 1, requests, tokens, passes):", ""]
-    lines += [f"- {label}: verifier {costs[0]}, draft {costs[1]}" for label, costs in COSTS.items()]
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out:
-        args.out.write_text(text)
-    return 0
+                   f"rows, {sum(r <= 1.05 for r in ratios)} of them within 1.05x.")]
+    return report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -144,12 +144,19 @@ def main() -> int:
                     f"| {workload} | {tokens} | {label} | {rate:.0%} | {fixed[1]:.0f} | {fixed[3]:.0f} | "
                     f"{fixed[5]:.0f} | {chosen[False]:.0f} | {chosen[True]:.0f} | {chosen[False] / best:.3f}x | "
                     f"{chosen[True] / best:.3f}x |")
-    lines += ["", "Cost models (ms; verifier: 1, batch, tokens, context; draft: 1, requests, tokens, passes):", ""]
+    return report(lines, args.out)
+
+
+def report(lines: Sequence[str], out: Path | None) -> int:
+    """Print a report's lines followed by the cost models it was timed by, and write them to `out` if given
+    (this script's and bench/batch_replay.py's)."""
+    legend = "Cost models (ms; verifier: 1, batch, tokens, context; draft: 1, requests, tokens, passes):"
+    lines = [*lines, "", legend, ""]
     lines += [f"- {label}: verifier {costs[0]}, draft {costs[1]}" for label, costs in COSTS.items()]
     text = "\n".join(lines) + "\n"
     print(text, end="")
-    if args.out:
-        args.out.write_text(text)
+    if out:
+        out.write_text(text)
     return 0
 
 
