@@ -6,7 +6,8 @@ join the batch at the end of the step they arrived in, and leave once they have 
 Every step the policy (smartspec, or fixed k) chooses each running request's k; a chain is accepted up
 to the draft's first miss on the target's greedy text (computed as in chain_phase.py), and the step
 takes the time of a linear cost model (chain_phase.COSTS) that smartspec is given as the truth and does
-not refit, plus ADMIT_MS for each request admitted at its start. So the latencies are the cost model's,
+not refit, plus ADMIT_MS for each request admitted at its start. The policy is not told of arrivals (its
+arrival weighting, goodput.py's "Arrivals", stays off). So the latencies are the cost model's,
 **not measured**: the replay shows what the choice of k costs when the policy's cost model is right,
 apart from the machine's noise and from any error in that model. The serving benchmark measures the stack.
 
@@ -53,7 +54,7 @@ def step_ms(costs: tuple[Sequence[float], Sequence[float]], ks: Sequence[int], c
 
 
 def replay(misses: Sequence[Sequence[bool]], arrivals_s: Sequence[float], costs, max_tokens: int,
-           policy: SmartSpecPolicy | None = None, fixed_k: int = 0, tag: str = "") -> list[float]:
+           policy: SmartSpecPolicy | None = None, fixed_k: int = 0, tag: str = "") -> list[float | None]:
     """Each request's latency in ms (cost-model time from its arrival to its last token).
 
     Request i arrives at arrivals_s[i] and its text's draft misses are misses[i]; k is chosen by
