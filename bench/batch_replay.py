@@ -22,13 +22,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of the repository, not installed
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.chain_phase import CONTEXT, COSTS, draft_misses, make_policy, report
+from bench.chain_phase import CONTEXT, COSTS, accepted_run, draft_misses, make_policy, report, step_ms
 from bench.serving import poisson_trace
 from scheduler_svc.engine import StepRecord
 from scheduler_svc.policy import RequestOutcome, RequestView
@@ -40,17 +38,6 @@ from scheduler_svc.smartspec import SmartSpecPolicy
 # benchmark's copy and code traces at 16 req/s on the development machine.
 ADMIT_MS = 35.0
 FIXED_KS = (1, 2, 3, 4, 5)
-
-
-def step_ms(costs: tuple[Sequence[float], Sequence[float]], ks: Sequence[int], context: int) -> float:
-    """The cost model's time of a step: one verifier forward over the batch, one draft call if anyone
-    speculates (its passes: the longest chain)."""
-    verify, draft = costs
-    ms = float(np.dot(verify, (1, len(ks), sum(k + 1 for k in ks), context)))
-    chains = [k for k in ks if k > 0]
-    if chains:
-        ms += float(np.dot(draft, (1, len(chains), sum(chains), max(chains))))
-    return ms
 
 
 def replay(misses: Sequence[Sequence[bool]], arrivals_s: Sequence[float], costs, max_tokens: int,
@@ -82,9 +69,7 @@ def replay(misses: Sequence[Sequence[bool]], arrivals_s: Sequence[float], costs,
         ms = ADMIT_MS * len(admitted) + step_ms(costs, ks, sum(v.context_len for v in views))
         outcomes = []
         for i, k in zip(running, ks):
-            accepted = 0
-            while accepted < k and not misses[i][committed[i] + accepted]:
-                accepted += 1
+            accepted = accepted_run(misses[i], committed[i], k)
             committed[i] += accepted + 1
             outcomes.append(RequestOutcome(f"{tag}r{i}", "draft" if k else None, k, k, accepted,
                                            committed=tuple(range(accepted + 1))))

@@ -43,14 +43,27 @@ COSTS = {
 }
 
 
-def step_ms(costs: tuple[Sequence[float], Sequence[float]], k: int) -> float:
-    """The cost model's time of a batch-of-one step with k draft candidates."""
+def step_ms(costs: tuple[Sequence[float], Sequence[float]], ks: Sequence[int], context: int) -> float:
+    """The cost model's time of a step with these draft chains (one per request, 0: none) over `context`
+    tokens: one verifier forward over the batch, one draft call if anyone speculates (its passes: the
+    longest chain). chain_phase.py's steps are batches of one; bench/batch_replay.py's are batches."""
     verify, draft = costs
-    ms = float(np.dot(verify, (1, 1, k + 1, CONTEXT)))
-    if k > 0:
-        shape = StepShape(1, k + 1, CONTEXT, {"draft": 1}, {"draft": k}, {"draft": k})
+    ms = float(np.dot(verify, (1, len(ks), sum(k + 1 for k in ks), context)))
+    chains = [k for k in ks if k > 0]
+    if chains:
+        shape = StepShape(len(ks), sum(k + 1 for k in ks), context, {"draft": len(chains)},
+                          {"draft": sum(chains)}, {"draft": max(chains)})
         ms += float(np.dot(draft, shape.proposer_features("draft")))
     return ms
+
+
+def accepted_run(misses: Sequence[bool], start: int, k: int) -> int:
+    """Candidates a chain of k from token `start` gets accepted: up to the draft's first miss (the draft's
+    context is the committed text either way), and no further than the text."""
+    accepted = 0
+    while accepted < k and start + accepted < len(misses) and not misses[start + accepted]:
+        accepted += 1
+    return accepted
 
 
 def make_policy(costs: tuple[Sequence[float], Sequence[float]], by_age: bool, max_k: int = 8) -> SmartSpecPolicy:
@@ -73,10 +86,8 @@ def replay(misses: Sequence[bool], costs, policy: SmartSpecPolicy | None = None,
     view = RequestView(request_id=request_id, proposer="draft", context_len=CONTEXT, max_k=1 << 30)
     while position < len(misses):
         k = policy.plan([view])[request_id].k if policy is not None else fixed_k
-        accepted = 0
-        while accepted < k and position + accepted < len(misses) and not misses[position + accepted]:
-            accepted += 1
-        ms += step_ms(costs, k)
+        accepted = accepted_run(misses, position, k)
+        ms += step_ms(costs, [k], CONTEXT)
         if policy is not None:
             policy.observe([RequestOutcome(request_id, "draft" if k else None, k, k, accepted,
                                            committed=tuple(range(accepted + 1)))],

@@ -3,7 +3,7 @@
 import pytest
 
 from bench import batch_replay
-from bench.chain_phase import CONTEXT, COSTS, make_policy
+from bench.chain_phase import CONTEXT, COSTS, make_policy, step_ms
 
 COST = COSTS["fitted here"]
 
@@ -11,7 +11,7 @@ COST = COSTS["fitted here"]
 def test_a_lone_request_takes_its_admission_and_steps():
     # No misses: k = 3 commits 4 tokens a step, so 8 tokens take two steps, the last one capped at 3.
     latency = batch_replay.replay([[False] * 8], [0.0], COST, 8, fixed_k=3)
-    steps = batch_replay.step_ms(COST, [3], CONTEXT) + batch_replay.step_ms(COST, [3], CONTEXT + 4)
+    steps = step_ms(COST, [3], CONTEXT) + step_ms(COST, [3], CONTEXT + 4)
     assert latency == [pytest.approx(batch_replay.ADMIT_MS + steps)]
 
 
@@ -21,16 +21,16 @@ def test_a_chain_stops_at_the_first_miss_and_caps_keep_to_max_tokens():
     contexts = [CONTEXT + 2 * s for s in range(4)]
     ks = [5, 5, 3, 1]  # the cap: max_tokens - committed - 1
     assert latency == [pytest.approx(batch_replay.ADMIT_MS + sum(
-        batch_replay.step_ms(COST, [k], c) for k, c in zip(ks, contexts)))]
+        step_ms(COST, [k], c) for k, c in zip(ks, contexts)))]
 
 
 def test_a_request_arriving_during_a_step_joins_at_its_end_and_is_timed_from_its_arrival():
-    first_step = batch_replay.ADMIT_MS + batch_replay.step_ms(COST, [0], CONTEXT)
+    first_step = batch_replay.ADMIT_MS + step_ms(COST, [0], CONTEXT)
     arrival_ms = first_step / 2
     latency = batch_replay.replay([[True] * 2, [True] * 2], [0.0, arrival_ms / 1e3], COST, 2, fixed_k=0)
-    second_step = batch_replay.ADMIT_MS + batch_replay.step_ms(COST, [0, 0], CONTEXT * 2 + 1)
+    second_step = batch_replay.ADMIT_MS + step_ms(COST, [0, 0], CONTEXT * 2 + 1)
     assert latency[0] == pytest.approx(first_step + second_step)
-    third_step = batch_replay.step_ms(COST, [0], CONTEXT + 1)
+    third_step = step_ms(COST, [0], CONTEXT + 1)
     assert latency[1] == pytest.approx(first_step + second_step + third_step - arrival_ms)
 
 
