@@ -8,15 +8,11 @@ import io
 import itertools
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import hf_peers, summary  # noqa: E402
-from bench.serving import (  # noqa: E402
+from bench import hf_peers, summary
+from bench.serving import (
     PEER_PROPOSER,
     PROMPT_TOKENS,
     Progress,
@@ -37,7 +33,7 @@ from bench.serving import (  # noqa: E402
     stack_rows,
     summarize,
 )
-from specdec.cli import main  # noqa: E402
+from specdec.cli import main
 
 
 def test_poisson_trace_is_seeded_and_has_the_rate():
