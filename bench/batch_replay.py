@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of the repository, not installed
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.chain_phase import CONTEXT, COSTS, accepted_run, draft_misses, make_policy, report, step_ms
+from bench.chain_phase import CONTEXT, COSTS, accepted_run, draft_misses, make_policy, report, step_parts
 from bench.serving import poisson_trace
 from scheduler_svc.engine import StepRecord
 from scheduler_svc.policy import RequestOutcome, RequestView
@@ -66,7 +66,8 @@ def replay(misses: Sequence[Sequence[bool]], arrivals_s: Sequence[float], costs,
             ks = [plans[v.request_id].k for v in views]
         else:
             ks = [min(fixed_k, v.max_k) for v in views]
-        ms = ADMIT_MS * len(admitted) + step_ms(costs, ks, sum(v.context_len for v in views))
+        verify_ms, draft_ms = step_parts(costs, ks, sum(v.context_len for v in views))
+        ms = ADMIT_MS * len(admitted) + verify_ms + draft_ms
         outcomes = []
         for i, k in zip(running, ks):
             accepted = accepted_run(misses[i], committed[i], k)
@@ -76,7 +77,11 @@ def replay(misses: Sequence[Sequence[bool]], arrivals_s: Sequence[float], costs,
         now += ms
         steps += 1
         if policy is not None:
-            policy.observe(outcomes, StepRecord(step_id=steps, start_s=0.0, wall_ms=ms, verify_total_ms=ms))
+            # As the engine records a step (a policy that learns its costs fits them on these).
+            policy.observe(outcomes, StepRecord(
+                step_id=steps, start_s=0.0, wall_ms=ms, batch_size=len(views), admitted=len(admitted),
+                verify_total_ms=verify_ms, propose_ms={"draft": draft_ms} if draft_ms else {},
+                propose_wall_ms=draft_ms))
         for i in running:
             if committed[i] >= max_tokens:
                 latency[i] = now - arrivals_s[i] * 1e3

@@ -47,14 +47,19 @@ def step_ms(costs: tuple[Sequence[float], Sequence[float]], ks: Sequence[int], c
     """The cost model's time of a step with these draft chains (one per request, 0: none) over `context`
     tokens: one verifier forward over the batch, one draft call if anyone speculates (its passes: the
     longest chain). chain_phase.py's steps are batches of one; bench/batch_replay.py's are batches."""
+    return sum(step_parts(costs, ks, context))
+
+
+def step_parts(costs: tuple[Sequence[float], Sequence[float]], ks: Sequence[int], context: int) -> tuple[float, float]:
+    """step_ms's two parts: (the verifier's ms, the draft's ms; 0 when nobody speculates)."""
     verify, draft = costs
-    ms = float(np.dot(verify, (1, len(ks), sum(k + 1 for k in ks), context)))
+    verify_ms = float(np.dot(verify, (1, len(ks), sum(k + 1 for k in ks), context)))
     chains = [k for k in ks if k > 0]
-    if chains:
-        shape = StepShape(len(ks), sum(k + 1 for k in ks), context, {"draft": len(chains)},
-                          {"draft": sum(chains)}, {"draft": max(chains)})
-        ms += float(np.dot(draft, shape.proposer_features("draft")))
-    return ms
+    if not chains:
+        return verify_ms, 0.0
+    shape = StepShape(len(ks), sum(k + 1 for k in ks), context, {"draft": len(chains)},
+                      {"draft": sum(chains)}, {"draft": max(chains)})
+    return verify_ms, float(np.dot(draft, shape.proposer_features("draft")))
 
 
 def accepted_run(misses: Sequence[bool], start: int, k: int) -> int:
@@ -66,14 +71,17 @@ def accepted_run(misses: Sequence[bool], start: int, k: int) -> int:
     return accepted
 
 
-def make_policy(costs: tuple[Sequence[float], Sequence[float]], by_age: bool, max_k: int = 8) -> SmartSpecPolicy:
-    """smartspec over the draft alone, its cost model set to `costs` and kept there."""
+def make_policy(costs: tuple[Sequence[float], Sequence[float]], by_age: bool, max_k: int = 8,
+                learn_costs: bool = False) -> SmartSpecPolicy:
+    """smartspec over the draft alone, its cost model set to `costs` and kept there (or, with
+    learn_costs, seeded there and fitted on the steps it observes, as when serving)."""
     policy = SmartSpecPolicy(["draft"], max_k=max_k)
     policy.bind_proposers({"draft": ProposerSpec("draft", max_k)})
     policy.cost_model.verify.reseed(costs[0])
     policy.cost_model.overhead.reseed((0.0, 0.0, 0.0))
     policy.cost_model.proposer("draft").reseed(costs[1])
-    policy._observe_costs = lambda *args: None  # the cost model is the truth here: only k is chosen
+    if not learn_costs:
+        policy._observe_costs = lambda *args: None  # the cost model is the truth here: only k is chosen
     if not by_age:
         policy.calibration = None
     return policy

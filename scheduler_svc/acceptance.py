@@ -54,7 +54,7 @@ whatever the number of requests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -153,7 +153,19 @@ class _ProposerStats:
     evidence: _Rate  # the prior's EMA without the drift: the scale of the position rates
     position_accepted: np.ndarray  # [K] EMA of acceptance at position j given j - 1 accepted
     position_seen: np.ndarray  # [K] how often each position was tested (decayed count)
-    shape: np.ndarray = field(default=None)  # [K] position rate / evidence rate, shrunk towards 1
+    # [K] position rate / evidence rate, shrunk towards 1; None: to be recomputed from the above (a step
+    # observes every request in turn and a plan reads the shape once, so it is computed when read).
+    _shape: np.ndarray | None = None
+
+    @property
+    def shape(self) -> np.ndarray:
+        if self._shape is None:
+            # Against the evidence's own rate (both are EMAs of the same observations): the prior's drift
+            # moves the level the shape multiplies, not the shape.
+            shape = np.clip(self.position_accepted, MIN_RATE, MAX_RATE) / self.evidence.rate
+            trust = self.position_seen / (self.position_seen + POSITION_SHRINK)
+            self._shape = 1.0 + trust * (shape - 1.0)
+        return self._shape
 
 
 class AcceptanceEstimator:
@@ -241,12 +253,14 @@ class AcceptanceEstimator:
             # Only a prior that its evidence has made its own (the drift's pull has faded) moves the
             # ceiling: re-tries that happened to hit must not ratchet it up.
             stats.ceiling = max(stats.ceiling, stats.prior.rate)
-        n = min(observation.tested, self.max_k)
-        hits = (np.arange(n) < observation.accepted).astype(float)
-        stats.position_accepted[:n] += self.prior_alpha * (hits - stats.position_accepted[:n])
-        stats.position_seen *= 1.0 - self.prior_alpha / POSITION_MEMORY
-        stats.position_seen[:n] += 1.0
-        self._reshape(stats)
+        # Position j (from 0) was tested, and hit where j < accepted. Element by element: a chain's few
+        # positions cost less so than as numpy slices, and the arithmetic is the same.
+        accepted_at, seen = stats.position_accepted, stats.position_seen
+        seen *= 1.0 - self.prior_alpha / POSITION_MEMORY
+        for j in range(min(observation.tested, self.max_k)):
+            accepted_at[j] += self.prior_alpha * ((1.0 if j < observation.accepted else 0.0) - accepted_at[j])
+            seen[j] += 1.0
+        stats._shape = None
 
     def forget(self, keep: Iterable[str]) -> None:
         """Drop the estimates of requests not in `keep` (finished ones)."""
@@ -284,16 +298,7 @@ class AcceptanceEstimator:
                 prior=_Rate(self.initial_rate, 1.0, self.steps, PRIOR_PATIENCE), ceiling=self.initial_rate,
                 since_drift=np.inf, evidence=_Rate(self.initial_rate, 1.0),
                 position_accepted=np.full(self.max_k, self.initial_rate), position_seen=np.zeros(self.max_k))
-            self._reshape(stats)
         return stats
-
-    @staticmethod
-    def _reshape(stats: _ProposerStats) -> None:
-        # Against the evidence's own rate (both are EMAs of the same observations): the prior's drift
-        # moves the level the shape multiplies, not the shape.
-        shape = np.clip(stats.position_accepted, MIN_RATE, MAX_RATE) / stats.evidence.rate
-        trust = stats.position_seen / (stats.position_seen + POSITION_SHRINK)
-        stats.shape = 1.0 + trust * (shape - 1.0)
 
 
 def _likelihood(rate: float, observation: Observation) -> float:

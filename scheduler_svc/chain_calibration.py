@@ -90,10 +90,13 @@ class ChainCalibration:
                                                                      np.zeros(self.ages + 1))
         record.tested *= 1.0 - self.decay
         record.accepted *= 1.0 - self.decay
-        tested = min(accepted + 1, k)
-        ages = np.minimum(record.age + np.arange(1, tested + 1), self.ages)
-        np.add.at(record.tested, ages, 1.0)
-        np.add.at(record.accepted, ages[:accepted], 1.0)
+        # Candidate j (from 1) was tested at age + j, the last ages sharing one count; a handful of
+        # scalar adds, cheaper here than np.add.at.
+        for j in range(1, min(accepted + 1, k) + 1):
+            age = min(record.age + j, self.ages)
+            record.tested[age] += 1.0
+            if j <= accepted:
+                record.accepted[age] += 1.0
         # After a miss the bonus token took the missed one's place: the next candidate is the first after it.
         record.age = 0 if accepted < k else min(record.age + k + 1, self.ages)
 

@@ -33,6 +33,7 @@ first-order condition, not a proof of optimality (tests compare it with exhausti
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -108,7 +109,10 @@ class StepCost:
             if self.catch_up_ms is not None:
                 t += float(self.catch_up_ms[np.flatnonzero(used), props].sum())
             longest = np.zeros(len(self.fixed_ms))
-            np.maximum.at(longest, props, served)
+            for p in range(len(longest)):  # one or two proposers: cheaper than np.maximum.at
+                mine = served[props == p]
+                if mine.size:
+                    longest[p] = mine.max()
             t += float(self.fixed_ms[longest > 0].sum() + (self.depth_ms * longest).sum())
         return t
 
@@ -169,18 +173,23 @@ def _cap_options(cost: StepCost, longest: np.ndarray) -> tuple[np.ndarray, np.nd
     one with a per-pass cost is also tried at every shorter cap (a cap above `longest` cannot matter).
     """
     coupled = cost.coupled() & (longest > 0)
-    per_proposer = []
-    for p, top in enumerate(longest.tolist()):
-        if not coupled[p]:
-            per_proposer.append([top])
-        elif cost.depth_ms[p] > 0:
-            per_proposer.append(list(range(top + 1)))
-        else:
-            per_proposer.append([0, top])
-    caps = np.array(list(itertools.product(*per_proposer)), dtype=int).reshape(-1, len(longest))
+    kinds = tuple("free" if not c else "depth" if d > 0 else "fixed" for c, d in zip(coupled, cost.depth_ms))
+    caps = _cap_grid(tuple(longest.tolist()), kinds)
     on = (caps > 0) & coupled[None, :]
     charged = (on * (cost.fixed_ms + cost.depth_ms * caps)).sum(axis=1)
     return caps, charged
+
+
+@functools.lru_cache(maxsize=256)
+def _cap_grid(longest: tuple[int, ...], kinds: tuple[str, ...]) -> np.ndarray:
+    """_cap_options' caps [C, P] for these longest chains and kinds of proposer ("free": never capped,
+    "depth": every cap up to its longest, "fixed": all or nothing). The same few grids come back step
+    after step, so they are built once (read-only)."""
+    per_proposer = [[top] if kind == "free" else list(range(top + 1)) if kind == "depth" else [0, top]
+                    for top, kind in zip(longest, kinds)]
+    caps = np.array(list(itertools.product(*per_proposer)), dtype=int).reshape(-1, len(longest))
+    caps.flags.writeable = False
+    return caps
 
 
 def choose(surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
@@ -209,7 +218,7 @@ def choose(surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
     tables = np.where(beyond, -np.inf, table.reshape(1, b, -1))
     base = cost.base_ms + cost.token_ms * b + charged  # [C]
     picked = _dinkelbach(tables, marginal, base, cost.wait_weight)  # [C, B]
-    expected = b + np.take_along_axis(tables, picked[..., None], axis=2)[..., 0].sum(axis=1)
+    expected = b + tables.reshape(-1)[_flat_rows(tables) + picked].sum(axis=1)
     charged_score = expected / cost.weighted_ms(base + marginal[np.arange(b), picked].sum(axis=1))
     best = int(np.argmax(charged_score))  # ties: the first, i.e. the fewest proposers and shortest caps
     ks = picked[best] % width
@@ -254,12 +263,13 @@ def _dinkelbach(tables: np.ndarray, marginal: np.ndarray, base: np.ndarray,
     picked = np.zeros((n_comb, b), dtype=int)  # 0 is k = 0
     best_g, best = g.copy(), picked.copy()
     requests = np.arange(b)  # with a [C, B] pick, marginal[requests, pick] is each pick's cost [C, B]
+    flat, rows = tables.reshape(-1), _flat_rows(tables)  # with a [C, B] pick, flat[rows + pick] is its gain
     active = np.ones(n_comb, dtype=bool)
     for _ in range(MAX_ROUNDS):
         price = g * (1.0 + 2.0 * wait_weight * t)
         net = tables - price[:, None, None] * marginal[None, :, :]
         new_pick = np.argmax(net, axis=2)  # ties go to the first: k = 0 before any speculation
-        expected = b + np.take_along_axis(tables, new_pick[..., None], axis=2)[..., 0].sum(axis=1)
+        expected = b + flat[rows + new_pick].sum(axis=1)
         t_new = base + marginal[requests, new_pick].sum(axis=1)
         g_new = expected / (t_new * (1.0 + wait_weight * t_new))
         moved = active & np.any(new_pick != picked, axis=1)
@@ -273,6 +283,14 @@ def _dinkelbach(tables: np.ndarray, marginal: np.ndarray, base: np.ndarray,
         if not active.any():
             break
     return best
+
+
+def _flat_rows(tables: np.ndarray) -> np.ndarray:
+    """[C, B] where each (c, b)'s row of tables [C, B, W] starts in tables.reshape(-1): adding a [C, B]
+    pick looks the picks up as np.take_along_axis would, without its per-call index building (which
+    cost more than the lookup, every round of every step)."""
+    n_comb, b, width = tables.shape
+    return np.arange(0, n_comb * b * width, width).reshape(n_comb, b)
 
 
 def best_uniform_k(surv: np.ndarray, max_k: np.ndarray, cost: StepCost, proposer: np.ndarray) -> Choice:
