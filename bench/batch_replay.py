@@ -101,25 +101,35 @@ def compare(misses, rate: float, seeds: int, costs, max_tokens: int) -> dict[str
     return means
 
 
-def main() -> int:
+def replay_parser(description: str, rates: str) -> argparse.ArgumentParser:
+    """The flags of a replay over the benchmark's traces (this script's and bench/policy_time.py's)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rates", default=rates, help="comma-separated requests per second")
+    parser.add_argument("--seeds", type=int, default=8, help="arrival traces per rate (seeds 0..N-1)")
+    parser.add_argument("--out", type=Path)
+    return parser
+
+
+def workload_misses(requests: int, max_tokens: int) -> dict[str, list[list[bool]]]:
+    """Per workload, each of its first `requests` prompts' draft misses on the target's greedy text."""
     from transformers import AutoModelForCausalLM
 
     from bench.serving import WORKLOADS, _tokenizer
     from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_TARGET
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=20)
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rates", default="1,4,16,32", help="comma-separated requests per second")
-    parser.add_argument("--seeds", type=int, default=8, help="arrival traces per rate (seeds 0..N-1)")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    rates = [float(r) for r in args.rates.split(",")]
     tokenizer = _tokenizer()
     target = AutoModelForCausalLM.from_pretrained(str(DEFAULT_TARGET), dtype="float32").eval()
     draft = AutoModelForCausalLM.from_pretrained(str(DEFAULT_DRAFT), dtype="float32").eval()
-    texts = {workload: [draft_misses(target, draft, tokenizer.encode(text).ids, args.max_tokens)
-                        for text in make(args.requests, 0)] for workload, make in WORKLOADS.items()}
+    return {workload: [draft_misses(target, draft, tokenizer.encode(text).ids, max_tokens)
+                       for text in make(requests, 0)] for workload, make in WORKLOADS.items()}
+
+
+def main() -> int:
+    args = replay_parser(__doc__.splitlines()[0], "1,4,16,32").parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+    texts = workload_misses(args.requests, args.max_tokens)
     fixed_cols = " | ".join(f"fixed:{k}" for k in FIXED_KS)
     lines = [
         "# Batches replayed: the policies on the benchmark's traces, the draft's real misses, a known cost",

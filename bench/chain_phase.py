@@ -172,6 +172,11 @@ def report(lines: Sequence[str], out: Path | None) -> int:
     legend = "Cost models (ms; verifier: 1, batch, tokens, context; draft: 1, requests, tokens, passes):"
     lines = [*lines, "", legend, ""]
     lines += [f"- {label}: verifier {costs[0]}, draft {costs[1]}" for label, costs in COSTS.items()]
+    return write_lines(lines, out)
+
+
+def write_lines(lines: Sequence[str], out: Path | None) -> int:
+    """Print a report's lines and write them to `out` if given; 0 (a script's exit status)."""
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if out:

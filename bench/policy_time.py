@@ -13,7 +13,6 @@ it measures is the policy's code alone, not a service or the stack around it.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench import batch_replay
-from bench.chain_phase import COSTS, make_policy
+from bench.chain_phase import COSTS, make_policy, write_lines
 from bench.serving import poisson_trace
 
 BUCKETS = ((1, 1), (2, 5), (6, 10), (11, 20))
@@ -79,24 +78,8 @@ def table(times: dict[str, dict[int, list[float]]]) -> list[str]:
 
 
 def main() -> int:
-    from transformers import AutoModelForCausalLM
-
-    from bench.chain_phase import draft_misses
-    from bench.serving import WORKLOADS, _tokenizer
-    from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_TARGET
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=20)
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rates", default="1,16,32", help="comma-separated requests per second")
-    parser.add_argument("--seeds", type=int, default=8, help="arrival traces per rate (seeds 0..N-1)")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    tokenizer = _tokenizer()
-    target = AutoModelForCausalLM.from_pretrained(str(DEFAULT_TARGET), dtype="float32").eval()
-    draft = AutoModelForCausalLM.from_pretrained(str(DEFAULT_DRAFT), dtype="float32").eval()
-    texts = {workload: [draft_misses(target, draft, tokenizer.encode(text).ids, args.max_tokens)
-                        for text in make(args.requests, 0)] for workload, make in WORKLOADS.items()}
+    args = batch_replay.replay_parser(__doc__.splitlines()[0], "1,16,32").parse_args()
+    texts = batch_replay.workload_misses(args.requests, args.max_tokens)
     times = timed_replay(texts, [float(r) for r in args.rates.split(",")], args.seeds, args.max_tokens)
     lines = [
         "# The goodput policy's own time per step",
@@ -110,11 +93,7 @@ def main() -> int:
         "",
         *table(times),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out:
-        args.out.write_text(text)
-    return 0
+    return write_lines(lines, args.out)
 
 
 if __name__ == "__main__":
