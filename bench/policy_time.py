@@ -25,7 +25,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
 
 from bench import batch_replay
 from bench.chain_phase import COSTS, make_policy, write_lines
-from bench.serving import poisson_trace
+from bench.serving import percentile, poisson_trace
 
 BUCKETS = ((1, 1), (2, 5), (6, 10), (11, 20))
 
@@ -61,18 +61,15 @@ def timed_replay(texts, rates, seeds: int, max_tokens: int) -> dict[str, dict[in
 
 
 def table(times: dict[str, dict[int, list[float]]]) -> list[str]:
-    """Markdown rows: per batch-size bucket, calls and the median and p90 ms of plan, observe and both."""
+    """Markdown rows: per batch-size bucket, calls and the median and p90 ms of plan and of observe."""
     lines = ["| batch | steps | plan ms (median) | plan ms (p90) | observe ms (median) | observe ms (p90) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for low, high in BUCKETS:
-        cells = []
-        for kind in ("plan", "observe"):
-            ms = sorted(t for b, ts in times[kind].items() if low <= b <= high for t in ts)
-            cells.append(ms)
+        cells = [[t for b, ts in times[kind].items() if low <= b <= high for t in ts] for kind in ("plan", "observe")]
         if not cells[0]:
             continue
         label = str(low) if low == high else f"{low}-{high}"
-        stats = " | ".join(f"{statistics.median(ms):.3f} | {ms[int(0.9 * (len(ms) - 1))]:.3f}" for ms in cells)
+        stats = " | ".join(f"{statistics.median(ms):.3f} | {percentile(ms, 90):.3f}" for ms in cells)
         lines.append(f"| {label} | {len(cells[0])} | {stats} |")
     return lines
 
