@@ -55,7 +55,7 @@ class PeerModels:
 def load_peer_models(target: str | Path, draft: str | Path | None = None, device: str | None = None,
                      dtype: str | None = None) -> PeerModels:
     """Load the target (and draft) from local checkpoint folders, with the device and dtype the verifier
-    picks by default (cuda with bf16 when there is one, else cpu with fp32), EOS stopping turned off."""
+    picks by default (cuda when there is one, else cpu; float32), EOS stopping turned off."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

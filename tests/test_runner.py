@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_TARGET
-from specdec.runner import BatchError, ModelRunner, SeqInput
+from specdec.runner import BatchError, ModelRunner, SeqInput, parse_dtype
 from specdec.testing import make_tiny_checkpoint
 
 ATOL = 1e-4
@@ -149,3 +149,13 @@ def test_warm_up_runs_every_token_count_and_leaves_nothing_behind(tmp_path):
     runner.allocate()
     assert runner.warm_up(8) == 0  # no free slot: nothing to warm on, nothing taken
     assert runner.warm_up(0) == 0
+
+
+def test_the_default_dtype_is_float32_on_every_device():
+    # bf16 changes greedy tokens between chains and single tokens (docs/chain_invariance*.md): opt-in only.
+    for device in ("cpu", "cuda", "cuda:1"):
+        assert parse_dtype(None, torch.device(device)) == torch.float32
+        assert parse_dtype("auto", torch.device(device)) == torch.float32
+    assert parse_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'bf8'"):
+        parse_dtype("bf8", torch.device("cpu"))
