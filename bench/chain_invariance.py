@@ -23,7 +23,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
 
 from bench.serving import WORKLOADS, _tokenizer
 from specdec.checkpoint import DEFAULT_TARGET
-from specdec.runner import ModelRunner
+from specdec.runner import ModelRunner, default_device
 from specdec.testing import logits_alone_and_in_chains
 
 
@@ -44,26 +44,31 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--chain", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="runner device: cpu, cuda, auto")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tokenizer = _tokenizer()
     prompts = [tokenizer.encode(text).ids for make in WORKLOADS.values() for text in make(args.requests, 0)]
+    device = default_device() if args.device == "auto" else torch.device(args.device)
+    where = (f"on {torch.cuda.get_device_name(device)}" if device.type == "cuda"
+             else f"on CPU ({args.threads} threads)")
+    command = " ".join(["bench/chain_invariance.py", *sys.argv[1:]])
     lines = [
         "# Chains against one token at a time",
         "",
-        (f"`{Path(args.model).name}` through the model runner on CPU ({args.threads} threads): {len(prompts)} prompts "
+        (f"`{Path(args.model).name}` through the model runner {where}: {len(prompts)} prompts "
          f"of the serving benchmark ({', '.join(WORKLOADS)}), {args.max_tokens} greedy tokens each decoded one "
          f"per forward, then re-run in chains of {args.chain}. Made with:"),
         "",
-        "    .venv/bin/python bench/chain_invariance.py --out docs/chain_invariance.md",
+        f"    .venv/bin/python {command}",
         "",
         "| dtype | projections | max logit difference | argmax flips | requests with a flip |",
         "| --- | --- | --- | --- | --- |",
     ]
     for entry in args.dtypes.split(","):
         dtype, _, variant = entry.partition(":")
-        runner = ModelRunner(args.model, device="cpu", dtype=dtype, max_slots=1, prepack=False if variant else None,
+        runner = ModelRunner(args.model, device=device, dtype=dtype, max_slots=1, prepack=False if variant else None,
                              max_seq_len=max(map(len, prompts)) + args.max_tokens)
         results = [compare(runner, p, args.max_tokens, args.chain) for p in prompts]
         flips = sum(f for _, f in results)

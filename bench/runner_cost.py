@@ -19,6 +19,7 @@ import json
 import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -106,7 +107,8 @@ def main() -> None:
             "",
         ]
     if args.out:
-        device = f"{runner.device.type} ({platform.processor() or platform.machine()}, {args.threads} threads)"
+        device = (torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda"
+                  else f"{runner.device.type} ({platform.processor() or platform.machine()}, {args.threads} threads)")
         doc = [
             "# Runner cost surface",
             "",
@@ -117,7 +119,7 @@ def main() -> None:
             "",
             "Made with:",
             "",
-            "    .venv/bin/python bench/runner_cost.py --out docs/runner_cost.md",
+            "    .venv/bin/python " + " ".join(["bench/runner_cost.py", *sys.argv[1:]]),
             "",
             table,
             "",
