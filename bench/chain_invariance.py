@@ -21,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of the repository, not installed
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.report import write_lines
 from bench.serving import WORKLOADS, _tokenizer
 from specdec.checkpoint import DEFAULT_TARGET
 from specdec.runner import ModelRunner, default_device
@@ -75,11 +76,7 @@ def main() -> int:
         projections = "oneDNN, prepacked" if runner.weights.prepacked else "F.linear"
         lines.append(f"| {dtype} | {projections} | {max(d for d, _ in results):.2e} | "
                      f"{flips} of {len(prompts) * args.max_tokens} | {sum(f > 0 for _, f in results)} of {len(prompts)} |")
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out:
-        args.out.write_text(text)
-    return 0
+    return write_lines(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of the repository, not installed
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.report import write_lines
 from scheduler_svc.cost_model import StepShape
 from scheduler_svc.engine import StepRecord
 from scheduler_svc.policy import ProposerSpec, RequestOutcome, RequestView
@@ -173,15 +174,6 @@ def report(lines: Sequence[str], out: Path | None) -> int:
     lines = [*lines, "", legend, ""]
     lines += [f"- {label}: verifier {costs[0]}, draft {costs[1]}" for label, costs in COSTS.items()]
     return write_lines(lines, out)
-
-
-def write_lines(lines: Sequence[str], out: Path | None) -> int:
-    """Print a report's lines and write them to `out` if given; 0 (a script's exit status)."""
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if out:
-        out.write_text(text)
-    return 0
 
 
 if __name__ == "__main__":

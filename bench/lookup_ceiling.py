@@ -22,6 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of the repository, not installed
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.report import write_lines
 from bench.serving import WORKLOADS, _tokenizer, code_completion_prompts
 from proposer_svc.ngram import NgramProposer, NgramState
 
@@ -121,11 +122,7 @@ def main() -> int:
         "| --- | --- |",
         f"| {first:.1%} | {second:.1%} |",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out:
-        args.out.write_text(text)
-    return 0
+    return write_lines(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench import batch_replay
-from bench.chain_phase import COSTS, make_policy, write_lines
+from bench.chain_phase import COSTS, make_policy
+from bench.report import write_lines
 from bench.serving import percentile, poisson_trace
 
 BUCKETS = ((1, 1), (2, 5), (6, 10), (11, 20))

@@ -29,6 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of the repository, not installed
     sys.path.insert(0, str(REPO_ROOT))
 
+from bench.report import write_lines
 from specdec.checkpoint import DEFAULT_TARGET
 from specdec.runner import ModelRunner, SeqInput
 
@@ -136,11 +137,7 @@ def main() -> int:
             *(f"| `{e.key}` | {e.count / args.profiled:.0f} | {e.self_device_time_total / args.profiled / 1e3:.2f} |"
               for e in top),
         ]
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.out:
-        args.out.write_text(text)
-    return 0
+    return write_lines(lines, args.out)
 
 
 if __name__ == "__main__":
