@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of the repository, not installed
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.report import write_lines
+from bench.report import made_with, write_lines
 from bench.serving import WORKLOADS, _tokenizer
 from specdec.checkpoint import DEFAULT_TARGET
 from specdec.runner import ModelRunner, default_device
@@ -54,7 +54,6 @@ def main() -> int:
     device = default_device() if args.device == "auto" else torch.device(args.device)
     where = (f"on {torch.cuda.get_device_name(device)}" if device.type == "cuda"
              else f"on CPU ({args.threads} threads)")
-    command = " ".join(["bench/chain_invariance.py", *sys.argv[1:]])
     lines = [
         "# Chains against one token at a time",
         "",
@@ -62,7 +61,7 @@ def main() -> int:
          f"of the serving benchmark ({', '.join(WORKLOADS)}), {args.max_tokens} greedy tokens each decoded one "
          f"per forward, then re-run in chains of {args.chain}. Made with:"),
         "",
-        f"    .venv/bin/python {command}",
+        made_with("bench/chain_invariance.py"),
         "",
         "| dtype | projections | max logit difference | argmax flips | requests with a flip |",
         "| --- | --- | --- | --- | --- |",

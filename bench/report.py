@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,3 +14,8 @@ def write_lines(lines: Sequence[str], out: Path | None) -> int:
     if out:
         out.write_text(text)
     return 0
+
+
+def made_with(script: str) -> str:
+    """The report's command line, indented as a markdown code block: `script` with this run's arguments."""
+    return "    .venv/bin/python " + " ".join([script, *sys.argv[1:]])

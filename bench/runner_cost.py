@@ -25,11 +25,25 @@ from pathlib import Path
 
 import torch
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of the repository, not installed
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.report import made_with
 from specdec.checkpoint import DEFAULT_TARGET
 from specdec.runner import ModelRunner, SeqInput
 
 
+def prefilled_slots(runner: ModelRunner, count: int, context: int, rng: random.Random) -> list[int]:
+    """`count` slots of the runner, each holding `context` random tokens."""
+    slots = [runner.allocate() for _ in range(count)]
+    for s in slots:
+        runner.forward([SeqInput(s, [rng.randrange(runner.vocab_size) for _ in range(context)])])
+    return slots
+
+
 def measure(runner: ModelRunner, slots: list[int], batch: int, new: int, rng: random.Random) -> float:
+    """One forward of `new` random tokens on each of the first `batch` slots, rolled back after; its ms."""
     seqs = [SeqInput(s, [rng.randrange(runner.vocab_size) for _ in range(new)]) for s in slots[:batch]]
     if runner.device.type == "cuda":
         torch.cuda.synchronize()
@@ -62,10 +76,7 @@ def main() -> None:
     def make(prepack: bool | None) -> tuple[ModelRunner, list[int]]:
         runner = ModelRunner(args.model, dtype=args.dtype, max_slots=max(batch_sizes),
                              max_seq_len=args.context + 16, prepack=prepack)
-        slots = [runner.allocate() for _ in range(max(batch_sizes))]
-        for s in slots:
-            runner.forward([SeqInput(s, [rng.randrange(runner.vocab_size) for _ in range(args.context)])])
-        return runner, slots
+        return runner, prefilled_slots(runner, max(batch_sizes), args.context, rng)
 
     runner, slots = make(None)
     runners = {"served": (runner, slots)}
@@ -119,7 +130,7 @@ def main() -> None:
             "",
             "Made with:",
             "",
-            "    .venv/bin/python " + " ".join(["bench/runner_cost.py", *sys.argv[1:]]),
+            made_with("bench/runner_cost.py"),
             "",
             table,
             "",

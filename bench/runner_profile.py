@@ -1,7 +1,7 @@
 """Where a forward of the model runner spends its time on a GPU: the step against the kernels' own time.
 
 For each (batch, new tokens) point, every request holding `--context` cached tokens: the median step time
-of `--steps` forwards (synchronised before and after, as bench/runner_cost.py times them), then
+of `--steps` forwards (bench/runner_cost.py's measure(): synchronised before and after), then
 `--profiled` more forwards under torch.profiler, which counts the kernels launched, the host-to-device
 copies and the kernels' summed time a forward. A step far above its kernel time is spent on the host:
 launching kernels one by one and building the batch. Also listed: the operators taking the most kernel
@@ -18,7 +18,6 @@ import argparse
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,9 +28,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of the repository, not installed
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.report import write_lines
+from bench.report import made_with, write_lines
+from bench.runner_cost import measure, prefilled_slots
 from specdec.checkpoint import DEFAULT_TARGET
-from specdec.runner import ModelRunner, SeqInput
+from specdec.runner import ModelRunner
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
@@ -43,35 +43,6 @@ def parse_points(text: str) -> list[tuple[int, int]]:
         batch, _, new = item.partition("x")
         points.append((int(batch), int(new)))
     return points
-
-
-class Stepper:
-    """Forwards of `batch` requests with `new` random tokens each, rolled back after each step."""
-
-    def __init__(self, runner: ModelRunner, context: int, slots: int, seed: int = 0) -> None:
-        self.runner, self.rng = runner, random.Random(seed)
-        self.slots = [runner.allocate() for _ in range(slots)]
-        for slot in self.slots:
-            runner.forward([SeqInput(slot, self._tokens(context))])
-
-    def _tokens(self, n: int) -> list[int]:
-        return [self.rng.randrange(self.runner.vocab_size) for _ in range(n)]
-
-    def _sync(self) -> None:
-        if self.runner.device.type == "cuda":
-            torch.cuda.synchronize(self.runner.device)
-
-    def step(self, batch: int, new: int) -> float:
-        """One forward's time in ms."""
-        seqs = [SeqInput(slot, self._tokens(new)) for slot in self.slots[:batch]]
-        self._sync()
-        start = time.perf_counter()
-        self.runner.forward(seqs)
-        self._sync()
-        elapsed = (time.perf_counter() - start) * 1e3
-        for seq in seqs:
-            self.runner.accept(seq.slot, [])
-        return elapsed
 
 
 def main() -> int:
@@ -89,16 +60,17 @@ def main() -> int:
     runner = ModelRunner(args.model, device=None if args.device == "auto" else args.device, dtype=args.dtype,
                          max_slots=max(b for b, _ in points), max_seq_len=args.context + max(n for _, n in points) + 1)
     cuda = runner.device.type == "cuda"
-    stepper = Stepper(runner, args.context, max(b for b, _ in points))
+    rng = random.Random(0)
+    slots = prefilled_slots(runner, max(b for b, _ in points), args.context, rng)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     rows, events = [], None
     for batch, new in points:
         for _ in range(5):  # warm-up: kernels chosen, caches filled
-            stepper.step(batch, new)
-        median = statistics.median(stepper.step(batch, new) for _ in range(args.steps))
+            measure(runner, slots, batch, new, rng)
+        median = statistics.median(measure(runner, slots, batch, new, rng) for _ in range(args.steps))
         with profile(activities=activities) as prof:
             for _ in range(args.profiled):
-                stepper.step(batch, new)
+                measure(runner, slots, batch, new, rng)
         events = prof.key_averages()
         per = args.profiled
         launches = sum(e.count for e in events if e.key in LAUNCHES) / per
@@ -108,7 +80,6 @@ def main() -> int:
         rows.append((batch, new, median, kernel_ms, launches, copies))
 
     where = torch.cuda.get_device_name(runner.device) if cuda else f"{runner.device.type}"
-    command = " ".join(["bench/runner_profile.py", *sys.argv[1:]])
     lines = [
         "# Runner profile",
         "",
@@ -116,7 +87,7 @@ def main() -> int:
          f"tokens per request: the median of {args.steps} forwards, then {args.profiled} forwards under "
          "torch.profiler (kernel time: the kernels' summed time a forward). Made with:"),
         "",
-        f"    .venv/bin/python {command}",
+        made_with("bench/runner_profile.py"),
         "",
         "| batch | new tokens | step (ms) | kernel time (ms) | kernels launched | host-to-device copies |",
         "| --- | --- | --- | --- | --- | --- |",
