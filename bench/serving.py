@@ -19,7 +19,9 @@ prompts whose natural continuation repeats a span of the prompt. Proposers: `ngr
 pin the request's proposer (for medusa, `fixed:N` verifies a tree of up to N nodes); `both` leaves the
 choice to the scheduler with the ngram and draft proposers configured. Policy `none` never speculates, so
 it runs once per (workload, rate) and its row is repeated for every proposer label, marked "shared": true
-with "measured_with" naming the label it ran under (an asterisk in the table).
+with "measured_with" naming the label it ran under (an asterisk in the table). A policy label may add
+scheduler flags after "~" (`smartspec~max-k=4`, `smartspec~arrival-window-s=0`): that policy then runs in a
+scheduler of its own with the flags, beside the others and under its own label, to measure one setting.
 
 Peers (`--peers`, bench/hf_peers.py): after the stack is stopped, so that nothing competes for the CPU,
 this process loads the same target and draft with transformers and serves the same prompts on the same
@@ -35,6 +37,7 @@ mean k null for hf-generate) and are drawn, dashed and grey, in every plot of th
     .venv/bin/specdec bench --proposers ngram,draft,both,medusa --policies none,fixed:1,fixed:3,fixed:5,\
         fixed:8,fixed:16,smartspec,batch-uniform                  # with the Medusa heads and larger trees
     .venv/bin/python bench/serving.py --rates 2 --policies none,smartspec --requests 8 --peers ''
+    .venv/bin/specdec bench --policies smartspec,smartspec~max-k=4        # a scheduler flag changed
 
 Progress (runs done/total, elapsed, ETA) goes to stderr: one updating line on a terminal, plain lines
 otherwise. Writes serving.json (every row, with the settings), serving.md (a table), one PNG per
@@ -320,10 +323,12 @@ class RunConfig:
     k: int = DEFAULT_K  # --k of the scheduler (fixed: the chain length; medusa: the tree's node budget)
     # More proposer labels this run's row is reported for (policy none: the proposer changes nothing).
     shared_with: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()  # more scheduler flags, without their dashes (a label's "~" parts)
 
     @property
     def policy_label(self) -> str:
-        return f"{self.policy}:{self.k}" if self.policy == "fixed" else self.policy
+        label = f"{self.policy}:{self.k}" if self.policy == "fixed" else self.policy
+        return "~".join((label, *self.flags))
 
     @property
     def request_proposer(self) -> str:
@@ -339,11 +344,17 @@ class RunConfig:
         return (self.proposer, *self.shared_with)
 
 
-def parse_policy(label: str) -> tuple[str, int]:
-    """'fixed:3' -> ('fixed', 3); 'smartspec' -> ('smartspec', DEFAULT_K)."""
-    name, _, k = label.partition(":")
+def parse_policy(label: str) -> tuple[str, int, tuple[str, ...]]:
+    """'fixed:3' -> ('fixed', 3, ()); 'smartspec' -> ('smartspec', DEFAULT_K, ());
+    'smartspec~max-k=4~ema-alpha=0.5' -> ('smartspec', DEFAULT_K, ('max-k=4', 'ema-alpha=0.5')):
+    scheduler flags after "~", so that a policy runs beside itself with a setting changed."""
+    policy, *flags = label.split("~")
+    name, _, k = policy.partition(":")
+    if any(not f or f.startswith("-") for f in flags):
+        raise ValueError(f"bad policy {label!r}: write a scheduler flag after '~' without its dashes, "
+                         "e.g. smartspec~max-k=4")
     try:
-        return name, int(k) if k else DEFAULT_K
+        return name, int(k) if k else DEFAULT_K, tuple(flags)
     except ValueError:
         raise ValueError(f"bad policy {label!r}: the k of fixed:K must be an integer") from None
 
@@ -382,14 +393,15 @@ def plan(args: argparse.Namespace) -> list[RunConfig]:
     proposers, peers = list(dict.fromkeys(proposers)), list(dict.fromkeys(peers))
     runs = []
     for label in dict.fromkeys(_split(args.policies)):
-        policy, k = parse_policy(label)
+        policy, k, flags = parse_policy(label)
         for workload in workloads:
             if policy == NO_SPECULATION and proposers:
-                runs += [RunConfig(policy, proposers[0], workload, rate, k, tuple(proposers[1:])) for rate in rates]
+                runs += [RunConfig(policy, proposers[0], workload, rate, k, tuple(proposers[1:]), flags)
+                         for rate in rates]
                 continue
             for proposer in proposers:
                 for rate in rates:
-                    runs.append(RunConfig(policy, proposer, workload, rate, k))
+                    runs.append(RunConfig(policy, proposer, workload, rate, k, flags=flags))
     for peer in peers:
         for workload in workloads:
             for rate in rates:
@@ -397,15 +409,16 @@ def plan(args: argparse.Namespace) -> list[RunConfig]:
     return runs
 
 
-def _scheduler_stack(scheduler_spec, policy: str, k: int, startup_timeout: float, port: int):
+def _scheduler_stack(scheduler_spec, run: RunConfig, startup_timeout: float, port: int):
     from specdec.launcher import Stack
 
     args = list(scheduler_spec.args)
-    args[args.index("--policy") + 1] = policy
-    args[args.index("--k") + 1] = str(k)
+    args[args.index("--policy") + 1] = run.policy
+    args[args.index("--k") + 1] = str(run.k)
     args[args.index("--port") + 1] = str(port)
-    spec = dataclasses.replace(scheduler_spec, args=args, port=port, depends_on=[],
-                               name=f"{scheduler_spec.name}-{policy}-{k}")
+    args += [f"--{flag}" for flag in run.flags]
+    name = "-".join((scheduler_spec.name, run.policy, str(run.k), *(f.split("=")[0] for f in run.flags)))
+    spec = dataclasses.replace(scheduler_spec, args=args, port=port, depends_on=[], name=name)
     return Stack([spec], startup_timeout_s=startup_timeout, grace_s=5, echo=None)
 
 
@@ -557,7 +570,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
                 first = next(run for run in stack_runs if run.policy_label == policy_label)
                 progress.start(f"starting the scheduler for policy {policy_label}")
                 scheduler = schedulers.enter_context(
-                    _scheduler_stack(specs[-1], first.policy, first.k, args.startup_timeout, port))
+                    _scheduler_stack(specs[-1], first, args.startup_timeout, port))
                 addresses[policy_label] = scheduler.specs[0].address
                 # Warm-up: the first request of a fresh scheduler pays one-off costs.
                 asyncio.run(replay(addresses[policy_label], [0.0], prompts[first.workload][:1], "", 4))
@@ -753,7 +766,8 @@ def write_outputs(rows: list[dict], out: Path, args: argparse.Namespace | None =
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rates", default=DEFAULT_RATES, help=f"arrival rates in requests/s (default {DEFAULT_RATES})")
     parser.add_argument("--policies", default=DEFAULT_POLICIES,
-                        help=f"policies, fixed:K for fixed with k=K (default {DEFAULT_POLICIES})")
+                        help=f"policies, fixed:K for fixed with k=K; a policy may add scheduler flags after '~', "
+                             f"e.g. smartspec~max-k=4 (default {DEFAULT_POLICIES})")
     parser.add_argument("--proposers", default=DEFAULT_PROPOSERS,
                         help=f"ngram, draft, medusa (fixed:N = a tree of N nodes), both (ngram and draft, the "
                              f"scheduler's choice) (default {DEFAULT_PROPOSERS})")

@@ -119,9 +119,17 @@ def test_plan_runs_none_once_and_the_peers_last():
         for rate in (0.5, 2.0, 8.0)]
     only_peers = plan(_args(["--policies", "", "--peers", "hf-assisted", "--rates", "2", "--workloads", "copy"]))
     assert only_peers == [RunConfig("hf-assisted", PEER_PROPOSER, "copy", 2.0)]
+    # A policy with scheduler flags runs beside the plain one, under its own label.
+    variants = plan(_args(["--peers", "", "--policies", "smartspec,smartspec~max-k=4~ema-alpha=0.5",
+                           "--rates", "2", "--proposers", "draft", "--workloads", "copy"]))
+    assert [(r.policy_label, r.policy, r.flags) for r in variants] == [
+        ("smartspec", "smartspec", ()),
+        ("smartspec~max-k=4~ema-alpha=0.5", "smartspec", ("max-k=4", "ema-alpha=0.5"))]
     for bad, message in ((["--peers", "hf-magic"], "unknown peer"), (["--policies", "fast"], "unknown policy"),
                          (["--policies", "fixed:x"], "must be an integer"), (["--proposers", "eagle"],
-                                                                             "unknown proposer")):
+                                                                             "unknown proposer"),
+                         (["--policies", "smartspec~--max-k=4"], "without its dashes"),
+                         (["--policies", "smartspec~"], "without its dashes")):
         with pytest.raises(ValueError, match=message):
             plan(_args(bad))
 
@@ -470,24 +478,25 @@ def test_bench_command_writes_json_markdown_and_plots(tmp_path):
 
     target, draft = make_tiny_stack_checkpoints(tmp_path / "models")
     out = tmp_path / "bench"
-    code = main(["bench", "--rates", "4", "--policies", "none,fixed:2", "--proposers", "draft",
+    code = main(["bench", "--rates", "4", "--policies", "none,fixed:2,fixed:2~max-k=4", "--proposers", "draft",
                  "--workloads", "copy", "--requests", "4", "--max-tokens", "8", "--out", str(out),
                  "--model", str(target), "--draft-model", str(draft), "--service-threads", "1",
                  "--peers", "hf-generate", "--startup-timeout", "120", "--timeout", "60", "--repeats", "2"])
     assert code == 0
     rows = json.loads((out / "serving.json").read_text())["rows"]
     assert [(r["policy"], r["proposer"], r["workload"], r["rate"]) for r in rows] == [
-        ("none", "draft", "copy", 4.0), ("fixed:2", "draft", "copy", 4.0), ("hf-generate", "hf", "copy", 4.0)]
+        ("none", "draft", "copy", 4.0), ("fixed:2", "draft", "copy", 4.0),
+        ("fixed:2~max-k=4", "draft", "copy", 4.0), ("hf-generate", "hf", "copy", 4.0)]
     for row in rows:  # two repeats of 4 requests, pooled
         assert row["requests"] == 2 * 4 and row["errors"] == 0 and row["repeats"] == 2
         assert row["generated_tokens"] == 2 * 4 * 8
         assert row["mean_latency_ms"] > 0 and row["goodput_tok_s"] > 0
         assert row["mean_latency_ms"] == pytest.approx(sum(row["repeat_mean_latency_ms"]) / 2)
     assert rows[0]["proposed"] == 0 and rows[0]["mean_k"] == 0.0
-    assert rows[1]["proposed"] > 0 and 0 < rows[1]["mean_k"] <= 2.0
-    assert rows[2]["peer"] and rows[2]["acceptance_rate"] is None
+    assert all(row["proposed"] > 0 and 0 < row["mean_k"] <= 2.0 for row in rows[1:3])
+    assert rows[3]["peer"] and rows[3]["acceptance_rate"] is None
     table = (out / "serving.md").read_text()
-    assert table.count("| copy | draft |") == 2 and table.count("| copy | hf | hf-generate |") == 1
+    assert table.count("| copy | draft |") == 3 and table.count("| copy | hf | hf-generate |") == 1
     png = out / "serving_latency_copy_draft.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "serving_latency_copy_hf.png").exists()  # peers are drawn in the workload's plots
