@@ -27,6 +27,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.chain_phase import CONTEXT, COSTS, accepted_run, draft_misses, make_policy, report, step_parts
+from bench.report import made_with
 from bench.serving import poisson_trace
 from scheduler_svc.engine import StepRecord
 from scheduler_svc.policy import RequestOutcome, RequestView
@@ -140,7 +141,7 @@ def main() -> int:
          f"{ADMIT_MS:.0f} ms per admission), not measured** (see the module docstring of "
          "bench/batch_replay.py): smartspec is given that model as the truth. Made with:"),
         "",
-        "    .venv/bin/python bench/batch_replay.py --out docs/bench/batch_replay.md",
+        made_with("bench/batch_replay.py"),
         "",
         f"| workload | req/s | costs | {fixed_cols} | smartspec | smartspec / best fixed |",
         "| --- | --- | --- | " + "--- | " * len(FIXED_KS) + "--- | --- |",

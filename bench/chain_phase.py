@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of the repository, not installed
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.report import write_lines
+from bench.report import made_with, write_lines
 from scheduler_svc.cost_model import StepShape
 from scheduler_svc.engine import StepRecord
 from scheduler_svc.policy import ProposerSpec, RequestOutcome, RequestView
@@ -142,7 +142,7 @@ def main() -> int:
          "last miss, and by fixed k. Mean ms per request **from a linear cost model, not measured** "
          "(see the module docstring of bench/chain_phase.py). Made with:"),
         "",
-        "    .venv/bin/python bench/chain_phase.py --out docs/bench/chain_phase.md",
+        made_with("bench/chain_phase.py"),
         "",
         ("| workload | tokens | costs | draft misses | fixed:1 | fixed:3 | fixed:5 | positions only | by age "
          "| positions / best fixed | by age / best fixed |"),

@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of the repository, not installed
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.report import write_lines
+from bench.report import made_with, write_lines
 from bench.serving import WORKLOADS, _tokenizer, code_completion_prompts
 from proposer_svc.ngram import NgramProposer, NgramState
 
@@ -95,7 +95,7 @@ def main() -> int:
          f"{args.max_tokens} tokens), replayed by prompt lookup with {args.k} candidates per step against a "
          "verifier that costs nothing. Made with:"),
         "",
-        "    .venv/bin/python bench/lookup_ceiling.py --out docs/bench/lookup_ceiling.md",
+        made_with("bench/lookup_ceiling.py"),
         "",
         (f"| workload | steps per request (plain: {args.max_tokens}) | accepted per step "
          "| best speed-up from prompt lookup |"),

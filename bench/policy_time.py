@@ -25,7 +25,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
 
 from bench import batch_replay
 from bench.chain_phase import COSTS, make_policy
-from bench.report import write_lines
+from bench.report import made_with, write_lines
 from bench.serving import percentile, poisson_trace
 
 BUCKETS = ((1, 1), (2, 5), (6, 10), (11, 20))
@@ -87,7 +87,7 @@ def main() -> int:
          f"{args.max_tokens} tokens per workload) replayed with the draft's real misses "
          "(bench/batch_replay.py), the cost model learning as when serving. Made with:"),
         "",
-        "    .venv/bin/python bench/policy_time.py --out docs/policy_time.md",
+        made_with("bench/policy_time.py"),
         "",
         *table(times),
     ]
