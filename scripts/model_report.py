@@ -8,9 +8,6 @@ Called by `scripts/train_models.py --stage report`. Everything is measured on th
   `a` of greedy speculation);
 - prompt lookup: on the same positions, how often the n-gram proposer has a proposal, how often its
   first token is right when it has one, and the per-token rate over all positions;
-- copying from the context: held-out windows fed twice, a blank line between; each model's greedy
-  next-token accuracy on the second copy against the first (a model that copies gets the second
-  right far more often; prompt lookup only pays on text the target copies);
 - batch-1 decode step time of target and draft through the model runner, measured alternately in
   one loop (ratios only mean something side by side).
 """
@@ -30,7 +27,6 @@ from specdec.runner import ModelRunner, SeqInput
 
 PROMPT_TOKENS = 128
 CONTINUATION_TOKENS = 64
-COPY_WINDOWS, COPY_TOKENS = 16, 80
 
 
 @torch.inference_mode()
@@ -41,27 +37,6 @@ def held_out_loss(model_dir, stream: torch.Tensor, seq_len: int, max_windows: in
     windows = stream[: (len(stream) // seq_len) * seq_len].view(-1, seq_len)[:max_windows]
     losses = [model(input_ids=windows[i : i + 8], labels=windows[i : i + 8]).loss.item() for i in range(0, len(windows), 8)]
     return sum(losses) / len(losses)
-
-
-@torch.inference_mode()
-def copy_accuracy(model_dir, stream: torch.Tensor, blank: list[int], seed: int) -> dict:
-    """Next-token accuracy, teacher-forced from the 5th token of a window on, over its second copy and its first."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    rng = random.Random(seed + 1)
-    right = {"first": 0, "second": 0}
-    total = 0
-    for s in sorted(rng.sample(range(len(stream) - COPY_TOKENS), COPY_WINDOWS)):
-        window = stream[s:s + COPY_TOKENS].tolist()
-        x = torch.tensor([window + blank + window])
-        pred = model(input_ids=x).logits[0].argmax(-1)
-        second = len(window) + len(blank)
-        for j in range(4, len(window) - 1):
-            right["first"] += int(pred[j] == x[0, j + 1])
-            right["second"] += int(pred[second + j] == x[0, second + j + 1])
-            total += 1
-    return {name: n / total for name, n in right.items()}
 
 
 def held_out_prompts(stream: torch.Tensor, count: int, seed: int) -> list[list[int]]:
@@ -164,8 +139,6 @@ def report(args, tokenizer, held_texts: list[str]) -> dict:
         "continuation_tokens": CONTINUATION_TOKENS,
         "draft_greedy_acceptance": draft_acceptance(draft, prompts, continuations),
         "ngram": {f"n={lo}..{hi}": ngram_acceptance(prompts, continuations, lo, hi) for lo, hi in ((1, 3), (2, 4))},
-        "copying": {name: copy_accuracy(path, stream, tokenizer("\n\n")["input_ids"], args.seed)
-                    for name, path in (("target", target_dir), ("draft", draft_dir))},
         "step_times": [step_times(target, draft, t) for t in (1, 2)],
     }
 
@@ -208,19 +181,6 @@ def render_markdown(r: dict, held_out_files, command: str) -> str:
             f"| prompt lookup {name} | {100 * v['coverage']:.1f}% | {100 * v['acceptance_when_proposed']:.1f}% | "
             f"{100 * v['per_token_acceptance']:.1f}% |"
         )
-    copying = r.get("copying")
-    if copying:
-        lines += [
-            "",
-            "## Copying from the context",
-            "",
-            f"{COPY_WINDOWS} windows of {COPY_TOKENS} tokens drawn from the held-out stream, each fed twice with a blank",
-            "line between; greedy next-token accuracy (teacher-forced, from the 5th token of a window on):",
-            "",
-            "| model | on the first copy | on the second copy |",
-            "|---|---|---|",
-            *(f"| {name} | {100 * c['first']:.1f}% | {100 * c['second']:.1f}% |" for name, c in copying.items()),
-        ]
     lines += [
         "",
         "## Batch-1 decode step time",

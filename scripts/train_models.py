@@ -5,8 +5,6 @@ Stages (run in order by default, or pick with --stage):
   tokenizer  byte-level BPE on the training files         -> <out>/tokenizer
   target     Llama target, next-token loss                -> <out>/code-target
   draft      Llama draft distilled from the target logits -> <out>/code-draft
-  copy       the target fine-tuned to copy from its context, then the draft distilled from it again
-             on the same batches                          -> the same folders (see train_copy)
   report     the figures docs/models.md records (needs the two checkpoints)
 
 The corpus is every .py file of the interpreter's standard library except tests, idlelib and
@@ -17,7 +15,7 @@ Example (the command docs/models.md was made with):
 
     .venv/bin/python scripts/train_models.py --out models --seed 0 --docs docs
 
-Defaults take about 50 minutes (target) + 20 minutes (draft) + 30 minutes (copy) on 2 CPU cores.
+Defaults take about 50 minutes (target) + 20 minutes (draft) on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -67,7 +65,6 @@ class ModelShape:
 TARGET_SHAPE = ModelShape(hidden_size=256, num_layers=12, intermediate_size=768, num_heads=4, num_kv_heads=4)
 DRAFT_SHAPE = ModelShape(hidden_size=128, num_layers=2, intermediate_size=384, num_heads=2, num_kv_heads=2)
 MAX_POSITIONS = 2048
-STAGES = ("tokenizer", "target", "draft", "copy", "report")
 
 
 def stdlib_root() -> Path:
@@ -146,23 +143,6 @@ def make_config(shape: ModelShape, tokenizer):
     )
 
 
-@dataclass(frozen=True)
-class CopyMix:
-    """What copy_batch mixes (see there)."""
-
-    line_ends: frozenset[int]  # tokens that end a line: a repeat starts after one
-    blank: tuple[int, ...]  # a blank line's tokens, between a window and its repeat
-    vocab_size: int
-    copy_frac: float = 0.5
-    random_frac: float = 0.1
-
-    @classmethod
-    def for_tokenizer(cls, tokenizer) -> CopyMix:
-        vocab = len(tokenizer)
-        ends = frozenset(i for i in range(vocab) if "\n" in tokenizer.decode([i]))
-        return cls(ends, tuple(tokenizer("\n\n")["input_ids"]), vocab)
-
-
 def random_batch(stream: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
     starts = torch.randint(0, len(stream) - seq_len - 1, (batch,), generator=gen)
     return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
@@ -175,38 +155,7 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def copy_batch(stream: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator, mix: CopyMix) -> torch.Tensor:
-    """A batch that teaches copying from the context: a `mix.copy_frac` share of rows is a window of the
-    corpus, a blank line, then that window again from one of its first lines on (repeated to fill the
-    row: what the copy-heavy benchmark prompts and a summary's quotes look like); a `mix.random_frac`
-    share repeats a random token string, which only copying can predict; the rest are plain windows."""
-    rows = []
-    for _ in range(batch):
-        u = float(torch.rand((), generator=gen))
-        if u < mix.copy_frac:
-            n = int(torch.randint(24, seq_len // 2 + 11, (), generator=gen))
-            s = int(torch.randint(0, len(stream) - n - 1, (), generator=gen))
-            window = stream[s:s + n].tolist()
-            starts = [0] + [j + 1 for j, t in enumerate(window[:-4]) if t in mix.line_ends]
-            starts = starts[:max(1, len(starts) // 2)]
-            again = window[starts[int(torch.randint(0, len(starts), (), generator=gen))]:]
-            row = window + list(mix.blank)
-            while len(row) < seq_len:
-                row += again
-        elif u < mix.copy_frac + mix.random_frac:
-            n = int(torch.randint(8, seq_len // 3 + 1, (), generator=gen))
-            period = torch.randint(1, mix.vocab_size, (n,), generator=gen).tolist()
-            row = period * (seq_len // n + 1)
-        else:
-            s = int(torch.randint(0, len(stream) - seq_len - 1, (), generator=gen))
-            row = stream[s:s + seq_len].tolist()
-        rows.append(row[:seq_len])
-    return torch.tensor(rows)
-
-
-def train_loop(model, loss_fn, stream, args, steps: int, peak_lr: float, label: str,
-               mix: CopyMix | None = None) -> None:
-    """AdamW, warmup + cosine; plain corpus windows of args.seq_len, or copy_batch's of args.copy_seq_len."""
+def train_loop(model, loss_fn, stream, args, steps: int, peak_lr: float, label: str) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
@@ -214,10 +163,7 @@ def train_loop(model, loss_fn, stream, args, steps: int, peak_lr: float, label: 
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, peak_lr, warmup=min(200, steps // 10 + 1))
-        if mix is None:
-            x = random_batch(stream, args.batch_size, args.seq_len, gen)
-        else:
-            x = copy_batch(stream, args.batch_size, args.copy_seq_len, gen, mix)
+        x = random_batch(stream, args.batch_size, args.seq_len, gen)
         loss = loss_fn(x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -250,18 +196,6 @@ def train_target(args, tokenizer, stream) -> None:
     save_checkpoint(model, args.out / "tokenizer", args.out / "code-target")
 
 
-def distillation_loss(model, teacher):
-    """Forward KL from the teacher's full next-token distributions, per token."""
-
-    def loss_fn(x):
-        with torch.no_grad():
-            target_logp = F.log_softmax(teacher(input_ids=x).logits, dim=-1)
-        draft_logp = F.log_softmax(model(input_ids=x).logits, dim=-1)
-        return F.kl_div(draft_logp, target_logp, log_target=True, reduction="batchmean") / x.shape[1]
-
-    return loss_fn
-
-
 def train_draft(args, tokenizer, stream) -> None:
     """Distil the draft from the target's full next-token distributions (forward KL)."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
@@ -269,52 +203,21 @@ def train_draft(args, tokenizer, stream) -> None:
     teacher = AutoModelForCausalLM.from_pretrained(args.out / "code-target", dtype=torch.float32).eval()
     torch.manual_seed(args.seed + 1)
     model = LlamaForCausalLM(make_config(DRAFT_SHAPE, tokenizer))
-    train_loop(model, distillation_loss(model, teacher), stream, args, args.draft_steps, args.draft_lr, "draft")
+
+    def loss_fn(x):
+        with torch.no_grad():
+            target_logp = F.log_softmax(teacher(input_ids=x).logits, dim=-1)
+        draft_logp = F.log_softmax(model(input_ids=x).logits, dim=-1)
+        return F.kl_div(draft_logp, target_logp, log_target=True, reduction="batchmean") / x.shape[1]
+
+    train_loop(model, loss_fn, stream, args, args.draft_steps, args.draft_lr, "draft")
     save_checkpoint(model, args.out / "tokenizer", args.out / "code-draft")
-
-
-def train_copy(args, tokenizer, stream) -> None:
-    """Teach the target to copy from its context: fine-tune it on copy_batch's mix, then the draft, distilled
-    again from the fine-tuned target on the same mix (both in place).
-
-    Pre-training on the corpus alone leaves a target that hardly copies (fed a snippet twice, its
-    next-token accuracy on the second copy is about that on the first): repeated spans are too rare
-    there for the circuit that looks a token up in the context and predicts what followed it to pay.
-    Rows that repeat themselves make it pay; plain rows keep the held-out loss from drifting. The
-    draft (two layers) does not learn to copy in these steps, from scratch either: its fine-tune only
-    follows the new target where it can (docs/models.md).
-    """
-    train_copy_target(args, tokenizer, stream)
-    train_copy_draft(args, tokenizer, stream)
-
-
-def train_copy_target(args, tokenizer, stream) -> None:
-    from transformers import AutoModelForCausalLM
-
-    target = AutoModelForCausalLM.from_pretrained(args.out / "code-target", dtype=torch.float32)
-
-    def lm_loss(x):
-        return target(input_ids=x, labels=x).loss
-
-    train_loop(target, lm_loss, stream, args, args.copy_steps, args.copy_lr, "copy target",
-               CopyMix.for_tokenizer(tokenizer))
-    save_checkpoint(target, args.out / "tokenizer", args.out / "code-target")
-
-
-def train_copy_draft(args, tokenizer, stream) -> None:
-    from transformers import AutoModelForCausalLM
-
-    target = AutoModelForCausalLM.from_pretrained(args.out / "code-target", dtype=torch.float32).eval()
-    draft = AutoModelForCausalLM.from_pretrained(args.out / "code-draft", dtype=torch.float32)
-    train_loop(draft, distillation_loss(draft, target), stream, args, args.copy_draft_steps, args.copy_draft_lr,
-               "copy draft", CopyMix.for_tokenizer(tokenizer))
-    save_checkpoint(draft, args.out / "tokenizer", args.out / "code-draft")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("models"))
-    p.add_argument("--stage", choices=["all", *STAGES], default="all")
+    p.add_argument("--stage", choices=["all", "tokenizer", "target", "draft", "report"], default="all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
@@ -322,11 +225,6 @@ def main() -> None:
     p.add_argument("--target-lr", type=float, default=2e-3)
     p.add_argument("--draft-steps", type=int, default=900)
     p.add_argument("--draft-lr", type=float, default=3e-3)
-    p.add_argument("--copy-steps", type=int, default=1000)
-    p.add_argument("--copy-lr", type=float, default=1e-3)
-    p.add_argument("--copy-draft-steps", type=int, default=600)
-    p.add_argument("--copy-draft-lr", type=float, default=1e-3)
-    p.add_argument("--copy-seq-len", type=int, default=160)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report-prompts", type=int, default=24, help="held-out prompts for acceptance figures")
     p.add_argument("--docs", type=Path, help="write the report to DOCS/models.md (and models.json)")
@@ -338,20 +236,18 @@ def main() -> None:
     root = stdlib_root()
     train_files, held_files = corpus_files(root)
     print(f"corpus: {len(train_files)} training files, {len(held_files)} held out, from {root}", flush=True)
-    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    stages = ["tokenizer", "target", "draft", "report"] if args.stage == "all" else [args.stage]
 
     if "tokenizer" in stages:
         train_tokenizer(read_text(train_files), args.out / "tokenizer")
     tokenizer = load_tokenizer(args.out / "tokenizer")
-    if {"target", "draft", "copy"} & set(stages):
+    if "target" in stages or "draft" in stages:
         stream = encode_corpus(tokenizer, read_text(train_files))
         print(f"training stream: {len(stream)} tokens", flush=True)
         if "target" in stages:
             train_target(args, tokenizer, stream)
         if "draft" in stages:
             train_draft(args, tokenizer, stream)
-        if "copy" in stages:
-            train_copy(args, tokenizer, stream)
     if "report" in stages:
         from model_report import render_markdown, report
 
