@@ -17,8 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     threads = config.intra_op_threads()
     if threads > 0:
         import torch
+        from threadpoolctl import threadpool_limits
 
         torch.set_num_threads(threads)
+        # NumPy's BLAS too: the draft's forwards run in NumPy (specdec/numpy_forward.py), and OpenBLAS's own
+        # threads would spin on the core the verifier computes on.
+        threadpool_limits(threads, user_api="blas")
     from proposer_svc.server import serve
 
     try:

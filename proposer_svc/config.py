@@ -33,7 +33,7 @@ class ProposerConfig:
     device: str = "auto"  # draft: auto | cpu | cuda[:i]
     dtype: str = "auto"  # draft: auto | float32 | bfloat16 | float16
     vocab_size: int | None = None  # ngram: token ids >= this are rejected (default: from --model, else unchecked)
-    torch_threads: int = 0  # torch intra-op threads; 0 = the kind's default (intra_op_threads())
+    torch_threads: int = 0  # torch (and NumPy BLAS) intra-op threads; 0 = the kind's default (intra_op_threads())
     grace_s: float = 5.0  # graceful-shutdown wait for in-flight calls
     metrics_port: int = 0  # Prometheus /metrics on this port (same host); 0 = none
     log_level: str = "INFO"
@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=_env("dtype", d.dtype))
     p.add_argument("--vocab-size", type=int, default=_env("vocab_size", None))
     p.add_argument("--torch-threads", type=int, default=_env("torch_threads", d.torch_threads),
-                   help=f"torch intra-op threads; 0 = {DRAFT_TORCH_THREADS} for a draft, torch's default otherwise")
+                   help=f"torch (and NumPy BLAS) intra-op threads; 0 = {DRAFT_TORCH_THREADS} for a draft, "
+                        "torch's default otherwise")
     p.add_argument("--grace-s", type=float, default=_env("grace_s", d.grace_s))
     p.add_argument("--metrics-port", type=int, default=_env("metrics_port", d.metrics_port),
                    help="Prometheus metrics port, 0 = none")

@@ -22,8 +22,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from proposer_svc.base import Proposer, ProposalRequest
 from specdec.runner import ModelRunner, SeqInput
 
@@ -73,16 +71,20 @@ class DraftProposer(Proposer):
         max_slots: int = 64,
         max_seq_len: int | None = 1024,
         max_budget: int = 8,
+        numpy_chains: bool = True,
     ) -> "DraftProposer":
-        """Load the draft model from a local checkpoint folder into a fresh runner."""
-        runner = ModelRunner(checkpoint, device=device, dtype=dtype, max_slots=max_slots, max_seq_len=max_seq_len)
+        """Load the draft model from a local checkpoint folder into a fresh runner, whose forwards run in NumPy on
+        CPU in float32 unless numpy_chains is False (specdec/numpy_forward.py: a small model's torch forward is
+        mostly operator overhead)."""
+        runner = ModelRunner(checkpoint, device=device, dtype=dtype, max_slots=max_slots, max_seq_len=max_seq_len,
+                             numpy_chains=numpy_chains)
         return cls(runner, max_budget=max_budget, model_name=str(checkpoint))
 
     def describe(self) -> str:
         r = self.runner
         dtype = str(r.dtype).removeprefix("torch.")
         return (f"{super().describe()} model={self.model_name} device={r.device} dtype={dtype}"
-                f" max_slots={r.max_slots} max_seq_len={r.max_seq_len}")
+                f" max_slots={r.max_slots} max_seq_len={r.max_seq_len} forward={'numpy' if r.runs_numpy else 'torch'}")
 
     def active_request_ids(self) -> list[str]:
         return list(self._states)
@@ -157,17 +159,15 @@ class DraftProposer(Proposer):
         return True
 
     def _forward(self, work: list[_Work], feeds: list[list[int]]) -> list[int] | None:
-        """One batched runner.forward; returns each request's argmax after its last fed token.
+        """One batched forward; returns each request's argmax after its last fed token.
 
         On failure every involved cache is emptied (it may be half written) and None is returned, so the
         step still answers (those requests get what they had so far) and the next step rebuilds them.
         """
-        batch = [SeqInput(w.state.slot, feed, last_logits_only=True) for w, feed in zip(work, feeds)]
+        batch = [SeqInput(w.state.slot, feed) for w, feed in zip(work, feeds)]
         start = time.perf_counter()
         try:
-            outputs = self.runner.forward(batch)
-            # [len(batch), V] -> argmax; .tolist() waits for the device, so the time below is real.
-            tokens = torch.stack([o.logits[-1] for o in outputs]).argmax(dim=-1).tolist()
+            tokens = self.runner.next_tokens(batch)  # a list: the device has finished, so the time below is real
         except Exception:
             log.exception("draft proposer: forward over %d requests failed; their caches are rebuilt", len(batch))
             for w in work:

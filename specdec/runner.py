@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from specdec import numpy_forward
 from specdec.llama import LlamaWeights, Segment, forward_packed, load_llama
 
 
@@ -91,8 +92,11 @@ class ModelRunner:
         max_slots: int = 32,
         max_seq_len: int | None = None,
         prepack: bool | None = None,
+        numpy_chains: bool = False,
     ) -> None:
-        """prepack: oneDNN-packed projection weights (specdec/linear.py); None = where device and dtype allow."""
+        """prepack: oneDNN-packed projection weights (specdec/linear.py); None = where device and dtype allow.
+        numpy_chains: `next_tokens` runs in NumPy where it can (specdec/numpy_forward.py), several times faster
+        for a small model on CPU; its logits differ from `forward`'s by rounding, so only a proposer asks."""
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = parse_dtype(dtype, self.device)
         self.weights: LlamaWeights = load_llama(checkpoint, self.device, self.dtype, prepack)
@@ -108,6 +112,13 @@ class ModelRunner:
         if len(windows) > 1:
             raise ValueError(f"layers use several sliding windows {sorted(windows)}; one is supported")
         self._window = windows.pop() if windows else None
+        self._numpy = (numpy_forward.NumpyForward(self.weights, self.cache_k, self.cache_v)
+                       if numpy_chains and numpy_forward.supports(self.weights, self.device, self.dtype) else None)
+
+    @property
+    def runs_numpy(self) -> bool:
+        """Whether `next_tokens` takes the NumPy path."""
+        return self._numpy is not None
 
     # -- slots ---------------------------------------------------------------------------------
 
@@ -187,12 +198,34 @@ class ModelRunner:
             n = len(seq.tokens)
             m = 1 if seq.last_logits_only else n
             outputs.append(SeqOutput(logits[row : row + m], hidden[start : start + n] if return_hidden else None))
-            state = self._slots[seq.slot]
-            state.base, state.new, state.length = state.length, n, state.length + n
-            state.parents = list(seq.parents) if seq.parents is not None else None
             row += m
             start += n
+        self._appended(batch)
         return outputs
+
+    def last_logits(self, batch: Sequence[SeqInput]) -> torch.Tensor:
+        """[B, V]: each request's logits after its new tokens, which are appended to its slot as `forward`
+        appends them. Chains run in NumPy when the runner was built with numpy_chains and can; trees in torch."""
+        if self._numpy is None or any(seq.parents is not None for seq in batch):
+            outputs = self.forward([SeqInput(s.slot, s.tokens, s.parents, last_logits_only=True) for s in batch])
+            return torch.stack([o.logits[-1] for o in outputs])
+        self._validate(batch)
+        logits = self._numpy.last_logits([(seq.slot, self._slots[seq.slot].length, [int(t) for t in seq.tokens])
+                                          for seq in batch])
+        self._appended(batch)
+        return torch.from_numpy(logits)
+
+    def next_tokens(self, batch: Sequence[SeqInput]) -> list[int]:
+        """Each request's greedy next token after its new tokens (see last_logits)."""
+        return self.last_logits(batch).argmax(dim=-1).tolist()  # a list: waits for the device
+
+    def _appended(self, batch: Sequence[SeqInput]) -> None:
+        """Book a forward's new tokens into the slots' states."""
+        for seq in batch:
+            state = self._slots[seq.slot]
+            n = len(seq.tokens)
+            state.base, state.new, state.length = state.length, n, state.length + n
+            state.parents = list(seq.parents) if seq.parents is not None else None
 
     def _segment(self, start: int, n: int, slot: int, base: int, parents, depth: list[int]) -> Segment:
         chain = parents is None

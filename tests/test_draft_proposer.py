@@ -45,28 +45,34 @@ def greedy(model, prefix: list[int], k: int) -> list[int]:
     return out
 
 
-def make_proposer(checkpoint) -> DraftProposer:
+def make_proposer(checkpoint, numpy_chains: bool = True) -> DraftProposer:
     return DraftProposer.from_checkpoint(checkpoint, device="cpu", dtype="float32", max_slots=MAX_SLOTS,
-                                         max_seq_len=MAX_SEQ_LEN, max_budget=6)
+                                         max_seq_len=MAX_SEQ_LEN, max_budget=6, numpy_chains=numpy_chains)
 
 
 class ForwardSpy:
-    """Records the batches of runner.forward: [[(slot, n_tokens), ...] per call]."""
+    """Records the batches of runner.next_tokens (the draft's forwards): [[(slot, n_tokens), ...] per call]."""
 
     def __init__(self, runner):
         self.calls: list[list[tuple[int, int]]] = []
-        inner = runner.forward
+        inner = runner.next_tokens
 
-        def forward(batch, *args, **kwargs):
+        def next_tokens(batch, *args, **kwargs):
             self.calls.append([(seq.slot, len(seq.tokens)) for seq in batch])
             return inner(batch, *args, **kwargs)
 
-        runner.forward = forward
+        runner.next_tokens = next_tokens
 
 
-def test_proposals_equal_greedy_continuation_across_rollbacks(checkpoint, reference):
+def test_the_draft_runs_numpy_on_cpu_in_float32(checkpoint):
+    assert make_proposer(checkpoint).runner.runs_numpy
+
+
+@pytest.mark.parametrize("numpy_chains", [True, False], ids=["numpy", "torch"])
+def test_proposals_equal_greedy_continuation_across_rollbacks(checkpoint, reference, numpy_chains):
     rng = random.Random(0)
-    proposer = make_proposer(checkpoint)
+    proposer = make_proposer(checkpoint, numpy_chains)  # False: the torch path, as on a GPU
+    assert proposer.runner.runs_numpy == numpy_chains
     spy = ForwardSpy(proposer.runner)
     prompt_lengths = {"r1": 1, "r2": 4, "r3": 11, "r4": 23, "near-end": 58}
     committed = {rid: [rng.randrange(VOCAB) for _ in range(n)] for rid, n in prompt_lengths.items()}
