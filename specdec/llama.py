@@ -41,8 +41,8 @@ class LlamaWeights:
     lm_head: Linear  # [V, d]
     rotary: torch.nn.Module  # transformers' rotary embedding of this architecture
     # cos and sin of every position, rotary(...) computed once at load where they depend on the position
-    # alone (None for rope types that rescale with the sequence's length): a forward then indexes them
-    # instead of recomputing them, one op in place of the module's seven.
+    # alone (None for rope types that rescale with the sequence's length): a forward indexes them instead
+    # of running the module's several ops again.
     rope_cos: torch.Tensor | None  # [P, D]
     rope_sin: torch.Tensor | None  # [P, D], its first half negated: see apply_rotary
     num_heads: int
