@@ -105,9 +105,14 @@ def _rope_tables(rotary: torch.nn.Module, config, device, dtype) -> tuple[torch.
         return None, None
     positions = torch.arange(config.max_position_embeddings, device=device)[None]
     cos, sin = rotary(torch.empty(0, device=device, dtype=dtype), positions)
-    cos, sin = cos[0].contiguous(), sin[0].clone()
-    sin[:, : sin.shape[1] // 2].neg_()
-    return cos, sin
+    return cos[0].contiguous(), _signed(sin[0])
+
+
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    """sin [..., D] with its first half negated, as apply_rotary takes it (a new tensor)."""
+    sin = sin.clone()
+    sin[..., : sin.shape[-1] // 2].neg_()
+    return sin
 
 
 def load_llama(path: str | Path, device: torch.device, dtype: torch.dtype, prepack: bool | None = None) -> LlamaWeights:
@@ -230,8 +235,7 @@ def forward_packed(
         cos, sin = w.rope_cos[positions][:, None], w.rope_sin[positions][:, None]
     else:
         cos, sin = w.rotary(h, positions[None])
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :].clone()
-        sin[..., : sin.shape[-1] // 2].neg_()
+        cos, sin = cos[0, :, None, :], _signed(sin[0, :, None, :])
     H, KV, D = w.num_heads, w.num_kv_heads, w.head_dim
     scale = D**-0.5
     attn_out = h.new_empty(n, H, D)

@@ -88,8 +88,8 @@ class NumpyForward:
         self.rotate = np.concatenate([np.arange(half, self.head_dim), np.arange(half)])
         self.layers = [
             _Layer(_normed(layer.input_norm, layer.qkv.weight), _np(layer.qkv.bias), _transposed(layer.o.weight),
-               _np(layer.o.bias), _normed(layer.post_norm, layer.gate_up.weight), _transposed(layer.down.weight),
-               ck.numpy(), cv.numpy())
+                   _np(layer.o.bias), _normed(layer.post_norm, layer.gate_up.weight), _transposed(layer.down.weight),
+                   ck.numpy(), cv.numpy())
             for layer, ck, cv in zip(weights.layers, cache_k, cache_v)
         ]
 
@@ -119,7 +119,7 @@ class NumpyForward:
         scale = np.float32(D**-0.5)
         h = self.embed[tokens]  # [N, d]
         attn = np.empty((n, H, D), dtype=np.float32)
-        F = self.intermediate
+        ffn = self.intermediate
         for layer in self.layers:
             qkv = self._rms_normed(h) @ layer.qkv
             if layer.qkv_bias is not None:
@@ -146,9 +146,9 @@ class NumpyForward:
                 o += layer.o_bias
             h = h + o
             gate_up = self._rms_normed(h) @ layer.gate_up
-            gate = gate_up[:, :F]
+            gate = gate_up[:, :ffn]
             # silu(gate) = gate * sigmoid(gate), the sigmoid as 0.5 + 0.5 tanh(gate / 2): no exp to overflow
-            h = h + (gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * gate_up[:, F:]) @ layer.down
+            h = h + (gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * gate_up[:, ffn:]) @ layer.down
         last = np.fromiter((s + len(new) - 1 for (_, _, new), s in zip(chains, starts)), dtype=np.int64)
         normed = self._rms_normed(h[last])
         if len(chains) == 1:

@@ -159,3 +159,14 @@ def test_the_default_dtype_is_float32_on_every_device():
     assert parse_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype 'bf8'"):
         parse_dtype("bf8", torch.device("cpu"))
+
+
+def test_rope_that_rescales_with_length_runs_the_rotary_module_and_matches_transformers(tmp_path):
+    # Dynamic NTK scaling changes cos/sin with the sequence's length past max_position_embeddings, so no
+    # table is made at load and every forward runs transformers' rotary module (specdec/llama.py). The
+    # runner holds no more positions than that, so the module's answer is the default one here: what is
+    # tested is the path, whose sin the forward signs itself.
+    folder = make_tiny_checkpoint(tmp_path / "dynamic", "llama", max_position_embeddings=64,
+                                  rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    assert ModelRunner(folder, device="cpu", dtype="float32").weights.rope_cos is None
+    run_scenario(folder, vocab=97, context_lengths=(3, 9, 17, 26), cycles=2, seed=7)
