@@ -73,9 +73,6 @@ class DisableByBatchSizePolicy(Policy):
         self.threshold = threshold
         self._fixed = FixedPolicy(proposers, k)
 
-    def proposers_for(self, requested: str) -> tuple[str, ...]:
-        return self._fixed.proposers_for(requested)
-
     def plan(self, requests: Sequence[RequestView]) -> dict[str, Plan]:
         k = self._fixed.k if len(requests) <= self.threshold else 0
         return FixedPolicy(self._fixed.proposers, k).plan(requests)
@@ -89,9 +86,6 @@ class BatchSizeTablePolicy(Policy):
     def __init__(self, proposers: Sequence[str], table: str | Sequence[BatchSizeRange] = DEFAULT_BATCH_SIZE_TABLE):
         self.proposers = list(proposers)
         self.table = parse_batch_size_table(table) if isinstance(table, str) else tuple(table)
-
-    def proposers_for(self, requested: str) -> tuple[str, ...]:
-        return FixedPolicy(self.proposers, max(r.k for r in self.table)).proposers_for(requested)
 
     def plan(self, requests: Sequence[RequestView]) -> dict[str, Plan]:
         return FixedPolicy(self.proposers, k_for_batch_size(self.table, len(requests))).plan(requests)

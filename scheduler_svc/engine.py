@@ -2,8 +2,6 @@
 
 One step (DESIGN.md "One step of the engine"):
 1. admit waiting requests into free verifier slots and Prefill them in one batch (first token out);
-   meanwhile the costly proposers the policy may use for them (a draft model) read their prompts, so
-   that their first proposal for a request is a steady step, not a pass over its whole prompt;
 2. the policy plans a proposer and k per running request (capped by context room and max_tokens);
    free proposers (prompt lookup) may propose before it, for everyone, and are truncated to the plan;
 3. every other proposer used gets one ProposeRequest, all in parallel;
@@ -142,7 +140,6 @@ class Engine:
         self._feedback: tuple[list[RequestOutcome], StepRecord] | None = None  # for the policy, not yet given
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._priming: set[asyncio.Task] = set()  # proposers reading admitted prompts (see 1.)
 
     # -- API for the servicer ------------------------------------------------------------------------
 
@@ -159,9 +156,6 @@ class Engine:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        for task in self._priming:
-            task.cancel()
-        await asyncio.gather(*self._priming, return_exceptions=True)
         for request in [*self._waiting, *self._running.values()]:
             self._fail(request, "UNAVAILABLE", "the scheduler is shutting down")
         self._waiting.clear()
@@ -304,7 +298,6 @@ class Engine:
                 batch.append(request)
         if not batch:
             return
-        self._prime(batch)
         items = [PrefillItem(r.request_id, r.tokens, r.params.sampling) for r in batch]
         try:
             first, timing, hidden = await self.verifier.prefill(items, self.wants_hidden,
@@ -331,22 +324,6 @@ class Engine:
             request.hidden_state = hidden.get(request.request_id, b"")
             record.committed += 1
             self._commit(request, [first[request.request_id]])
-
-    def _prime(self, batch: Sequence[Request]) -> None:
-        """Send the prompts of requests being admitted to the costly proposers the policy may serve them
-        with (budget 0: read, propose nothing), in the background: the proposer's next step waits for it,
-        the first token does not. A failure costs only the head start (the next step sends them again)."""
-        work: dict[str, list[ProposeWork]] = collections.defaultdict(list)
-        for request in batch:
-            for name in self.policy.proposers_for(request.params.proposer):
-                proposer = self.proposers.get(name)
-                if (proposer is not None and proposer.kind not in FREE_PROPOSER_KINDS and proposer.available()
-                        and proposer.unsent(request.request_id, len(request.tokens)) > 0):
-                    work[name].append(ProposeWork(request.request_id, tuple(request.tokens), 0))
-        for name, items in work.items():
-            task = asyncio.create_task(self.proposers[name].step(items), name=f"prime-{name}")
-            self._priming.add(task)
-            task.add_done_callback(self._priming.discard)
 
     async def _reprefill(self) -> None:
         """Rebuild every running request in the verifier from its committed tokens."""

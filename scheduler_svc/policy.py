@@ -111,12 +111,6 @@ class Policy(ABC):
     def bind_proposers(self, proposers: Mapping[str, ProposerSpec]) -> None:
         """The configured proposers' kinds and budgets, once known (before the first plan). Default: ignore."""
 
-    def proposers_for(self, requested: str) -> tuple[str, ...]:
-        """The proposers a plan may name for a request that asked for `requested` ("" = the server's choice,
-        "none" = no speculation). The engine has the costly ones among them read the request's prompt while
-        the verifier prefills it, so that their first proposal for it is a steady step. Default: none."""
-        return ()
-
     @abstractmethod
     def plan(self, requests: Sequence[RequestView]) -> dict[str, Plan]:
         """One Plan per request id; requests left out get NO_SPECULATION."""
@@ -149,11 +143,6 @@ class FixedPolicy(Policy):
 
     def bind_proposers(self, proposers: Mapping[str, ProposerSpec]) -> None:
         self.trees = {name for name, spec in proposers.items() if spec.tree}
-
-    def proposers_for(self, requested: str) -> tuple[str, ...]:
-        if requested == NO_PROPOSER or not self.proposers or self.k <= 0:
-            return ()
-        return (requested or self.proposers[0],)
 
     def plan(self, requests: Sequence[RequestView]) -> dict[str, Plan]:
         return {r.request_id: self._plan_one(r) for r in requests}

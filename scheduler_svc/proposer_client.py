@@ -37,7 +37,7 @@ class ProposeWork:
 
     request_id: str
     tokens: Sequence[int]  # every committed token of the request; only the unsent tail goes out
-    budget: int  # most candidate nodes wanted (0: only read the tokens, e.g. a prompt during its Prefill)
+    budget: int  # most candidate nodes wanted (> 0)
     hidden_state: bytes = b""  # the target's hidden state for proposers that read it (tree heads)
 
 
@@ -86,10 +86,6 @@ class ProposerClient:
         self._maybe_held: set[str] = set()  # ids the proposer may hold state for (across streams)
         self._to_release: set[str] = set()  # finished ids to name in the next step's release list
         self._retry_at = 0.0  # perf_counter time before which the proposer is left out after a fault
-        self._epoch = 0  # bumped by resync: a step in flight then does not mark its tokens as sent
-        # One step at a time on the stream: a step sent while another is in flight (the prompts read
-        # during a Prefill, then the next step) waits for it.
-        self._lock = asyncio.Lock()
         self.faults = 0  # failed steps so far (for logs and tests)
 
     async def close(self) -> None:
@@ -128,7 +124,6 @@ class ProposerClient:
     def resync(self) -> None:
         """Send every request from scratch (reset=true) next time, keeping the stream."""
         self._sent.clear()
-        self._epoch += 1
 
     # -- one step ------------------------------------------------------------------------------------
 
@@ -139,13 +134,7 @@ class ProposerClient:
         Never raises for a proposer fault: the result is then empty with ok=False. Inside a trace (an
         engine step) it is a CLIENT span whose context travels in the message to the proposer's span.
         `while_waiting` (which must not raise) runs once the request is sent, while the proposer works.
-        Steps run one at a time: a call made while another is in flight waits for it.
         """
-        async with self._lock:
-            return await self._traced_step(work, while_waiting)
-
-    async def _traced_step(self, work: Sequence[ProposeWork],
-                           while_waiting: Callable[[], None] | None) -> ProposeResult:
         if not self.available():
             return ProposeResult(ok=False)
         if not trace.get_current_span().get_span_context().is_valid:
@@ -165,14 +154,12 @@ class ProposerClient:
 
     async def _step(self, work: Sequence[ProposeWork], while_waiting: Callable[[], None] | None) -> ProposeResult:
         self._step_id += 1
-        epoch = self._epoch
         releases = sorted(self._to_release)
         request = proposer_pb2.ProposeRequest(step_id=self._step_id, release_request_ids=releases,
                                               trace_context=inject_context())
-        sending = [len(w.tokens) for w in work]  # the lists may grow while the step is in flight
-        for w, n in zip(work, sending):
+        for w in work:
             sent = self._sent.get(w.request_id, 0)
-            request.items.add(request_id=w.request_id, new_token_ids=w.tokens[sent:n], reset=sent == 0,
+            request.items.add(request_id=w.request_id, new_token_ids=w.tokens[sent:], reset=sent == 0,
                               budget=w.budget, hidden_state=w.hidden_state)
             self._maybe_held.add(w.request_id)  # before the answer: a failed step may still have built state
         try:
@@ -184,10 +171,8 @@ class ProposerClient:
         except Exception as exc:  # any failure at all (also e.g. writing to a stream that just ended)
             self.fault(_describe(exc))
             return ProposeResult(ok=False)
-        if epoch == self._epoch:
-            for w, n in zip(work, sending):
-                if w.request_id in self._maybe_held:  # else it ended meanwhile (forget)
-                    self._sent[w.request_id] = n
+        for w in work:
+            self._sent[w.request_id] = len(w.tokens)
         self._to_release.difference_update(releases)
         return ProposeResult(candidates, response.propose_ms, response.forward_ms,
                              new_tokens=tuple(len(item.new_token_ids) for item in request.items))

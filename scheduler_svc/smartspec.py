@@ -103,12 +103,6 @@ class GoodputPolicy(Policy):
     def observe_arrival(self, arrival_s: float) -> None:
         self.arrivals.observe(arrival_s)
 
-    def proposers_for(self, requested: str) -> tuple[str, ...]:
-        if requested == NO_PROPOSER:
-            return ()
-        names = (requested,) if requested else self.proposers
-        return tuple(n for n in names if (self.max_tree_nodes if self._is_tree(n) else self.max_k) > 0)
-
     def _free(self) -> list[bool]:
         return [self.specs[name].free for name in self.proposers]
 

@@ -38,24 +38,3 @@ def test_make_policy():
     assert isinstance(fixed, FixedPolicy) and fixed.k == 5
     with pytest.raises(ValueError, match="unknown policy"):
         make_policy("goodput?", [], 1)
-
-
-def test_proposers_for_names_the_proposers_a_plan_may_use():
-    """What the engine sends an admitted prompt to (the costly ones among them), policy by policy."""
-    from scheduler_svc.policy import ProposerSpec
-
-    specs = {"ngram": ProposerSpec("ngram", 8), "draft": ProposerSpec("draft", 8), "heads": ProposerSpec("medusa", 16)}
-    assert NoSpeculationPolicy().proposers_for("") == ()
-    fixed = FixedPolicy(["ngram", "draft"], k=3)
-    assert fixed.proposers_for("") == ("ngram",) and fixed.proposers_for("draft") == ("draft",)
-    assert fixed.proposers_for("none") == () and FixedPolicy(["draft"], k=0).proposers_for("") == ()
-    assert make_policy("disable-by-batch-size", ["draft"], 3).proposers_for("") == ("draft",)
-    assert make_policy("batch-size-table", ["draft"], 0, table="1-4:0").proposers_for("") == ()
-    assert make_policy("batch-size-table", ["draft"], 0, table="1-4:0,5-:2").proposers_for("") == ("draft",)
-    smart = make_policy("smartspec", list(specs), 0)
-    smart.bind_proposers(specs)
-    assert smart.proposers_for("") == ("ngram", "draft", "heads") and smart.proposers_for("draft") == ("draft",)
-    assert smart.proposers_for("none") == ()
-    chains_off = make_policy("smartspec", list(specs), 0, max_k=0)
-    chains_off.bind_proposers(specs)
-    assert chains_off.proposers_for("") == ("heads",)  # trees still may be planned

@@ -99,47 +99,12 @@ def test_policy_none_and_request_level_none_do_not_speculate():
             tokens, _, _, stats, _ = await generate(c.stub, prompt_token_ids=prompt, max_tokens=6, proposer="none")
             assert tokens == reference(prompt, 6)[0]
             assert stats.proposed == 0 and stats.steps == 5 and dict(stats.proposers) == {}
-            assert c.proposers["fake"].requests == []  # not even sent the prompt to read
             tokens, _, _, stats, _ = await generate(c.stub, prompt_token_ids=prompt, max_tokens=6, proposer="fake")
             assert tokens == reference(prompt, 6)[0] and stats.proposers["fake"].steps > 0
         async with cluster(policy="none") as c:
             tokens, _, _, stats, _ = await generate(c.stub, prompt_token_ids=prompt, max_tokens=6)
             assert tokens == reference(prompt, 6)[0] and stats.proposed == 0
             assert c.proposers["fake"].requests == []
-
-    run(body())
-
-
-def test_a_costly_proposer_reads_the_prompt_during_its_prefill():
-    async def body():
-        async with cluster(proposers={"fake": FakeProposer("good")}, k=3) as c:
-            prompt = [7, 8, 9]
-            tokens, _, _, stats, _ = await generate(c.stub, prompt_token_ids=prompt, max_tokens=12)
-            want = reference(prompt, 12)[0]
-            assert tokens == want and stats.accepted == stats.proposed > 0
-            first, second = c.proposers["fake"].requests[:2]
-            # Sent with the Prefill: the prompt, to read (budget 0: no candidates asked).
-            (item,) = first.items
-            assert list(item.new_token_ids) == prompt and item.reset and item.budget == 0
-            # The first step then brings only the token the Prefill committed.
-            (item,) = second.items
-            assert list(item.new_token_ids) == want[:1] and not item.reset and item.budget == 3
-
-    run(body())
-
-
-def test_a_proposer_hanging_on_the_prompt_does_not_hold_up_the_first_token():
-    async def body():
-        hanging = FakeProposer("hang", misbehave_from_step=1)  # never answers, from its first message
-        async with cluster(proposers={"slow": hanging}, k=3, proposer_timeout_s=3.0) as c:
-            stream = c.stub.Generate(generation_pb2.GenerateRequest(prompt_token_ids=[4, 5], max_tokens=8), timeout=20)
-            first = await asyncio.wait_for(stream.read(), 1.5)  # well before the proposer's timeout
-            assert list(first.token_ids) == reference([4, 5], 1)[0]
-            tokens = list(first.token_ids)
-            while (msg := await stream.read()) is not grpc.aio.EOF:
-                tokens.extend(msg.token_ids)
-            assert tokens == reference([4, 5], 8)[0]
-            assert c.scheduler.scheduler.proposers["slow"].faults >= 1
 
     run(body())
 
