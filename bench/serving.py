@@ -224,6 +224,7 @@ class RequestResult:
     proposed: int = 0
     accepted: int = 0
     steps: int = 0
+    proposer_steps: Mapping[str, int] = dataclasses.field(default_factory=dict)  # steps each proposer served
     error: str | None = None
 
 
@@ -255,7 +256,8 @@ async def replay(address: str, trace: list[float], prompts: list[str], proposer:
             return RequestResult(i, arrival, sent - began, done - began, (done - sent) * 1000,
                                  ttft_ms=s.time_to_first_token_ms, prompt_tokens=s.prompt_tokens,
                                  completion_tokens=len(result.token_ids), proposed=s.proposed,
-                                 accepted=s.accepted, steps=s.steps)
+                                 accepted=s.accepted, steps=s.steps,
+                                 proposer_steps={name: c.steps for name, c in s.proposers.items() if c.steps})
 
         return list(await asyncio.gather(*(one(i, arrival) for i, arrival in enumerate(trace))))
 
@@ -280,7 +282,8 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
 
     ms_per_output_token: mean over requests of latency / generated tokens; goodput_tok_s: all generated
     tokens / wall_s; acceptance_rate: accepted / proposed; mean_k: proposed / request-steps (a tree
-    proposer's k is its node count); mean_accepted_per_step: accepted / request-steps.
+    proposer's k is its node count); mean_accepted_per_step: accepted / request-steps; proposer_share:
+    the fraction of request-steps each proposer served (the rest had no candidates).
     """
     ok = [r for r in results if r.error is None]
     latencies = [r.latency_ms for r in ok]
@@ -288,6 +291,10 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
     proposed = sum(r.proposed for r in ok)
     accepted = sum(r.accepted for r in ok)
     steps = sum(r.steps for r in ok)
+    served: dict[str, int] = {}
+    for r in ok:
+        for name, n in r.proposer_steps.items():
+            served[name] = served.get(name, 0) + n
     return {
         "requests": len(results),
         "errors": len(results) - len(ok),
@@ -304,6 +311,7 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
         "acceptance_rate": accepted / proposed if proposed else 0.0,
         "mean_k": proposed / steps if steps else 0.0,
         "mean_accepted_per_step": accepted / steps if steps else 0.0,
+        "proposer_share": {name: n / steps for name, n in sorted(served.items())} if steps else {},
     }
 
 
@@ -673,12 +681,15 @@ TABLE_COLUMNS = [
     ("ms_per_output_token", "ms/token", "{:.1f}"), ("goodput_tok_s", "goodput (tok/s)", "{:.1f}"),
     ("acceptance_rate", "acceptance", "{:.1%}"), ("mean_k", "mean k", "{:.2f}"),
     ("mean_accepted_per_step", "accepted/step", "{:.2f}"),
+    ("proposer_share", "steps served by", "{}"),
 ]
 
 
 def _cell(value, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == {}:
         return "–"
+    if isinstance(value, Mapping):  # proposer -> share of the steps
+        return ", ".join(f"{name} {share:.0%}" for name, share in value.items())
     return fmt.format(value)
 
 

@@ -50,9 +50,9 @@ def test_poisson_trace_is_seeded_and_has_the_rate():
 def test_summarize_exact_numbers():
     results = [
         RequestResult(0, 0.0, 0.0, 1.0, latency_ms=100.0, ttft_ms=10.0, completion_tokens=10, proposed=12,
-                      accepted=6, steps=4),
+                      accepted=6, steps=4, proposer_steps={"ngram": 1, "draft": 3}),
         RequestResult(1, 0.5, 0.5, 1.5, latency_ms=200.0, ttft_ms=20.0, completion_tokens=20, proposed=8,
-                      accepted=4, steps=4),
+                      accepted=4, steps=4, proposer_steps={"ngram": 2}),
         RequestResult(2, 1.0, 1.0, 2.0, latency_ms=400.0, ttft_ms=30.0, completion_tokens=10, proposed=0,
                       accepted=0, steps=2),
         RequestResult(3, 1.2, 1.2, 1.3, latency_ms=5.0, error="Unavailable: down"),
@@ -67,6 +67,7 @@ def test_summarize_exact_numbers():
     assert s["generated_tokens"] == 40 and s["goodput_tok_s"] == 20.0
     assert s["acceptance_rate"] == 0.5
     assert s["mean_k"] == 2.0
+    assert s["proposer_share"] == {"draft": 0.3, "ngram": 0.3}  # of 10 request-steps, 4 served by none
 
 
 def test_workloads_are_deterministic_and_sized():
@@ -193,11 +194,13 @@ def test_shared_none_rows_are_marked_and_starred():
     assert len(alone) == 1 and alone[0]["shared"] is False and "measured_with" not in alone[0]
     peer = {**rows[0], "policy": "hf-generate", "proposer": PEER_PROPOSER, "shared": False, "peer": True,
             "acceptance_rate": None, "mean_k": None}
+    alone[0]["proposer_share"] = {"draft": 0.75, "ngram": 0.25}
     table = markdown_table(rows + alone + [peer])
     assert table.count("| none* |") == 3 and "| smartspec |" in table and "| hf | hf-generate |" in table
     assert "ran once per workload and rate (with proposer ngram)" in table
+    assert "| draft 75%, ngram 25% |" in table
     peer_line = next(line for line in table.splitlines() if "hf-generate" in line)
-    assert [cell.strip() for cell in peer_line.split("|")].count("–") == 2  # acceptance, mean k: n/a
+    assert [cell.strip() for cell in peer_line.split("|")].count("–") == 3  # acceptance, mean k, served by
 
 
 def test_progress_lines_count_time_and_eta():
