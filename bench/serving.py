@@ -283,7 +283,8 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
     ms_per_output_token: mean over requests of latency / generated tokens; goodput_tok_s: all generated
     tokens / wall_s; acceptance_rate: accepted / proposed; mean_k: proposed / request-steps (a tree
     proposer's k is its node count); mean_accepted_per_step: accepted / request-steps; proposer_share:
-    the fraction of request-steps each proposer served (the rest had no candidates).
+    the fraction of request-steps each proposer served: planned with it and answered by it (prompt lookup's
+    answer may be empty: no match); the rest planned no speculation.
     """
     ok = [r for r in results if r.error is None]
     latencies = [r.latency_ms for r in ok]
