@@ -85,6 +85,76 @@ def test_free_proposer_proposes_first_and_is_truncated_to_the_plan():
     run(body())
 
 
+class EarlyPolicy(ScriptedPolicy):
+    """Names the draft early for 3 (for every request, or only the first); keeps 2 of what it proposed."""
+
+    proposes_early = True
+
+    def __init__(self, name_all: bool = True) -> None:
+        super().__init__()
+        self.name_all = name_all
+
+    def early_proposals(self, requests):
+        named = requests if self.name_all else requests[:1]
+        return {r.request_id: Plan("draft", 3) for r in named}
+
+    def plan(self, requests):
+        self.views.extend(requests)
+        return {r.request_id: Plan("draft", 2) if r.offered.get("draft") else
+                Plan("ngram", 2) if r.offered.get("ngram") else Plan("draft", 3) for r in requests}
+
+
+def draft_calls(draft) -> int:
+    return sum(1 for req in draft.requests if any(i.budget > 0 for i in req.items))
+
+
+def test_a_costly_proposer_named_for_everyone_proposes_with_the_free_ones_and_the_plan_keeps_a_prefix():
+    async def body():
+        ngram, draft = FakeNgram("good"), FakeProposer("good")
+        async with cluster(proposers={"ngram": ngram, "draft": draft}) as c:
+            c.engine.policy = policy = EarlyPolicy()
+            await generate_all(c, max_tokens=12)
+            early = [r for r in policy.records if r.early_budgets]
+            assert early and all(set(r.early_budgets["draft"]) <= {1, 2, 3} for r in early)
+            assert any(r.early_budgets["draft"] == (3,) * r.batch_size for r in early)
+            # The plan saw the draft's chain like a free proposer's, and kept 2 of it: no second call.
+            assert any(v.offered.get("draft") == 3 for v in policy.views)
+            assert draft_calls(draft) <= len(policy.records)
+            counts = [n for batch in c.verifier.verify_batches for n in batch.values()]
+            assert counts.count(2) > counts.count(3)
+            assert all(r.propose_wall_ms > 0 and r.propose_ms["draft"] > 0 for r in early)
+            # Outcomes name the draft with what was kept; its unused tail is no free proposer's shadow.
+            assert all("draft" not in o.free_candidates for o in policy.outcomes)
+            assert any(o.proposer == "draft" and o.k == 2 and o.proposed == 2 for o in policy.outcomes)
+
+    run(body())
+
+
+def test_no_early_call_unless_the_policy_names_the_proposer_for_every_running_request():
+    async def body():
+        ngram, draft = FakeNgram("good"), FakeProposer("good")
+        async with cluster(proposers={"ngram": ngram, "draft": draft}) as c:
+            c.engine.policy = policy = EarlyPolicy(name_all=False)
+            await generate_all(c, max_tokens=12)
+            assert all(r.batch_size == 1 for r in policy.records if r.early_budgets)
+            assert any(r.batch_size > 1 for r in policy.records)
+            assert draft_calls(draft) <= len(policy.records)
+
+    run(body())
+
+
+def test_an_early_proposer_that_fails_costs_its_speculation_not_the_output():
+    async def body():
+        ngram, draft = FakeNgram("good"), FakeProposer("die", misbehave_from_step=3)
+        async with cluster(proposers={"ngram": ngram, "draft": draft}) as c:
+            c.engine.policy = policy = EarlyPolicy()
+            await generate_all(c, max_tokens=12)  # equal to the target alone, every token
+            assert any(r.early_budgets for r in policy.records)
+            assert any(o.proposer == "ngram" and o.accepted > 0 for o in policy.outcomes)
+
+    run(body())
+
+
 class OrderedPolicy(ScriptedPolicy):
     """Logs plans and feedback in order; its learning may fail."""
 

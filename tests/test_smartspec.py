@@ -215,3 +215,44 @@ def test_the_draft_s_catch_up_on_a_new_prompt_is_measured_and_charged_to_request
     plans = policy.plan([read, RequestView(request_id="n", proposer="", context_len=200, max_k=19,
                                            offered={"ngram": 0}, unsent={"draft": 200})])
     assert plans["n"].proposer == "draft"
+
+
+def test_smartspec_asks_the_draft_early_for_one_more_than_last_time_only_when_it_served_everyone():
+    policy = smartspec(max_k=6)
+    teach(policy, "ngram", 4, 1)
+    teach(policy, "draft", 4, 4)
+    assert policy.early_proposals([view("a"), view("b")]) == {}  # nothing served yet
+    plans = policy.plan([view("a", offered={"ngram": 0}), view("b", offered={"ngram": 0})])
+    assert {p.proposer for p in plans.values()} == {"draft"}
+    early = policy.early_proposals([view("a"), view("b", max_k=2)])
+    assert early == {"a": Plan("draft", min(plans["a"].k + 1, 6)), "b": Plan("draft", 2)}  # within room
+    # A request the draft did not serve last step (new, or one that asks for another proposer): none.
+    assert policy.early_proposals([view("a"), view("b"), view("c")]) == {}
+    assert policy.early_proposals([view("a"), view("b", "ngram")]) == {}
+    assert BatchUniformPolicy(["ngram", "draft"]).early_proposals([view("a")]) == {}
+
+
+def test_a_chain_proposed_early_caps_the_plan_which_prices_it_as_if_asked_for():
+    policy = smartspec(max_k=6)
+    teach(policy, "ngram", 4, 1)
+    teach(policy, "draft", 4, 4)
+    free = policy.plan([view("a", offered={"ngram": 0})])["a"]
+    assert free.proposer == "draft" and free.k > 2
+    # The draft proposed 2 early: the plan keeps at most those; with more than it wants, the same plan.
+    assert policy.plan([view("a", offered={"ngram": 0, "draft": 2})])["a"] == Plan("draft", 2)
+    assert policy.plan([view("a", offered={"ngram": 0, "draft": 6})])["a"] == free
+    assert policy.plan([view("a", offered={"ngram": 0, "draft": 0})])["a"].proposer != "draft"
+
+
+def test_the_cost_fit_learns_what_an_early_draft_ran_not_what_the_plan_kept():
+    policy = smartspec()
+    draft = policy.cost_model.proposer("draft")
+    policy.plan([view("a", offered={"ngram": 0}), view("b", offered={"ngram": 0})])
+    outcomes = [RequestOutcome("a", "draft", 2, 2, 1, committed=(5, 6)),
+                RequestOutcome("b", "ngram", 1, 1, 1, committed=(5, 6))]
+    record = StepRecord(step_id=1, start_s=0.0, wall_ms=40.0, verify_total_ms=20.0, propose_ms={"draft": 6.0},
+                        propose_wall_ms=7.0, propose_new_tokens={"draft": (3, 2)},
+                        early_budgets={"draft": (4, 3)})
+    policy.observe(outcomes, record)
+    assert len(draft) == 1
+    assert draft._x[-1].tolist() == [1.0, 2.0, 7.0, 4.0]  # two requests, 4 + 3 tokens, 4 passes
