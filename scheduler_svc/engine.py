@@ -4,8 +4,6 @@ One step (DESIGN.md "One step of the engine"):
 1. admit waiting requests into free verifier slots and Prefill them in one batch (first token out);
 2. the policy plans a proposer and k per running request (capped by context room and max_tokens);
    free proposers (prompt lookup) may propose before it, for everyone, and are truncated to the plan;
-   while they do, a costly proposer may propose for the requests it served last step (the policy's
-   early_proposals), so that its call overlaps theirs and the plan instead of following them;
 3. every other proposer used gets one ProposeRequest, all in parallel;
 4. one Verify call for all running requests (k = 0 ones bring no candidates);
 5. commit accepted + bonus tokens, apply EOS / stop strings / max_tokens, stream, release the finished;
@@ -88,11 +86,8 @@ class StepRecord:
     propose_ms: dict[str, float] = field(default_factory=dict)  # per proposer, its own measure
     propose_forward_ms: dict[str, float] = field(default_factory=dict)
     propose_new_tokens: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per proposer, see ProposeResult
-    propose_wall_ms: float = 0.0  # the parallel propose phase(s) of costly proposers as the engine saw them
+    propose_wall_ms: float = 0.0  # the parallel propose phase as the engine saw it
     free_propose_wall_ms: float = 0.0  # free proposers proposing before the plan, when the policy asks
-    # Costly proposers that proposed early (with the free ones, before the plan): the budget each request
-    # was sent, in the order sent. The plan may have kept less: what they ran is this.
-    early_budgets: dict[str, tuple[int, ...]] = field(default_factory=dict)
     plan_ms: float = 0.0  # the policy's plan() call (part of the overhead)
     predicted_step_ms: float | None = None  # the policy's prediction of this step, if it makes one
 
@@ -352,11 +347,10 @@ class Engine:
     async def _step(self, record: StepRecord) -> list[RequestOutcome]:
         """Plan, propose, verify and commit for every running request; fills `record`."""
         running = list(self._running.values())
-        offered, early = await self._free_proposals(running, record)
-        ready = {**offered, **early}  # proposed before the plan: the plan keeps a prefix, or nothing
+        offered = await self._free_proposals(running, record)
         self._feed_back()  # no-op unless no call came before the plan
         t0 = time.perf_counter()
-        plans = self.policy.plan([self._view(r, ready) for r in running])
+        plans = self.policy.plan([self._view(r, offered) for r in running])
         record.plan_ms = (time.perf_counter() - t0) * 1e3
         record.predicted_step_ms = self.policy.predicted_step_ms
         work: dict[str, list[ProposeWork]] = collections.defaultdict(list)
@@ -365,9 +359,9 @@ class Engine:
         for request in running:
             plan = plans.get(request.request_id, NO_SPECULATION)
             proposer = self.proposers.get(plan.proposer) if plan.proposer else None
-            if plan.proposer in ready:
+            if plan.proposer in offered:
                 # Proposed already: keep the planned prefix (no call).
-                cand = ready[plan.proposer].get(request.request_id)
+                cand = offered[plan.proposer].get(request.request_id)
                 if cand is not None:
                     cand = fit_candidates(cand, min(plan.k, self._node_room(request)), self._room(request))
                 if cand is not None and cand.token_ids:
@@ -384,12 +378,11 @@ class Engine:
 
         t0 = time.perf_counter()
         results = await self._propose(work)
-        record.propose_wall_ms += (time.perf_counter() - t0) * 1e3
-        answered = {name for name, result in results.items() if result.ok} | set(ready)
+        record.propose_wall_ms = (time.perf_counter() - t0) * 1e3
+        answered = {name for name, result in results.items() if result.ok} | set(offered)
         for name, result in results.items():
-            if name not in record.early_budgets:  # else only its release list went now: keep the early timings
-                record.propose_ms[name], record.propose_forward_ms[name] = result.propose_ms, result.forward_ms
-                record.propose_new_tokens[name] = result.new_tokens
+            record.propose_ms[name], record.propose_forward_ms[name] = result.propose_ms, result.forward_ms
+            record.propose_new_tokens[name] = result.new_tokens
             for rid, cand in result.candidates.items():
                 # A tree may be deeper than max_tokens can use; chains were asked for no more than that.
                 cand = fit_candidates(cand, len(cand.token_ids), self._room(self._running[rid]))
@@ -451,11 +444,9 @@ class Engine:
 
     async def _free_proposals(
         self, running: Sequence[Request], record: StepRecord
-    ) -> tuple[dict[str, dict[str, common_pb2.Candidates]], dict[str, dict[str, common_pb2.Candidates]]]:
+    ) -> dict[str, dict[str, common_pb2.Candidates]]:
         """Before the plan, when the policy asks: every free proposer proposes its full budget for each
-        request it may serve, and with them a costly proposer the policy names for every request
-        (_early_work). Returns (free, early): proposer name -> request id -> candidates (answered
-        proposers only)."""
+        request it may serve. Returns proposer name -> request id -> candidates (answered proposers only)."""
         chain_budget, tree_budget = self.policy.free_proposal_budget, self.policy.free_tree_budget
         work: dict[str, list[ProposeWork]] = collections.defaultdict(list)
         for name, proposer in self.proposers.items():
@@ -468,47 +459,17 @@ class Engine:
                 if request.params.proposer in ("", name) and k > 0:
                     work[name].append(self._work(request, proposer, k))
         if not work:
-            return {}, {}
-        early = self._early_work(running)
-        free_names = list(work)
-        work.update(early)
+            return {}
         t0 = time.perf_counter()
         results = await asyncio.gather(*(self.proposers[name].step(items, while_waiting=self._feed_back)
                                          for name, items in work.items()))
         record.free_propose_wall_ms = (time.perf_counter() - t0) * 1e3
-        offered, early_offered = {}, {}
+        offered = {}
         for name, result in zip(work, results):
             record.propose_ms[name], record.propose_forward_ms[name] = result.propose_ms, result.forward_ms
-            if name in early and result.ok:
-                record.early_budgets[name] = tuple(w.budget for w in early[name])
-                record.propose_new_tokens[name] = result.new_tokens
-                record.propose_wall_ms = record.free_propose_wall_ms  # the costly proposer's phase
             if result.ok:
-                (offered if name in free_names else early_offered)[name] = result.candidates
-        return offered, early_offered
-
-    def _early_work(self, running: Sequence[Request]) -> dict[str, list[ProposeWork]]:
-        """The costly proposer's work to send with the free proposers' (Policy.early_proposals): only when
-        the policy names one costly chain proposer, available, for every running request, so that a
-        request it did not name cannot make the step call that proposer a second time."""
-        if not self.policy.proposes_early:
-            return {}
-        plans = self.policy.early_proposals([self._view(r) for r in running])
-        names = {plan.proposer for plan in plans.values()}
-        if len(plans) != len(running) or len(names) != 1:
-            return {}
-        proposer = self.proposers.get(names.pop())
-        if (proposer is None or proposer.kind in FREE_PROPOSER_KINDS or proposer.kind in TREE_PROPOSER_KINDS
-                or not proposer.available()):
-            return {}
-        items = []
-        for request in running:
-            plan = plans.get(request.request_id)
-            k = min(plan.k, self._room(request), proposer.max_budget) if plan is not None else 0
-            if k <= 0:
-                return {}
-            items.append(self._work(request, proposer, k))
-        return {proposer.name: items}
+                offered[name] = result.candidates
+        return offered
 
     def _view(
         self, request: Request, offered: Mapping[str, Mapping[str, common_pb2.Candidates]] | None = None

@@ -8,10 +8,7 @@ goodput policies (`smartspec`, `batch-uniform`) are in smartspec.py and the batc
 
 Proposers that cost nothing to run (FREE_PROPOSER_KINDS: prompt lookup) can propose before the plan:
 a policy that sets `free_proposal_budget` gets, in each RequestView.offered, how many candidates they
-already have for the request, and the engine truncates those to the planned k. While they propose, a
-costly proposer may propose too, for the requests and budgets `early_proposals()` names (the draft,
-for a request it served last step): its call then overlaps theirs and the plan instead of following
-them, and the plan gets its candidates in RequestView.offered like a free proposer's.
+already have for the request, and the engine truncates those to the planned k.
 """
 
 from __future__ import annotations
@@ -72,8 +69,7 @@ class RequestView:
     proposed: int = 0  # candidate tokens verified so far, all proposers
     accepted: int = 0  # of those, accepted
     # Free proposer -> candidates it already proposed this step (0: no match); only when the policy
-    # asked for free proposals. A plan with such a proposer gets at most that many. Likewise a costly
-    # proposer that proposed early (Policy.early_proposals) for some requests: 0 for the others.
+    # asked for free proposals. A plan with such a proposer gets at most that many.
     offered: Mapping[str, int] = field(default_factory=dict)
     # Free tree proposer -> the parent indices of the tree it proposed (a plan keeps its first k nodes).
     offered_trees: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
@@ -111,8 +107,6 @@ class Policy(ABC):
     free_tree_budget: int = 0
     # The policy's prediction of the step it last planned (ms), when it has a cost model.
     predicted_step_ms: float | None = None
-    # Whether early_proposals() may name work (the engine builds its views only then).
-    proposes_early: bool = False
 
     def bind_proposers(self, proposers: Mapping[str, ProposerSpec]) -> None:
         """The configured proposers' kinds and budgets, once known (before the first plan). Default: ignore."""
@@ -120,14 +114,6 @@ class Policy(ABC):
     @abstractmethod
     def plan(self, requests: Sequence[RequestView]) -> dict[str, Plan]:
         """One Plan per request id; requests left out get NO_SPECULATION."""
-
-    def early_proposals(self, requests: Sequence[RequestView]) -> dict[str, Plan]:
-        """Costly chain proposers' work to send with the free proposers' call, before plan(): request id ->
-        Plan(proposer, budget). The engine sends it only when free proposers are called and every running
-        request is named with one proposer, so that it never calls that proposer twice in a step. The
-        candidates reach plan() in RequestView.offered; the plan may keep a prefix, or not use them.
-        Default: none."""
-        return {}
 
     def observe(self, outcomes: Sequence[RequestOutcome], record: StepRecord) -> None:
         """Feedback after a step: per-request outcomes and the step's timings. Default: ignore."""

@@ -10,10 +10,6 @@
   spread over the request's expected steps.
   Requests arriving during a step wait for its end: at a high arrival rate (arrivals.ArrivalRate) a
   step's length is weighed by the wait it imposes on them as well (goodput.py, "Arrivals").
-  When prompt lookup proposes before the plan and every request was served by the draft last step,
-  the draft proposes with it (Policy.early_proposals), one candidate beyond each request's last chain:
-  its call then overlaps the lookup's and the plan, and the plan keeps a prefix of its chain (priced as
-  if asked for, so the choice is the one it would make otherwise, capped at that budget).
 - `batch-uniform`: one k for the whole batch, chosen by goodput, each request with its own or the
   first configured proposer: what the SmartSpec paper's implementation did.
 
@@ -100,8 +96,6 @@ class GoodputPolicy(Policy):
         self.arrivals = ArrivalRate(arrival_window_s)
         self.arrival_rate: float = 0.0  # requests per second, as of the last plan
         self._planned: _PlannedStep | None = None
-        # Request id -> (costly chain proposer, k) of the last plan, for early_proposals.
-        self._served: dict[str, tuple[str, int]] = {}
 
     def bind_proposers(self, proposers: Mapping[str, ProposerSpec]) -> None:
         self.specs.update({name: spec for name, spec in proposers.items() if name in self.specs})
@@ -148,31 +142,11 @@ class GoodputPolicy(Policy):
             for r, k, p in zip(requests, choice.ks.tolist(), choice.proposer.tolist()):
                 plans[r.request_id] = Plan(self.proposers[p], k) if k > 0 else NO_SPECULATION
             step_ms, tokens = choice.step_ms, choice.expected_tokens
-        self._served = {rid: (plan.proposer, plan.k) for rid, plan in plans.items()
-                        if plan.k > 0 and self._chains_costly(plan.proposer)}
         self.predicted_step_ms = step_ms
         self.predicted_goodput = tokens / step_ms * 1e3 if step_ms > 0 else 0.0
         self._planned = _PlannedStep({r.request_id: r.context_len for r in requests}, step_ms,
                                      self.predicted_goodput)
         self.last_plan_ms = (time.perf_counter() - t0) * 1e3
-        return plans
-
-    def _chains_costly(self, name: str) -> bool:
-        spec = self.specs.get(name)
-        return spec is not None and not spec.free and not spec.tree
-
-    def early_proposals(self, requests: Sequence[RequestView]) -> dict[str, Plan]:
-        """Every request's last costly chain proposer, asked for one candidate more than last time, when
-        all of them had one (see the module docstring); else none."""
-        if not self.proposes_early:
-            return {}
-        plans = {}
-        for r in requests:
-            served = self._served.get(r.request_id)
-            if served is None or r.proposer not in ("", served[0]):
-                return {}
-            name, k = served
-            plans[r.request_id] = Plan(name, min(k + 1, self.max_k, self.specs[name].max_budget, r.max_k))
         return plans
 
     def _caps(self, requests: Sequence[RequestView]) -> np.ndarray:
@@ -188,11 +162,8 @@ class GoodputPolicy(Policy):
                 if spec.tree:
                     own = r.offered.get(name, 0) if spec.free and self.free_tree_budget else spec.max_budget
                     caps[i, p] = min(own, r.max_nodes, self.max_tree_nodes)
-                elif spec.free:
-                    own = r.offered.get(name, 0) if self.free_proposal_budget else spec.max_budget
-                    caps[i, p] = min(own, r.max_k, self.max_k)
-                else:  # a costly proposer that proposed early offers that chain (see early_proposals)
-                    own = r.offered[name] if name in r.offered else spec.max_budget
+                else:
+                    own = r.offered.get(name, 0) if spec.free and self.free_proposal_budget else spec.max_budget
                     caps[i, p] = min(own, r.max_k, self.max_k)
         return caps
 
@@ -312,13 +283,10 @@ class GoodputPolicy(Policy):
         tokens: dict[str, int] = {}
         longest: dict[str, int] = {}  # a draft runs as many passes as its longest chain
         for o in outcomes:
-            if (o.proposer is not None and o.k > 0 and not free.get(o.proposer, False)
-                    and o.proposer not in record.early_budgets):
+            if o.proposer is not None and o.k > 0 and not free.get(o.proposer, False):
                 requests[o.proposer] = requests.get(o.proposer, 0) + 1
                 tokens[o.proposer] = tokens.get(o.proposer, 0) + o.k
                 longest[o.proposer] = max(longest.get(o.proposer, 0), o.k)
-        for name, budgets in record.early_budgets.items():  # what it ran, whatever the plan kept
-            requests[name], tokens[name], longest[name] = len(budgets), sum(budgets), max(budgets)
         shape = StepShape(
             batch_size=len(outcomes),
             batched_tokens=sum(o.proposed + 1 for o in outcomes),
@@ -363,7 +331,6 @@ class SmartSpecPolicy(GoodputPolicy):
 
     name = "smartspec"
     calibrates_chains = True
-    proposes_early = True
 
     def __init__(self, proposers: Sequence[str], **options) -> None:
         super().__init__(proposers, **options)
