@@ -60,7 +60,8 @@ def step_parts(costs: tuple[Sequence[float], Sequence[float]], ks: Sequence[int]
         return verify_ms, 0.0
     shape = StepShape(len(ks), sum(k + 1 for k in ks), context, {"draft": len(chains)},
                       {"draft": sum(chains)}, {"draft": max(chains)})
-    return verify_ms, float(np.dot(draft, shape.proposer_features("draft")))
+    # The replays' drafts read every prompt before the first step: no catch-up term (d4).
+    return verify_ms, float(np.dot(draft, shape.proposer_features("draft")[:len(draft)]))
 
 
 def accepted_run(misses: Sequence[bool], start: int, k: int) -> int:

@@ -1,13 +1,18 @@
 """The step-time model the goodput chooser scores plans with, fitted online from measured timings.
 
     T_verify   = c0 + c1 * batch_size + c2 * batched_tokens + c3 * context_tokens   (verifier's total_ms)
-    T_proposer = d0 + d1 * requests + d2 * tokens + d3 * max_k                      (per costly proposer)
+    T_proposer = d0 + d1 * requests + d2 * tokens + d3 * max_k + d4 * caught_up      (per costly proposer)
     T_overhead = o0 + o1 * batch_size + o2 * batched_tokens                          (RPCs, scheduler work)
 
 A batched draft model proposes chains one token per forward pass over its requests, so it runs
 max_k = max_i k_i passes (the longest chain asked of it): d3 is the cost of a pass, d1 and d2 what
 requests and tokens add on top. The proposer terms need steps (or a profile) with several batch
 sizes and chain lengths to be told apart; the ridge pull keeps them sensible meanwhile.
+
+caught_up counts the committed tokens a proposer reads beyond a steady step's (caught_up_tokens): a
+draft reads a request's whole prompt the first time it serves it. Under load nearly every step serves
+a request the draft has not read yet, so a fit that left such steps out learnt the draft's costs at
+large batches from the few steps without one, and mostly from its seed: d4 keeps them in.
 
 Each part is a least-squares fit over a sliding window of recent steps, ridge-regularised towards a
 seed (the start-up profile's fit, or defaults) so that directions the recent steps do not pin down
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -47,9 +52,10 @@ ERROR_EMA_ALPHA = 0.1
 
 # Defaults before any measurement: roughly a small model on a CPU; the start-up profile replaces them.
 DEFAULT_VERIFY_SEED = (5.0, 0.5, 0.5, 0.0)  # c0, c1, c2, c3 (ms, ms/request, ms/token, ms/context token)
-# d0, d1, d2, d3 (ms, ms/request, ms/token, ms/pass): about the embedded draft on two CPU cores, where a
-# pass over the batch costs five times what each token in it adds.
-DEFAULT_PROPOSER_SEED = (0.5, 0.05, 0.2, 1.0)
+# d0, d1, d2, d3, d4 (ms, ms/request, ms/token, ms/pass, ms/token caught up on): about the embedded draft on
+# two CPU cores, where a pass over the batch costs five times what each token in it adds, and reading a
+# prompt token costs a tenth of proposing one.
+DEFAULT_PROPOSER_SEED = (0.5, 0.05, 0.2, 1.0, 0.02)
 DEFAULT_OVERHEAD_SEED = (1.0, 0.05, 0.0)  # o0, o1, o2
 
 
@@ -159,15 +165,30 @@ class StepShape:
     proposer_tokens: Mapping[str, int]  # and candidate tokens asked of each
     # and the longest chain asked of each (its sequential passes); where missing, the mean chain
     proposer_max_k: Mapping[str, int] = field(default_factory=dict)
+    # and the committed tokens each read beyond a steady step's (caught_up_tokens); where missing, none
+    proposer_caught_up: Mapping[str, int] = field(default_factory=dict)
 
-    def proposer_features(self, name: str) -> tuple[float, float, float, float]:
-        """(1, requests, tokens, max_k) of a costly proposer: what CostModel.proposer(name) is fitted on."""
+    def proposer_features(self, name: str) -> tuple[float, float, float, float, float]:
+        """(1, requests, tokens, max_k, caught_up) of a costly proposer: what CostModel.proposer(name) is
+        fitted on."""
         requests = self.proposer_requests.get(name, 0)
         tokens = self.proposer_tokens.get(name, 0)
         longest = self.proposer_max_k.get(name)
         if longest is None:
             longest = -(-tokens // requests) if requests > 0 else 0
-        return (1.0, float(requests), float(tokens), float(longest))
+        return (1.0, float(requests), float(tokens), float(longest), float(self.proposer_caught_up.get(name, 0)))
+
+
+def steady_new_tokens(max_k: int) -> int:
+    """Most committed tokens a proposer that serves a request every step is sent at once (its accepted
+    candidates + the bonus token)."""
+    return max(max_k, 1) + 1
+
+
+def caught_up_tokens(new_tokens: Iterable[int], steady: int) -> int:
+    """Tokens a proposer read beyond a steady step's, over the requests it was sent `new_tokens` for: a
+    prompt it sees for the first time, or what a request committed in steps it did not serve."""
+    return sum(max(0, n - steady) for n in new_tokens)
 
 
 class CostModel:
@@ -203,6 +224,10 @@ class CostModel:
             if requests > 0:
                 t += self.proposer(name).predict(shape.proposer_features(name))
         return t
+
+    def catch_up_ms_per_token(self, name: str) -> float:
+        """d4 of a costly proposer: what each token it catches up on costs."""
+        return float(self.proposer(name).coef[4])
 
     def no_speculation_ms(self, batch_size: int, context_tokens: int) -> float:
         """Predicted time of a step in which nobody speculates (one new token per request)."""

@@ -6,8 +6,9 @@ candidates and with chains of several lengths, and released; each costly propose
 is asked for chains of a few lengths at batch 1 and at a larger batch, plus one larger batch of mixed
 lengths, so that its per-request, per-token and per-pass costs (d1, d2, d3 in cost_model) are told
 apart: at batch 1 tokens and passes are the same number, at a larger batch with one length they differ
-by the batch size, and mixed lengths separate tokens from the longest chain. The first call of each
-kind only warms up (lazy initialisation) and is not measured. It stays within a time budget and never
+by the batch size, and mixed lengths separate tokens from the longest chain. Two last calls bring it
+requests it has not seen, with longer prompts, for what reading a prompt costs (d4). The first call of
+each batch size only warms up (lazy initialisation) and is not measured. It stays within a time budget and never
 fails start-up: on any error the defaults stay and a warning is logged.
 """
 
@@ -21,7 +22,7 @@ from typing import Mapping
 
 import numpy as np
 
-from scheduler_svc.cost_model import MEASURED_PRIOR_STEPS, CostModel, RidgeFit
+from scheduler_svc.cost_model import MEASURED_PRIOR_STEPS, CostModel, RidgeFit, caught_up_tokens, steady_new_tokens
 from scheduler_svc.policy import FREE_PROPOSER_KINDS
 from scheduler_svc.proposer_client import ProposerClient, ProposeWork
 from scheduler_svc.request import SamplingParams
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PROFILE_PREFIX = "__specdec_profile_"  # request ids of the dummy requests (never a client's: those are UUIDs)
 PROMPT_TOKENS = 32
+CATCH_UP_PROMPT_TOKENS = 128  # the prompts of the call that measures a proposer's catch-up
 PROPOSER_PROFILE_BATCH = 4  # the larger batch size costly proposers are profiled at
 # The verifier is profiled up to this batch: a token's cost grows with the batch (small batches leave the
 # hardware idle, so extra tokens there are nearly free), and serving at a fixed k cannot tell a request's
@@ -133,6 +135,8 @@ async def _profile(cost_model: CostModel, verifier: VerifierClient, proposers: M
         cost_model.verify.refit()
         report.verify_points = len(points)
 
+    steady = steady_new_tokens(max_k)
+    long_prompt = [(5 * i + 2) % max(vocab_size, 1) for i in range(max(1, min(CATCH_UP_PROMPT_TOKENS, max_seq_len // 2)))]
     for name, proposer in proposers.items():
         if proposer.kind in FREE_PROPOSER_KINDS or not proposer.available():
             continue
@@ -140,19 +144,26 @@ async def _profile(cost_model: CostModel, verifier: VerifierClient, proposers: M
         points = []
         warmed: set[int] = set()  # batch sizes called once already
         asked: set[str] = set()
+        calls = [(f"{name}-", prompt, ks) for ks in _proposer_batches(max(1, min(max_k, proposer.max_budget)), slots)]
+        # Then requests it has not read, at the largest batch (warmed up by now), one candidate each, with
+        # prompts of two lengths (one call alone is a single point the robust fit may discount).
+        for half, tokens in enumerate((long_prompt, long_prompt[:len(long_prompt) // 2])):
+            calls.append((f"{name}-new{half}-", tokens, [1] * len(calls[-1][2])))
         try:
-            for ks in _proposer_batches(max(1, min(max_k, proposer.max_budget)), slots):
+            for prefix, tokens, ks in calls:
                 if time.perf_counter() > deadline:
                     break
-                rids = [f"{PROFILE_PREFIX}{name}-{j}" for j in range(len(ks))]
+                rids = [f"{PROFILE_PREFIX}{prefix}{j}" for j in range(len(ks))]
                 asked.update(rids)
+                sent = [proposer.unsent(rid, len(tokens)) for rid in rids]
                 t = time.perf_counter()
-                result = await proposer.step([ProposeWork(rid, prompt, k) for rid, k in zip(rids, ks)])
+                result = await proposer.step([ProposeWork(rid, tokens, k) for rid, k in zip(rids, ks)])
                 if not result.ok:
                     break
                 # The first call at a batch size warms up (new requests' prompts are fed then).
                 if len(ks) in warmed:
-                    points.append((_proposer_features(ks), (time.perf_counter() - t) * 1e3))
+                    points.append((_proposer_features(ks, caught_up_tokens(sent, steady)),
+                                   (time.perf_counter() - t) * 1e3))
                 warmed.add(len(ks))
         finally:
             for rid in sorted(asked):
@@ -179,6 +190,7 @@ def _proposer_batches(max_k: int, slots: int) -> list[list[int]]:
     return calls
 
 
-def _proposer_features(ks: list[int]) -> tuple[float, float, float, float]:
-    """(1, requests, tokens, max_k) of one proposer call: what CostModel.proposer fits are fitted on."""
-    return (1.0, float(len(ks)), float(sum(ks)), float(max(ks)))
+def _proposer_features(ks: list[int], caught_up: int = 0) -> tuple[float, float, float, float, float]:
+    """(1, requests, tokens, max_k, caught_up) of one proposer call: what CostModel.proposer fits are
+    fitted on."""
+    return (1.0, float(len(ks)), float(sum(ks)), float(max(ks)), float(caught_up))

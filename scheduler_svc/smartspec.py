@@ -18,7 +18,9 @@ step-time model (cost_model.CostModel) online from every step's outcomes and tim
 (profile.py) seeds the cost model. `smartspec` also rates a costly proposer's (the draft's) chains by each
 request's acceptance at the distance from the draft's last miss on it (chain_calibration.ChainCalibration):
 on repeated lines the draft misses at the text's period, and which k leaves the miss to the verifier's
-bonus token is what the position rates cannot tell.
+bonus token is what the position rates cannot tell. Those rates are then scaled per position by how the
+chains they scored did (rate_calibration.RateCalibration): shrunk estimates of requests that differ predict
+long runs of hits too rarely, and the chooser's own picks make the deep positions it tries look too good.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from scheduler_svc.acceptance import AcceptanceEstimator, Observation
 from scheduler_svc.arrivals import DEFAULT_WINDOW_S, ArrivalRate
 from scheduler_svc.chain_calibration import ChainCalibration
 from scheduler_svc.config import NO_PROPOSER
-from scheduler_svc.cost_model import DEFAULT_WINDOW, CostModel, StepShape
+from scheduler_svc.cost_model import DEFAULT_WINDOW, CostModel, StepShape, caught_up_tokens, steady_new_tokens
 from scheduler_svc.goodput import Choice, StepCost, best_uniform_k, choose, survival
 from scheduler_svc.policy import NO_SPECULATION, Plan, Policy, ProposerSpec, RequestOutcome, RequestView
+from scheduler_svc.rate_calibration import RateCalibration
 from scheduler_svc.tree_acceptance import TreeAcceptance
 
 if TYPE_CHECKING:
@@ -50,8 +53,6 @@ NO_CAP = 1 << 30
 # never put to the test: at 0.5, bench/chain_phase.py's replay with the draft's costs doubled never tried
 # the draft and never learned its 0.8. Evidence brings an optimistic prior down within tens of chains.
 INITIAL_ACCEPTANCE = 0.8
-# EMA weight of one step's measure of a costly proposer's cost per prompt token it catches up on.
-CATCH_UP_ALPHA = 0.2
 
 
 @dataclass
@@ -88,11 +89,12 @@ class GoodputPolicy(Policy):
         self.cost_model = CostModel(cost_window)
         # A costly proposer's acceptance by distance from its last miss, per request (None: positions only).
         self.calibration = ChainCalibration(max(max_k, 1)) if self.calibrates_chains else None
+        # And those rates against what the chains they scored then did, per position (rate_calibration.py).
+        self.rate_calibration = RateCalibration(max(max_k, 1)) if self.calibrates_chains else None
+        self._model_rates: dict[str, dict[str, np.ndarray]] = {}  # this plan's, per proposer and request
         self.specs: dict[str, ProposerSpec] = {name: ProposerSpec("", NO_CAP) for name in self.proposers}
         self.last_plan_ms = 0.0  # the chooser's own time, last step
         self.predicted_goodput: float | None = None  # tokens per second
-        # Costly proposer -> ms per committed token it catches up on (a prompt it has not read), measured.
-        self.catch_up_ms_per_token: dict[str, float] = {}
         self.arrivals = ArrivalRate(arrival_window_s)
         self.arrival_rate: float = 0.0  # requests per second, as of the last plan
         self._planned: _PlannedStep | None = None
@@ -120,6 +122,7 @@ class GoodputPolicy(Policy):
 
     def plan(self, requests: Sequence[RequestView]) -> dict[str, Plan]:
         t0 = time.perf_counter()
+        self._model_rates = {}
         self.acceptance.advance()  # the drift clock: one tick per plan (see acceptance.py)
         max_k = self._caps(requests)  # [B, P]
         context = sum(r.context_len for r in requests)
@@ -182,6 +185,8 @@ class GoodputPolicy(Policy):
                     rates = self.acceptance.position_rates(ids, name)
                     if self._calibrates(name):
                         rates = self.calibration.rates(ids, name, rates)
+                        self._model_rates[name] = dict(zip(ids, rates))
+                        rates = self.rate_calibration.apply(name, rates)
                     surv[:, p, :self.max_k] = survival(rates)
                 continue
             expected: np.ndarray | None = None
@@ -210,12 +215,14 @@ class GoodputPolicy(Policy):
         speculation the charge would mislead a per-step choice: waiting does not make the catch-up
         cheaper (the request only grows), it only gives up the draft's tokens meanwhile.
         """
-        steady = self._steady_new_tokens
+        steady = steady_new_tokens(self.max_k)
         free = [name for name, is_free in zip(self.proposers, self._free()) if is_free]
         matched = [any(r.offered.get(f, 0) > 0 or r.offered_trees.get(f) for f in free) for r in requests]
         charges: np.ndarray | None = None
         for p, name in enumerate(self.proposers):
-            per_token = self.catch_up_ms_per_token.get(name, 0.0)
+            if self.specs[name].free:
+                continue
+            per_token = self.cost_model.catch_up_ms_per_token(name)
             if per_token <= 0:
                 continue
             for i, r in enumerate(requests):
@@ -226,11 +233,6 @@ class GoodputPolicy(Policy):
                         charges = np.zeros((len(requests), len(self.proposers)))
                     charges[i, p] = per_token * extra / steps
         return charges
-
-    @property
-    def _steady_new_tokens(self) -> int:
-        """Most committed tokens a proposer that serves a request every step gets at once (accepted + bonus)."""
-        return max(self.max_k, 1) + 1
 
     @abc.abstractmethod
     def _choose(self, surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
@@ -268,12 +270,16 @@ class GoodputPolicy(Policy):
                 self.calibration.forget(o.request_id for o in outcomes)
 
     def _observe_chains(self, outcomes: Sequence[RequestOutcome]) -> None:
-        """Feed the chain calibration: each costly chain proposer's verified chains, and the tokens its
-        requests committed in steps it did not serve them (they age the text unseen)."""
+        """Feed the chain and rate calibrations: each costly chain proposer's verified chains (with the
+        rates the plan scored them with), and the tokens its requests committed in steps it did not serve
+        them (they age the text unseen)."""
         for name in filter(self._calibrates, self.proposers):
+            model_rates = self._model_rates.get(name, {})
             for o in outcomes:
                 if o.proposer == name and o.proposed > 0:
                     self.calibration.observe(o.request_id, name, o.proposed, o.accepted)
+                    if o.request_id in model_rates:
+                        self.rate_calibration.observe(name, model_rates[o.request_id], o.proposed, o.accepted)
                 else:
                     self.calibration.skip(o.request_id, name, len(o.committed))
 
@@ -287,6 +293,7 @@ class GoodputPolicy(Policy):
                 requests[o.proposer] = requests.get(o.proposer, 0) + 1
                 tokens[o.proposer] = tokens.get(o.proposer, 0) + o.k
                 longest[o.proposer] = max(longest.get(o.proposer, 0), o.k)
+        steady = steady_new_tokens(self.max_k)
         shape = StepShape(
             batch_size=len(outcomes),
             batched_tokens=sum(o.proposed + 1 for o in outcomes),
@@ -294,30 +301,14 @@ class GoodputPolicy(Policy):
             proposer_requests=requests,
             proposer_tokens=tokens,
             proposer_max_k=longest,
+            proposer_caught_up={name: caught_up_tokens(record.propose_new_tokens.get(name, ()), steady)
+                                for name in requests},
         )
         # The costly proposers run in parallel: each is charged its own time plus the phase's waiting
         # beyond the slowest one's own time (the RPC), which is what the step waited for it.
         own = {name: record.propose_ms.get(name, 0.0) for name in requests}
         rpc = max(record.propose_wall_ms - max(own.values(), default=0.0), 0.0)
-        # A proposer that caught up on a request's prompt this step (first sight, or after many steps
-        # without it) ran far more than the plan asked: that time would teach the fit a per-request cost
-        # no steady step pays, so such steps are left out of its fit. What they cost beyond a steady
-        # step, per token caught up on, is what the chooser charges to requests the proposer has not
-        # read yet (_catch_up).
-        steady_tokens = self._steady_new_tokens
-        proposer_ms = {}
-        for name, ms in own.items():
-            if ms <= 0:
-                continue
-            extra = sum(max(0, n - steady_tokens) for n in record.propose_new_tokens.get(name, ()))
-            if extra == 0:
-                proposer_ms[name] = ms + rpc
-            else:
-                steady = self.cost_model.proposer(name).predict(shape.proposer_features(name))
-                sample = max(ms + rpc - steady, 0.0) / extra
-                known = self.catch_up_ms_per_token.get(name)
-                self.catch_up_ms_per_token[name] = sample if known is None else known + CATCH_UP_ALPHA * (
-                    sample - known)
+        proposer_ms = {name: ms + rpc for name, ms in own.items() if ms > 0}
         # Steps that also admitted requests carry a Prefill call: not what the model predicts.
         clean = record.admitted == 0
         overhead = record.wall_ms - record.verify_total_ms - record.propose_wall_ms if clean else None

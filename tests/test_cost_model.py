@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scheduler_svc.cost_model import GUESS_PRIOR_STEPS, MEASURED_PRIOR_STEPS, CostModel, RidgeFit, StepShape
+from scheduler_svc.cost_model import (
+    GUESS_PRIOR_STEPS,
+    MEASURED_PRIOR_STEPS,
+    CostModel,
+    RidgeFit,
+    StepShape,
+    caught_up_tokens,
+    steady_new_tokens,
+)
 
 
 def synthetic_steps(rng: np.random.Generator, n: int):
@@ -70,7 +78,7 @@ def test_cost_model_learns_verify_proposer_and_overhead_and_reports_its_error():
                       measured_ms=verify + (draft if len(drafted) else 0.0) + overhead)
     assert model.verify.coef == pytest.approx([3.0, 0.5, 0.2, 0.001], rel=0.05, abs=1e-3)
     # The longest chain is 5 in most of these steps, so the ridge pull shows a little in d0..d3.
-    assert model.proposer("draft").coef == pytest.approx([1.0, 0.1, 0.2, 0.4], rel=0.15, abs=1e-3)
+    assert model.proposer("draft").coef[:4] == pytest.approx([1.0, 0.1, 0.2, 0.4], rel=0.15, abs=1e-3)
     assert model.last_relative_error is not None and model.last_relative_error < 0.01
     assert model.relative_error_ema < 0.05
     # The chooser's view agrees with the full prediction, passes included.
@@ -83,15 +91,17 @@ def test_cost_model_learns_verify_proposer_and_overhead_and_reports_its_error():
     assert model.no_speculation_ms(4, 800) == pytest.approx(cost.step_ms(np.zeros(4, int), np.full(4, -1)))
 
 
-def test_proposer_fit_recovers_per_request_token_and_pass_costs_from_noisy_timings():
-    """d0 + d1 * requests + d2 * tokens + d3 * max_k, with 3% noise, from a seed off in every term."""
+def test_proposer_fit_recovers_per_request_token_pass_and_catch_up_costs_from_noisy_timings():
+    """d0 + d1 * requests + d2 * tokens + d3 * max_k + d4 * tokens caught up on, with 3% noise, from a
+    seed off in every term; a third of the steps read a new request's prompt."""
     rng = np.random.default_rng(5)
-    true = np.array([1.5, 0.3, 0.15, 0.8])
+    true = np.array([1.5, 0.3, 0.15, 0.8, 0.03])
     model = CostModel(window=300)
-    model.proposer("draft").reseed((1.0, 0.2, 0.5, 0.0))
+    model.proposer("draft").reseed((1.0, 0.2, 0.5, 0.0, 0.0))
     for ks in draft_steps(rng, 300):
+        caught_up = int(rng.integers(20, 300)) if rng.random() < 0.3 else 0
         shape = StepShape(len(ks), int(len(ks) + ks.sum()), 100, {"draft": len(ks)}, {"draft": int(ks.sum())},
-                          {"draft": int(ks.max())})
+                          {"draft": int(ks.max())}, {"draft": caught_up})
         ms = float(true @ shape.proposer_features("draft")) * (1 + rng.normal(0, 0.03))
         model.observe(shape, verify_ms=10.0, proposer_ms={"draft": ms}, overhead_ms=None)
     assert model.proposer("draft").coef == pytest.approx(true, rel=0.1)
@@ -103,13 +113,20 @@ def test_proposer_fit_recovers_per_request_token_and_pass_costs_from_noisy_timin
 
 def test_step_shape_without_longest_chains_uses_the_mean_and_short_seeds_pad_with_zero():
     shape = StepShape(3, 10, 50, {"draft": 3}, {"draft": 7})
-    assert shape.proposer_features("draft") == (1.0, 3.0, 7.0, 3.0)  # ceil(7 / 3)
-    assert shape.proposer_features("other") == (1.0, 0.0, 0.0, 0.0)
+    assert shape.proposer_features("draft") == (1.0, 3.0, 7.0, 3.0, 0.0)  # ceil(7 / 3), nothing caught up on
+    assert shape.proposer_features("other") == (1.0, 0.0, 0.0, 0.0, 0.0)
     model = CostModel()
-    model.proposer("draft").reseed((1.0, 0.2, 0.5))  # a seed from before the per-pass term
-    assert model.proposer("draft").coef.tolist() == [1.0, 0.2, 0.5, 0.0]
+    model.proposer("draft").reseed((1.0, 0.2, 0.5))  # a seed from before the per-pass and catch-up terms
+    assert model.proposer("draft").coef.tolist() == [1.0, 0.2, 0.5, 0.0, 0.0]
     with pytest.raises(ValueError):
-        model.proposer("draft").reseed((1.0, 0.2, 0.5, 0.1, 9.0))
+        model.proposer("draft").reseed((1.0, 0.2, 0.5, 0.1, 0.02, 9.0))
+
+
+def test_caught_up_tokens_count_what_a_proposer_read_beyond_a_steady_step():
+    assert steady_new_tokens(4) == 5 and steady_new_tokens(0) == 2
+    # A new 150-token prompt, a steady step's 3 tokens, and 8 tokens after a step it did not serve.
+    assert caught_up_tokens((150, 3, 8), steady=5) == 145 + 0 + 3
+    assert caught_up_tokens((), steady=5) == 0
 
 
 def test_cost_model_error_of_a_bad_prediction():
