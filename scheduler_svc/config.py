@@ -36,6 +36,8 @@ class SchedulerConfig:
     # Seconds of arrivals the goodput policies estimate the arrival rate over (0 = ignore arrivals).
     arrival_window_s: float = 0.5
     profile_s: float = 2.0  # time budget of the start-up cost profile (goodput policies); 0 = none
+    # smartspec: scale the draft's acceptance rates per position by how its chains did (rate_calibration.py)
+    rate_calibration: bool = True
     disable_batch_size: int = 8  # disable-by-batch-size: no speculation above this many running requests
     batch_size_table: str = "1-4:5,5-16:3,17-:0"  # batch-size-table: LO-HI:K ranges of running requests
     tokenizer: str | None = None  # default: the verifier's model folder, from its Info
@@ -140,6 +142,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              "batch-uniform)")
     parser.add_argument("--profile-s", type=float, default=float(_env("PROFILE_S", 2.0)),
                         help="time budget of the start-up cost profile, 0 = none (smartspec, batch-uniform)")
+    parser.add_argument("--rate-calibration", type=int, choices=(0, 1),
+                        default=int(_env("RATE_CALIBRATION", 1)),
+                        help="1: scale the draft's acceptance rates per position by how its chains did, "
+                             "0: use them as estimated (smartspec)")
     parser.add_argument("--disable-batch-size", type=int, default=int(_env("DISABLE_BATCH_SIZE", 8)),
                         help="disable-by-batch-size: no speculation above this many running requests")
     parser.add_argument("--batch-size-table", default=_env("BATCH_SIZE_TABLE", "1-4:5,5-16:3,17-:0"),
@@ -186,6 +192,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> SchedulerConfig:
             max_tree_nodes=args.max_tree_nodes,
             ema_alpha=args.ema_alpha,
             cost_window=args.cost_window,
+            rate_calibration=bool(args.rate_calibration),
             arrival_window_s=args.arrival_window_s,
             profile_s=args.profile_s,
             disable_batch_size=args.disable_batch_size,

@@ -157,7 +157,8 @@ class FixedPolicy(Policy):
 
 def make_policy(name: str, proposers: Sequence[str], k: int, **options) -> Policy:
     """The policy called `name` (see config.POLICIES); `options` are the keyword arguments of its class
-    (smartspec / batch-uniform: max_k, ema_alpha, cost_window, max_tree_nodes, arrival_window_s;
+    (smartspec / batch-uniform: max_k, ema_alpha, cost_window, max_tree_nodes, arrival_window_s,
+    rate_calibration (smartspec only);
     disable-by-batch-size: threshold;
     batch-size-table: table)."""
     if name == "none":
@@ -185,6 +186,8 @@ def policy_from_config(config: SchedulerConfig, proposers: Sequence[str]) -> Pol
     if config.policy in ("smartspec", "batch-uniform"):
         options = dict(max_k=config.max_k, ema_alpha=config.ema_alpha, cost_window=config.cost_window,
                        max_tree_nodes=config.max_tree_nodes, arrival_window_s=config.arrival_window_s)
+        if config.policy == "smartspec":
+            options["rate_calibration"] = config.rate_calibration
     elif config.policy == "disable-by-batch-size":
         options = dict(threshold=config.disable_batch_size)
     elif config.policy == "batch-size-table":

@@ -8,8 +8,8 @@ lengths, so that its per-request, per-token and per-pass costs (d1, d2, d3 in co
 apart: at batch 1 tokens and passes are the same number, at a larger batch with one length they differ
 by the batch size, and mixed lengths separate tokens from the longest chain. Two last calls bring it
 requests it has not seen, with longer prompts, for what reading a prompt costs (d4). The first call of
-each batch size only warms up (lazy initialisation) and is not measured. It stays within a time budget and never
-fails start-up: on any error the defaults stay and a warning is logged.
+each batch size only warms up (lazy initialisation) and is not measured. It stays within a time budget
+and never fails start-up: on any error the defaults stay and a warning is logged.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 PROFILE_PREFIX = "__specdec_profile_"  # request ids of the dummy requests (never a client's: those are UUIDs)
 PROMPT_TOKENS = 32
-CATCH_UP_PROMPT_TOKENS = 128  # the prompts of the call that measures a proposer's catch-up
+CATCH_UP_PROMPT_TOKENS = 128  # the longer prompts of the calls that measure a proposer's catch-up
 PROPOSER_PROFILE_BATCH = 4  # the larger batch size costly proposers are profiled at
 # The verifier is profiled up to this batch: a token's cost grows with the batch (small batches leave the
 # hardware idle, so extra tokens there are nearly free), and serving at a fixed k cannot tell a request's
@@ -136,7 +136,8 @@ async def _profile(cost_model: CostModel, verifier: VerifierClient, proposers: M
         report.verify_points = len(points)
 
     steady = steady_new_tokens(max_k)
-    long_prompt = [(5 * i + 2) % max(vocab_size, 1) for i in range(max(1, min(CATCH_UP_PROMPT_TOKENS, max_seq_len // 2)))]
+    long_prompt = [(5 * i + 2) % max(vocab_size, 1)
+                   for i in range(max(1, min(CATCH_UP_PROMPT_TOKENS, max_seq_len // 2)))]
     for name, proposer in proposers.items():
         if proposer.kind in FREE_PROPOSER_KINDS or not proposer.available():
             continue
@@ -144,7 +145,8 @@ async def _profile(cost_model: CostModel, verifier: VerifierClient, proposers: M
         points = []
         warmed: set[int] = set()  # batch sizes called once already
         asked: set[str] = set()
-        calls = [(f"{name}-", prompt, ks) for ks in _proposer_batches(max(1, min(max_k, proposer.max_budget)), slots)]
+        batches = _proposer_batches(max(1, min(max_k, proposer.max_budget)), slots)
+        calls = [(f"{name}-", prompt, ks) for ks in batches]
         # Then requests it has not read, at the largest batch (warmed up by now), one candidate each, with
         # prompts of two lengths (one call alone is a single point the robust fit may discount).
         for half, tokens in enumerate((long_prompt, long_prompt[:len(long_prompt) // 2])):

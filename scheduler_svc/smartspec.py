@@ -73,7 +73,7 @@ class GoodputPolicy(Policy):
 
     def __init__(self, proposers: Sequence[str], *, max_k: int = DEFAULT_MAX_K, ema_alpha: float = 0.3,
                  cost_window: int = DEFAULT_WINDOW, max_tree_nodes: int = DEFAULT_MAX_TREE_NODES,
-                 arrival_window_s: float = DEFAULT_WINDOW_S) -> None:
+                 arrival_window_s: float = DEFAULT_WINDOW_S, rate_calibration: bool = True) -> None:
         if max_k < 0:
             raise ValueError(f"--max-k must be >= 0, got {max_k}")
         if max_tree_nodes < 0:
@@ -90,7 +90,8 @@ class GoodputPolicy(Policy):
         # A costly proposer's acceptance by distance from its last miss, per request (None: positions only).
         self.calibration = ChainCalibration(max(max_k, 1)) if self.calibrates_chains else None
         # And those rates against what the chains they scored then did, per position (rate_calibration.py).
-        self.rate_calibration = RateCalibration(max(max_k, 1)) if self.calibrates_chains else None
+        self.rate_calibration = (RateCalibration(max(max_k, 1)) if self.calibrates_chains and rate_calibration
+                                 else None)
         self._model_rates: dict[str, dict[str, np.ndarray]] = {}  # this plan's, per proposer and request
         self.specs: dict[str, ProposerSpec] = {name: ProposerSpec("", NO_CAP) for name in self.proposers}
         self.last_plan_ms = 0.0  # the chooser's own time, last step
@@ -185,6 +186,7 @@ class GoodputPolicy(Policy):
                     rates = self.acceptance.position_rates(ids, name)
                     if self._calibrates(name):
                         rates = self.calibration.rates(ids, name, rates)
+                    if self.rate_calibration is not None and self._calibrates(name):
                         self._model_rates[name] = dict(zip(ids, rates))
                         rates = self.rate_calibration.apply(name, rates)
                     surv[:, p, :self.max_k] = survival(rates)
@@ -278,7 +280,7 @@ class GoodputPolicy(Policy):
             for o in outcomes:
                 if o.proposer == name and o.proposed > 0:
                     self.calibration.observe(o.request_id, name, o.proposed, o.accepted)
-                    if o.request_id in model_rates:
+                    if self.rate_calibration is not None and o.request_id in model_rates:
                         self.rate_calibration.observe(name, model_rates[o.request_id], o.proposed, o.accepted)
                 else:
                     self.calibration.skip(o.request_id, name, len(o.committed))

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from scheduler_svc.acceptance import MAX_RATE
+from scheduler_svc.config import config_from_args
 from scheduler_svc.engine import StepRecord
-from scheduler_svc.policy import ProposerSpec, RequestOutcome, RequestView
+from scheduler_svc.policy import ProposerSpec, RequestOutcome, RequestView, policy_from_config
 from scheduler_svc.rate_calibration import RateCalibration
 from scheduler_svc.smartspec import BatchUniformPolicy, SmartSpecPolicy
 
@@ -88,5 +89,12 @@ def test_smartspec_scores_the_draft_s_chains_with_calibrated_rates_and_feeds_bac
         np.clip(model * factors, 0.01, MAX_RATE))
 
 
-def test_batch_uniform_keeps_the_published_rates():
+def test_batch_uniform_keeps_the_published_rates_and_a_flag_turns_the_calibration_off():
     assert _draft_policy(BatchUniformPolicy).rate_calibration is None
+    args = ["--verifier", "127.0.0.1:1", "--proposer", "draft=127.0.0.1:2"]
+    assert policy_from_config(config_from_args(args), ["draft"]).rate_calibration is not None  # the default
+    policy = policy_from_config(config_from_args(args + ["--rate-calibration", "0"]), ["draft"])
+    assert policy.rate_calibration is None
+    policy.bind_proposers({"draft": ProposerSpec("draft", 8)})
+    plans = policy.plan([RequestView(request_id="r", proposer="", context_len=50, max_k=100)])
+    assert plans["r"].proposer == "draft" and policy._model_rates == {}  # planned from the estimates alone
