@@ -186,9 +186,9 @@ class GoodputPolicy(Policy):
                     rates = self.acceptance.position_rates(ids, name)
                     if self._calibrates(name):
                         rates = self.calibration.rates(ids, name, rates)
-                    if self.rate_calibration is not None and self._calibrates(name):
-                        self._model_rates[name] = dict(zip(ids, rates))
-                        rates = self.rate_calibration.apply(name, rates)
+                        if self.rate_calibration is not None:
+                            self._model_rates[name] = dict(zip(ids, rates))
+                            rates = self.rate_calibration.apply(name, rates)
                     surv[:, p, :self.max_k] = survival(rates)
                 continue
             expected: np.ndarray | None = None
