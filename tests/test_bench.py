@@ -526,3 +526,31 @@ def test_lookup_ceiling_replays_prompt_lookup_on_a_known_output():
     assert lookup_steps(NgramProposer(max_budget=8), prompt, output, 2) == (2, 4)
     # Nothing to look up: one token per step.
     assert lookup_steps(NgramProposer(max_budget=8), [1], [7, 8, 9], 8) == (3, 0)
+
+
+def test_machine_drift_lag_ratios_pair_windows_that_far_apart():
+    from bench.machine_drift import lag_ratios
+
+    medians = [10.0, 10.0, 20.0, 10.0, 15.0]  # 2 s windows
+    ratios = lag_ratios(medians, 2.0, lags_s=(2, 4, 20))
+    assert ratios[2] == [1.0, 2.0, 2.0, 1.5]
+    assert ratios[4] == pytest.approx([2.0, 1.0, 20.0 / 15.0])
+    assert 20 not in ratios  # no two windows 20 s apart
+
+
+def test_noise_control_judges_the_twin_by_rule_a_against_the_best_baseline():
+    from bench.noise_control import control_rows, report
+
+    rows = [_row("code", "draft", "fixed:3", 1.0, 100.0), _row("code", "draft", "fixed:5", 1.0, 110.0),
+            _row("code", "draft", "fixed:5~max-k=7", 1.0, 121.0, repeat_mean_latency_ms=[120.0, 122.0]),
+            _row("copy", "draft", "fixed:5", 1.0, 200.0), _row("copy", "draft", "fixed:5~max-k=7", 1.0, 190.0)]
+    rows[1]["repeat_mean_latency_ms"] = [100.0, 122.0]
+    got = control_rows(summary.Table(rows), "fixed:5~max-k=7", "fixed:5")
+    assert [(r["where"], r["best"]) for r in got] == [("code / draft / 1 req/s", "fixed:3"),
+                                                     ("copy / draft / 1 req/s", "fixed:5")]
+    assert got[0]["vs_original"] == pytest.approx(1.1) and got[0]["vs_best"] == pytest.approx(1.21)
+    assert got[0]["repeat_ratios"] == pytest.approx([1.2, 1.0])
+    assert got[1]["vs_best"] == pytest.approx(0.95)
+    text = "\n".join(report(got, "fixed:5~max-k=7", "fixed:5", "x.json"))
+    assert "missed in **1 of 2 cells**, 0 of them beyond the noise" in text
+    assert "| code / draft / 1 req/s | 1.100 | 1.00x-1.20x | fixed:3 | 1.210 | - | FAIL |" in text
