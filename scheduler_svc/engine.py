@@ -10,7 +10,9 @@ One step (DESIGN.md "One step of the engine"):
 6. record the step's timings (StepRecord) and feed the outcomes to the policy. The policy's learning
    runs once the engine's next call to a service (a Release, an admission's Prefill, the free
    proposers' call) is sent, so that it overlaps the service's work instead of lengthening the step;
-   the next plan runs it first if no such call came, and an idle engine before it waits.
+   the next plan learns the outcomes first if no such call came (Policy.observe_outcomes), while the
+   timings (Policy.observe_timings: a step-time model may lag a step) wait for the next call of all,
+   the proposers' or the Verify. An idle engine gives both before it waits.
 
 The engine holds the token truth of every request: when the verifier fails a call its state is
 unknown, so the running requests are released there and prefilled again from their committed tokens
@@ -138,6 +140,7 @@ class Engine:
         self._release_in_verifier: list[str] = []  # finished ids the verifier still holds
         self._needs_reprefill = False
         self._feedback: tuple[list[RequestOutcome], StepRecord] | None = None  # for the policy, not yet given
+        self._timings_due: tuple[list[RequestOutcome], StepRecord] | None = None  # outcomes given, timings not
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -215,7 +218,7 @@ class Engine:
         backoff = 0.0
         while True:
             if not self._has_work():
-                self._feed_back()  # nothing to overlap it with
+                self._while_waiting()  # nothing to overlap it with
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -256,7 +259,7 @@ class Engine:
         self._cancelled.clear()
         if self._release_in_verifier:
             ids = list(self._release_in_verifier)
-            await self.verifier.release(ids, while_waiting=self._feed_back)
+            await self.verifier.release(ids, while_waiting=self._while_waiting)
             del self._release_in_verifier[: len(ids)]
         if self._needs_reprefill:
             await self._reprefill()
@@ -277,10 +280,27 @@ class Engine:
         feedback, self._feedback = self._feedback, None
         if feedback is None:
             return
+        self._give_timings()  # an older step's first, should no call have come since
+        self._timings_due = feedback
         try:
-            self.policy.observe(*feedback)
+            self.policy.observe_outcomes(*feedback)
         except Exception:  # a fault in the policy's learning costs it one step's lesson, nobody's output
             log.exception("the policy failed to learn from step %d", feedback[1].step_id)
+
+    def _give_timings(self) -> None:
+        """Give the policy the timings of the step whose outcomes it has, once (see 6.)."""
+        feedback, self._timings_due = self._timings_due, None
+        if feedback is None:
+            return
+        try:
+            self.policy.observe_timings(*feedback)
+        except Exception:  # as in _feed_back
+            log.exception("the policy failed to learn from the timings of step %d", feedback[1].step_id)
+
+    def _while_waiting(self) -> None:
+        """The policy's learning, while a service works on a call (or the engine is idle)."""
+        self._feed_back()
+        self._give_timings()
 
     def _free_slots(self) -> int:
         return self.capacity - len(self._running) - len(self._release_in_verifier)
@@ -301,7 +321,7 @@ class Engine:
         items = [PrefillItem(r.request_id, r.tokens, r.params.sampling) for r in batch]
         try:
             first, timing, hidden = await self.verifier.prefill(items, self.wants_hidden,
-                                                                while_waiting=self._feed_back)
+                                                                while_waiting=self._while_waiting)
         except VerifierError as exc:
             # Some of them may hold state now: release before they are tried again.
             self._release_in_verifier.extend(r.request_id for r in batch)
@@ -391,7 +411,7 @@ class Engine:
 
         items = [VerifyItem(r.request_id, candidates.get(r.request_id)) for r in running]
         try:
-            outputs, timing = await self.verifier.verify(items, self.wants_hidden)
+            outputs, timing = await self.verifier.verify(items, self.wants_hidden, while_waiting=self._while_waiting)
         except VerifierError as exc:
             # The verifier's state is unknown now: rebuild it from the committed tokens.
             self._needs_reprefill = True
@@ -439,7 +459,10 @@ class Engine:
     async def _propose(self, work: Mapping[str, Sequence[ProposeWork]]) -> dict[str, ProposeResult]:
         """One step on every proposer with work or pending releases, all in parallel."""
         names = [n for n, p in self.proposers.items() if work.get(n) or (p.has_releases and p.available())]
-        results = await asyncio.gather(*(self.proposers[n].step(work.get(n, ())) for n in names))
+        # The policy's pending learning runs once, while the first proposer works.
+        results = await asyncio.gather(*(self.proposers[n].step(work.get(n, ()),
+                                                                while_waiting=None if i else self._while_waiting)
+                                         for i, n in enumerate(names)))
         return dict(zip(names, results))
 
     async def _free_proposals(
@@ -461,7 +484,7 @@ class Engine:
         if not work:
             return {}
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(self.proposers[name].step(items, while_waiting=self._feed_back)
+        results = await asyncio.gather(*(self.proposers[name].step(items, while_waiting=self._while_waiting)
                                          for name, items in work.items()))
         record.free_propose_wall_ms = (time.perf_counter() - t0) * 1e3
         offered = {}

@@ -99,6 +99,7 @@ class GoodputPolicy(Policy):
         self.arrivals = ArrivalRate(arrival_window_s)
         self.arrival_rate: float = 0.0  # requests per second, as of the last plan
         self._planned: _PlannedStep | None = None
+        self._unpriced: tuple[int, _PlannedStep] | None = None  # a step whose outcomes came, not its timings
 
     def bind_proposers(self, proposers: Mapping[str, ProposerSpec]) -> None:
         self.specs.update({name: spec for name, spec in proposers.items() if name in self.specs})
@@ -242,7 +243,7 @@ class GoodputPolicy(Policy):
 
     # -- feedback ------------------------------------------------------------------------------------
 
-    def observe(self, outcomes: Sequence[RequestOutcome], record: StepRecord) -> None:
+    def observe_outcomes(self, outcomes: Sequence[RequestOutcome], record: StepRecord) -> None:
         for outcome in outcomes:
             shadowed = set()
             for name, (tokens, parents) in outcome.free_trees.items():
@@ -262,8 +263,7 @@ class GoodputPolicy(Policy):
                 self.acceptance.observe(outcome.request_id, Observation.from_verified(
                     outcome.proposer, outcome.proposed, outcome.accepted))
         planned, self._planned = self._planned, None
-        if planned is not None:
-            self._observe_costs(outcomes, record, planned)
+        self._unpriced = (record.step_id, planned) if planned is not None else None
         if self.acceptance.tracked_requests > 2 * len(outcomes) + 16:
             self.acceptance.forget(o.request_id for o in outcomes)
         if self.calibration is not None:
@@ -284,6 +284,12 @@ class GoodputPolicy(Policy):
                         self.rate_calibration.observe(name, model_rates[o.request_id], o.proposed, o.accepted)
                 else:
                     self.calibration.skip(o.request_id, name, len(o.committed))
+
+    def observe_timings(self, outcomes: Sequence[RequestOutcome], record: StepRecord) -> None:
+        # The plan of that step (what it predicted), kept by observe_outcomes.
+        due, self._unpriced = self._unpriced, None
+        if due is not None and due[0] == record.step_id:
+            self._observe_costs(outcomes, record, due[1])
 
     def _observe_costs(self, outcomes: Sequence[RequestOutcome], record: StepRecord, planned: _PlannedStep) -> None:
         free = dict(zip(self.proposers, self._free()))

@@ -153,15 +153,17 @@ class VerifierClient:
         return first, _timing(msg.timing), hidden
 
     async def verify(
-        self, items: Sequence[VerifyItem], return_hidden: bool = False
+        self, items: Sequence[VerifyItem], return_hidden: bool = False,
+        while_waiting: Callable[[], None] | None = None,
     ) -> tuple[dict[str, VerifyOutput], Timing]:
-        """One engine step for a ragged batch; returns accepted tokens and the bonus token by id."""
+        """One engine step for a ragged batch; returns accepted tokens and the bonus token by id.
+        `while_waiting` as for prefill."""
         request = verifier_pb2.VerifyRequest(return_hidden=return_hidden)
         for item in items:
             entry = request.items.add(request_id=item.request_id)
             if item.candidates is not None:
                 entry.candidates.CopyFrom(item.candidates)
-        msg = await self._call(self._stub.Verify, request)
+        msg = await self._call(self._stub.Verify, request, while_waiting=while_waiting)
         outputs = {
             r.request_id: VerifyOutput(list(r.accepted_token_ids), r.bonus_token_id, tuple(r.accepted_indices),
                                        r.hidden_state)

@@ -347,13 +347,13 @@ def test_sampling_params_reach_the_verifier():
 
 
 class RecordingPolicy(FixedPolicy):
-    """The fixed policy, keeping what observe() is told."""
+    """The fixed policy, keeping what observe_outcomes() is told."""
 
     def __init__(self, proposers, k):
         super().__init__(proposers, k)
         self.observed = []
 
-    def observe(self, outcomes, record):
+    def observe_outcomes(self, outcomes, record):
         self.observed.append((outcomes, record))
 
 

@@ -39,7 +39,7 @@ class ScriptedPolicy(Policy):
         self.views.extend(requests)
         return {r.request_id: Plan("ngram", 2) if r.offered.get("ngram") else Plan("draft", 3) for r in requests}
 
-    def observe(self, outcomes, record):
+    def observe_outcomes(self, outcomes, record):
         self.outcomes.extend(outcomes)
         self.records.append(record)
 
@@ -97,11 +97,16 @@ class OrderedPolicy(ScriptedPolicy):
         self.events.append(("plan", len(self.records)))
         return super().plan(requests)
 
-    def observe(self, outcomes, record):
+    def observe_outcomes(self, outcomes, record):
         self.events.append(("observe", record.step_id))
-        super().observe(outcomes, record)
+        super().observe_outcomes(outcomes, record)
         if self.fail:
             raise RuntimeError("a bug in the policy's learning")
+
+    def observe_timings(self, outcomes, record):
+        self.events.append(("timings", record.step_id))
+        if self.fail:
+            raise RuntimeError("a bug in the policy's learning from timings")
 
 
 class LoggedStream:
@@ -135,16 +140,16 @@ def logged(name: str, method, events: list):
 
 def test_the_policy_learns_from_each_step_once_before_the_next_plan_while_a_call_is_out_and_its_faults_cost_no_output():
     async def body(fail: bool, free: bool):
-        # The feedback runs once the free proposer's call, a Prefill or a Release is sent; else at the plan.
+        # The outcomes are learnt once the free proposer's call, a Prefill or a Release is sent, else at the
+        # plan; the timings once any call of the next step is out (the draft's, the Verify).
         proposers = {"ngram": FakeNgram("good"), "draft": FakeProposer("good")} if free else {
             "draft": FakeProposer("good")}
         async with cluster(proposers=proposers) as c:
             c.engine.policy = policy = OrderedPolicy(fail)
-            if free:
-                client = c.engine.proposers["ngram"]
-                stub = client._stub
-                client._stub = type("Stub", (), {"Propose": lambda _: LoggedStream(stub.Propose(), policy.events)})()
-            for call in ("prefill", "release"):
+            for client in c.engine.proposers.values():
+                client._stub = type("Stub", (), {"Propose": lambda _, stub=client._stub: LoggedStream(
+                    stub.Propose(), policy.events)})()
+            for call in ("prefill", "release", "verify"):
                 setattr(c.engine.verifier, call, logged(call, getattr(c.engine.verifier, call), policy.events))
             await generate_all(c, max_tokens=12)  # the output is the target's alone, even when it fails
             await asyncio.sleep(0)  # the last step's feedback comes once the engine is idle
@@ -153,10 +158,18 @@ def test_the_policy_learns_from_each_step_once_before_the_next_plan_while_a_call
             # plan (having learnt from 0 steps), observe step 1, plan (1 step learnt), observe step 2, ...
             assert learning == [e for i in range(steps) for e in (("plan", i), ("observe", i + 1))]
             assert c.engine.num_running == 0
-            observed = [i for i, e in enumerate(policy.events) if e[0] == "observe"][:-1]  # the last: when idle
+            # Each step's timings after its outcomes, before the next step's outcomes.
+            assert [e for e in policy.events if e[0] in ("observe", "timings")] == [
+                e for i in range(1, steps + 1) for e in (("observe", i), ("timings", i))]
+            calls = ("sent", "prefill", "release", "verify")
+            # The timings come while a call is out: right after it went, or after the outcomes that did.
+            timed = [i for i, e in enumerate(policy.events) if e[0] == "timings"][:-1]  # the last: when idle
+            assert all(policy.events[i - 1][0] in calls or (policy.events[i - 1][0] == "observe"
+                                                             and policy.events[i - 2][0] in calls) for i in timed)
+            observed = [i for i, e in enumerate(policy.events) if e[0] == "observe"][:-1]
             if free:  # after the free proposer's request is sent (or a verifier call made), before its answer
-                assert all(policy.events[i - 1][0] in ("sent", "prefill", "release") for i in observed)
-                assert any(policy.events[i - 1][0] == "sent" and policy.events[i + 1][0] == "answered"
+                assert all(policy.events[i - 1][0] in calls for i in observed)
+                assert any(policy.events[i - 1][0] == "sent" and policy.events[i + 2][0] == "answered"
                            for i in observed)
 
     for fail in (False, True):
