@@ -11,8 +11,8 @@ One step (DESIGN.md "One step of the engine"):
    runs once the engine's next call to a service (a Release, an admission's Prefill, the free
    proposers' call) is sent, so that it overlaps the service's work instead of lengthening the step;
    the next plan learns the outcomes first if no such call came (Policy.observe_outcomes), while the
-   timings (Policy.observe_timings: a step-time model may lag a step) wait for the next call of all,
-   the proposers' or the Verify. An idle engine gives both before it waits.
+   timings (Policy.observe_timings: a step-time model may lag a step) always wait for a call, at the
+   latest the next step's Propose or Verify. An idle engine gives both before it waits.
 
 The engine holds the token truth of every request: when the verifier fails a call its state is
 unknown, so the running requests are released there and prefilled again from their committed tokens
