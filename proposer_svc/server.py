@@ -50,6 +50,7 @@ class ProposerService(proposer_pb2_grpc.ProposerServicer):
     def __init__(self, proposer: Proposer, metrics: ProposerMetrics | None = None) -> None:
         self.proposer = proposer
         self.metrics = metrics or ProposerMetrics(proposer.kind)
+        self._owner: dict[str, object] = {}  # request id -> the Propose stream that last sent it
 
     def step(self, message: proposer_pb2.ProposeRequest) -> proposer_pb2.ProposeResponse:
         """One ProposeRequest -> its ProposeResponse (plain Python; no gRPC context needed).
@@ -102,13 +103,26 @@ class ProposerService(proposer_pb2_grpc.ProposerServicer):
         peer = context.peer()
         log.info("propose stream opened by %s", peer)
         steps = 0
+        stream = object()  # this stream's identity in self._owner
         try:
             async for message in request_iterator:
+                for rid in message.release_request_ids:
+                    self._owner.pop(rid, None)
+                for item in message.items:
+                    self._owner[item.request_id] = stream
                 yield self.step(message)
                 steps += 1
         finally:
-            # Per-request state is kept: the scheduler may reconnect, and it resets what it needs.
-            log.info("propose stream from %s closed after %d steps", peer, steps)
+            # The stream is the scheduler's session: when it ends (closed, cancelled, or its scheduler gone),
+            # nobody will ask for its requests again on it; a scheduler that reconnects sends every request
+            # again from scratch (reset). So their state is dropped now rather than leaked, except where a
+            # newer stream has taken a request over (a scheduler that dropped a stream and opened another).
+            dropped = [rid for rid, owner in self._owner.items() if owner is stream]
+            for rid in dropped:
+                del self._owner[rid]
+            self.proposer.release(dropped)
+            log.info("propose stream from %s closed after %d steps; dropped the state of %d requests", peer,
+                     steps, len(dropped))
 
     async def Info(self, request, context: grpc.aio.ServicerContext) -> proposer_pb2.ProposerInfo:
         proposer = self.proposer

@@ -26,7 +26,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import grpc
 
@@ -42,13 +42,18 @@ from scheduler_svc.policy import (
 from scheduler_svc.proposer_client import ProposeResult, ProposerClient, ProposeWork
 from scheduler_svc.request import FinishReason, Request, RequestFailed, RequestState, StreamChunk
 from scheduler_svc.telemetry import SchedulerTelemetry
-from scheduler_svc.verifier_client import PrefillItem, VerifierClient, VerifierError, VerifyItem
+from scheduler_svc.verifier_client import (
+    PrefillItem,
+    Timing,
+    VerifierClient,
+    VerifierError,
+    VerifyItem,
+    VerifyOutput,
+)
 from specdec.pb import common_pb2
 
 log = logging.getLogger(__name__)
 
-# Admission attempts a request gets when the verifier rejects its Prefill as bad input.
-MAX_ADMISSION_FAILURES = 3
 MIN_BACKOFF_S = 0.05
 
 
@@ -139,6 +144,7 @@ class Engine:
         self._cancelled: list[Request] = []
         self._release_in_verifier: list[str] = []  # finished ids the verifier still holds
         self._needs_reprefill = False
+        self._isolate_verify = False  # the next Verify goes one call per request (after a failed batch)
         self._feedback: tuple[list[RequestOutcome], StepRecord] | None = None  # for the policy, not yet given
         self._timings_due: tuple[list[RequestOutcome], StepRecord] | None = None  # outcomes given, timings not
         self._wake = asyncio.Event()
@@ -228,8 +234,15 @@ class Engine:
             except VerifierError as exc:
                 self.verifier_failures += 1
                 backoff = min(max(2 * backoff, MIN_BACKOFF_S), self.backoff_max_s)
-                log.warning("%s; retrying in %.2fs (requests are kept)", exc, backoff)
-                await asyncio.sleep(backoff)
+                if exc.is_unavailable:
+                    # Go on the moment the verifier is back (its channel reconnects within a second of it
+                    # listening), not after a blind sleep; the short pause keeps a flapping one from spinning.
+                    log.warning("%s; waiting for the verifier (requests are kept)", exc)
+                    await asyncio.sleep(MIN_BACKOFF_S)
+                    await self.verifier.wait_ready(self.backoff_max_s)
+                else:
+                    log.warning("%s; retrying in %.2fs (requests are kept)", exc, backoff)
+                    await asyncio.sleep(backoff)
             except Exception:
                 # A bug must not kill the loop silently: fail what is running and go on with the rest.
                 log.exception("engine step failed; failing the running requests")
@@ -318,20 +331,12 @@ class Engine:
                 batch.append(request)
         if not batch:
             return
-        items = [PrefillItem(r.request_id, r.tokens, r.params.sampling) for r in batch]
         try:
-            first, timing, hidden = await self.verifier.prefill(items, self.wants_hidden,
-                                                                while_waiting=self._while_waiting)
-        except VerifierError as exc:
+            batch, first, timing, hidden = await self._prefill(batch, while_waiting=self._while_waiting)
+        except VerifierError:
             # Some of them may hold state now: release before they are tried again.
             self._release_in_verifier.extend(r.request_id for r in batch)
-            bad_input = exc.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE)
-            for request in reversed(batch):
-                request.admission_failures += bad_input
-                if request.admission_failures >= MAX_ADMISSION_FAILURES:
-                    self._fail(request, "INVALID_ARGUMENT", f"the verifier rejected the request: {exc}")
-                else:
-                    self._waiting.appendleft(request)
+            self._waiting.extendleft(reversed(batch))
             raise
         record.admitted = len(batch)
         record.prefill_forward_ms, record.prefill_total_ms = timing.forward_ms, timing.total_ms
@@ -345,6 +350,53 @@ class Engine:
             record.committed += 1
             self._commit(request, [first[request.request_id]])
 
+    async def _prefill(
+        self, requests: list[Request], while_waiting: Callable[[], None] | None = None
+    ) -> tuple[list[Request], dict[str, int], Timing, dict[str, bytes]]:
+        """Prefill `requests` in one call. When it fails in a way one request's own input may cause, prefill
+        them one call each, so that only a request whose own call fails is failed (alone, with the
+        verifier's message) and the others go on. Returns the requests now held, their first tokens, the
+        timing and hidden states; a transient failure is raised (the caller keeps the requests)."""
+        def items(batch: Sequence[Request]) -> list[PrefillItem]:
+            return [PrefillItem(r.request_id, r.tokens, r.params.sampling) for r in batch]
+
+        try:
+            first, timing, hidden = await self.verifier.prefill(items(requests), self.wants_hidden,
+                                                                while_waiting=while_waiting)
+            return requests, first, timing, hidden
+        except VerifierError as exc:
+            if not exc.may_be_input:
+                raise
+            if len(requests) == 1:
+                self._fail_on_verifier(requests[0], exc)
+                return [], {}, Timing(), {}
+            log.warning("a Prefill of %d requests failed (%s); prefilling them one at a time", len(requests), exc)
+        # A failed call leaves nothing behind in the verifier (it rolls back), but make sure before retrying.
+        await self.verifier.release([r.request_id for r in requests])
+        held: list[Request] = []
+        first, hidden = {}, {}
+        forward_ms = total_ms = 0.0
+        for request in requests:
+            try:
+                one, timing, state = await self.verifier.prefill(items([request]), self.wants_hidden)
+            except VerifierError as exc:
+                if not exc.may_be_input:
+                    raise
+                self._fail_on_verifier(request, exc)
+                continue
+            held.append(request)
+            first.update(one)
+            hidden.update(state)
+            forward_ms, total_ms = forward_ms + timing.forward_ms, total_ms + timing.total_ms
+        return held, first, Timing(forward_ms, total_ms), hidden
+
+    def _fail_on_verifier(self, request: Request, exc: VerifierError) -> None:
+        """Fail a request whose own call failed in the verifier; the others are not touched."""
+        code = "INVALID_ARGUMENT" if exc.code in (grpc.StatusCode.INVALID_ARGUMENT,
+                                                  grpc.StatusCode.OUT_OF_RANGE) else "INTERNAL"
+        log.warning("request %s failed in the verifier: %s", request.request_id, exc)
+        self._fail(request, code, f"the verifier could not serve this request: {exc.details}")
+
     async def _reprefill(self) -> None:
         """Rebuild every running request in the verifier from its committed tokens."""
         running = list(self._running.values())
@@ -352,8 +404,7 @@ class Engine:
         hidden: dict[str, bytes] = {}
         if running:
             await self.verifier.release([r.request_id for r in running])
-            items = [PrefillItem(r.request_id, r.tokens, r.params.sampling) for r in running]
-            first, _, hidden = await self.verifier.prefill(items, self.wants_hidden)
+            running, first, _, hidden = await self._prefill(running)
             log.warning("re-prefilled %d running requests in the verifier from their committed tokens", len(running))
         for proposer in self.proposers.values():
             proposer.resync()
@@ -411,15 +462,22 @@ class Engine:
 
         items = [VerifyItem(r.request_id, candidates.get(r.request_id)) for r in running]
         try:
-            outputs, timing = await self.verifier.verify(items, self.wants_hidden, while_waiting=self._while_waiting)
+            if self._isolate_verify:
+                running, items, outputs, timing = await self._verify_each(running, items)
+            else:
+                outputs, timing = await self.verifier.verify(items, self.wants_hidden,
+                                                             while_waiting=self._while_waiting)
         except VerifierError as exc:
             # The verifier's state is unknown now: rebuild it from the committed tokens.
             self._needs_reprefill = True
-            if exc.code == grpc.StatusCode.INVALID_ARGUMENT and "unknown request" not in str(exc):
-                # Maybe the candidates were the bad input: leave out whoever sent some.
+            if exc.may_be_input:
+                # The candidates or one request's own input: leave out every proposer that sent some, and
+                # verify the requests one call each next time to find whose input it is.
+                self._isolate_verify = True
                 for name in {planned[rid][0] for rid in candidates}:
-                    self.proposers[name].fault(f"the verifier rejected a batch with its candidates ({exc})")
+                    self.proposers[name].fault(f"the verifier failed on a batch with its candidates ({exc})")
             raise
+        self._isolate_verify = False
         record.batch_size = len(items)
         record.verify_forward_ms, record.verify_total_ms = timing.forward_ms, timing.total_ms
         record.verify_batched_tokens, record.verify_context_tokens = timing.batched_tokens, timing.context_tokens
@@ -455,6 +513,31 @@ class Engine:
             request.hidden_state = out.hidden_state
             self._commit(request, [*out.accepted_token_ids, out.bonus_token_id])
         return outcomes
+
+    async def _verify_each(
+        self, running: list[Request], items: list[VerifyItem]
+    ) -> tuple[list[Request], list[VerifyItem], dict[str, VerifyOutput], Timing]:
+        """The step's Verify as one call per request, after a batch failed for a reason that may be one
+        request's input: a request whose own call fails is failed alone. Returns the requests and items
+        that were verified, their outputs and the summed timing."""
+        kept: list[tuple[Request, VerifyItem]] = []
+        outputs: dict[str, VerifyOutput] = {}
+        forward_ms = total_ms = 0.0
+        batched = context = 0
+        for request, item in zip(running, items):
+            try:
+                out, timing = await self.verifier.verify([item], self.wants_hidden)
+            except VerifierError as exc:
+                if not exc.may_be_input:
+                    raise
+                self._fail_on_verifier(request, exc)
+                continue
+            kept.append((request, item))
+            outputs.update(out)
+            forward_ms, total_ms = forward_ms + timing.forward_ms, total_ms + timing.total_ms
+            batched, context = batched + timing.batched_tokens, context + timing.context_tokens
+        timing = Timing(forward_ms, total_ms, batched, context, len(kept))
+        return [r for r, _ in kept], [i for _, i in kept], outputs, timing
 
     async def _propose(self, work: Mapping[str, Sequence[ProposeWork]]) -> dict[str, ProposeResult]:
         """One step on every proposer with work or pending releases, all in parallel."""

@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 from opentelemetry import trace
 
-from scheduler_svc.verifier_client import CHANNEL_OPTIONS
+from scheduler_svc.verifier_client import CHANNEL_OPTIONS  # its reconnect backoff too: a proposer is back in 1 s
 from specdec.pb import common_pb2, proposer_pb2, proposer_pb2_grpc
 from specdec.tracing import inject_context, tracer
 
@@ -116,6 +116,10 @@ class ProposerClient:
         if request_id in self._maybe_held:
             self._maybe_held.discard(request_id)
             self._to_release.add(request_id)
+
+    def release_leftovers(self, request_ids: Sequence[str]) -> None:
+        """Requests the proposer holds for nobody (an earlier scheduler's): drop them with the next step."""
+        self._to_release.update(request_ids)
 
     def unsent(self, request_id: str, committed: int) -> int:
         """Committed tokens of a request this proposer has not been sent yet (all of them at first)."""

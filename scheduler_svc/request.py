@@ -106,7 +106,6 @@ class Request:
     stats: RequestStats = field(default_factory=RequestStats)
     finish_reason: FinishReason | None = None
     cancelled: bool = False
-    admission_failures: int = 0  # Prefill attempts that failed with a request error
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # StreamChunk | RequestFailed
     first_token_s: float | None = None
     finished_s: float | None = None

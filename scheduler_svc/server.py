@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 RETRY_CONNECT_S = 0.5
+# Prompts longer than this are tokenised on a worker thread, so that the event loop (every other request's
+# stream) does not wait for them; shorter ones are tokenised in place, which costs less than the hop.
+TOKENIZE_IN_THREAD_CHARS = 4096
+# Longest status message the servicer sends (it travels in metadata, whose size gRPC limits).
+MAX_STATUS_MESSAGE_CHARS = 1024
 
 
 def load_tokenizer(path: str):
@@ -63,6 +68,11 @@ class Scheduler:
         self.limits: Limits | None = None
         self.verifier_info: VerifierInfo | None = None
         self.ready = asyncio.Event()
+        # Whether the verifier is reachable now (its channel's state, watched once connected): while it is
+        # not, health says NOT_SERVING and new requests are refused at once with UNAVAILABLE.
+        self.verifier_up = True
+        self.on_readiness: Callable[[bool], Awaitable[None]] | None = None
+        self._watch_task: asyncio.Task | None = None
         self._decode: Callable[[Sequence[int]], str] | None = None
 
     async def connect(self) -> None:
@@ -74,6 +84,11 @@ class Scheduler:
             pinfo = await _until_answered(f"proposer {proposer.name} at {proposer.address}", proposer.info)
             log.info("proposer %s: kind=%s max_budget=%d (%s)", proposer.name, pinfo.kind, pinfo.max_budget,
                      pinfo.config)
+            if pinfo.active_request_ids:
+                # Left over from an earlier scheduler: dropped with the first step's release list.
+                log.warning("proposer %s holds %d requests of an earlier scheduler; releasing them", proposer.name,
+                            len(pinfo.active_request_ids))
+                proposer.release_leftovers(pinfo.active_request_ids)
             if pinfo.hidden_size and pinfo.hidden_size != info.hidden_size:
                 raise StartupError(
                     f"proposer {proposer.name} ({pinfo.kind}) reads hidden states of size {pinfo.hidden_size}, but "
@@ -98,7 +113,7 @@ class Scheduler:
                  info.model, info.device, info.dtype, info.vocab_size, info.max_seq_len, info.max_slots,
                  info.max_batch_size)
         self.limits = Limits(info.vocab_size, info.max_seq_len, self.config.max_tokens_limit,
-                             tuple(self.proposers))
+                             tuple(self.proposers), longest_token_bytes(self.tokenizer))
         self.engine = Engine(
             verifier=self.verifier,
             proposers=self.proposers,
@@ -124,6 +139,19 @@ class Scheduler:
                                      cost_model_error=self._cost_model_error)
         self.engine.start()
         self.ready.set()
+        self._watch_task = asyncio.create_task(self._watch_verifier(), name="verifier-watch")
+
+    async def _watch_verifier(self) -> None:
+        """Follow the verifier channel's connectivity: up when connected, down when an attempt failed."""
+        while True:
+            up = self.verifier.reachable(try_to_connect=True)
+            if up is not None and up != self.verifier_up:
+                self.verifier_up = up
+                log.warning("the verifier at %s is %s", self.config.verifier, "reachable again" if up else
+                            "unreachable: new requests get UNAVAILABLE, running ones wait for it")
+                if self.on_readiness is not None:
+                    await self.on_readiness(up)
+            await self.verifier.wait_for_state_change()
 
     def _cost_model_error(self) -> float:
         cost_model = getattr(self.engine.policy, "cost_model", None)
@@ -131,6 +159,8 @@ class Scheduler:
         return float("nan") if error is None else error
 
     async def close(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         if self.engine is not None:
             await self.engine.stop()
         for proposer in self.proposers.values():
@@ -155,6 +185,17 @@ async def _until_answered(what: str, call: Callable[[], Awaitable[Any]]) -> Any:
                 log.info("waiting for the %s: %s", what, str(exc).splitlines()[0][:200])
             attempts += 1
             await asyncio.sleep(RETRY_CONNECT_S)
+
+
+def longest_token_bytes(tokenizer: Any, default: int = 64) -> int:
+    """Most UTF-8 bytes of one vocabulary entry: an upper bound on the bytes one token stands for (a byte-level
+    entry spells each byte as one character; a sentencepiece one spells a space as the 3-byte '▁')."""
+    source = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    try:
+        vocab = source.get_vocab(with_added_tokens=True) if source is not tokenizer else tokenizer.get_vocab()
+    except Exception:  # a tokenizer without a vocabulary listing: the generous default
+        return default
+    return max((len(piece.encode("utf-8")) for piece in vocab), default=default)
 
 
 def stats_to_pb(stats: RequestStats) -> generation_pb2.GenerationStats:
@@ -234,10 +275,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if not scheduler.ready.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "the scheduler is starting: it waits for its verifier and proposers; retry shortly")
+        if not scheduler.verifier_up:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"the verifier at {scheduler.config.verifier} is unreachable; retry shortly")
         try:
-            params = validate_request(request, scheduler.limits, scheduler.tokenize)
+            if len(request.prompt) > TOKENIZE_IN_THREAD_CHARS:
+                params = await asyncio.to_thread(validate_request, request, scheduler.limits, scheduler.tokenize)
+            else:
+                params = validate_request(request, scheduler.limits, scheduler.tokenize)
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)[:MAX_STATUS_MESSAGE_CHARS])
         req = scheduler.new_request(params)
         scheduler.telemetry.request_started(req)
         try:
@@ -290,10 +337,15 @@ async def start_server(config: SchedulerConfig, tokenizer: Any = None) -> Schedu
         raise RuntimeError(f"could not bind {config.host}:{config.port}")
     await server.start()
 
-    async def connect() -> None:
-        await scheduler.connect()
+    async def set_health(up: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await health_servicer.set(name, status)
+
+    async def connect() -> None:
+        scheduler.on_readiness = set_health
+        await scheduler.connect()
+        await set_health(scheduler.verifier_up)
         log.info("scheduler ready on %s:%d", config.host, port)
 
     task = asyncio.create_task(connect(), name="scheduler-connect")

@@ -11,6 +11,14 @@ from scheduler_svc.request import GenerationParams, SamplingParams
 from specdec.pb import generation_pb2
 
 
+# Stop strings a request may give, and their length: each is searched for at every output token.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024
+# Longest piece of client input quoted back in an error message (a status message travels in metadata,
+# whose size is limited: an unbounded echo would turn INVALID_ARGUMENT into a transport error).
+MAX_QUOTED_CHARS = 64
+
+
 @dataclass(frozen=True)
 class Limits:
     """What the served model and the scheduler allow."""
@@ -19,6 +27,20 @@ class Limits:
     max_seq_len: int  # most tokens one request may hold (prompt + output)
     max_tokens_limit: int
     proposer_names: tuple[str, ...] = ()
+    # Most bytes one token stands for: a text of more characters than max_seq_len times this cannot fit
+    # the context, so it is refused before it is tokenised (work proportional to input is bounded first).
+    max_token_bytes: int = 64
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.max_seq_len * self.max_token_bytes
+
+
+def quoted(value: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """repr(value), cut to `limit` characters with the full length said: safe to put in an error message."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 def validate_request(
@@ -39,6 +61,20 @@ def validate_request(
     stop = tuple(request.stop)
     if any(s == "" for s in stop):
         raise ValueError("stop strings must not be empty")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"{len(stop)} stop strings; at most {MAX_STOP_STRINGS}")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise ValueError(f"a stop string has {max(len(s) for s in stop)} characters; at most {MAX_STOP_CHARS}")
+    if has_text and len(request.prompt) > limits.max_prompt_chars:
+        raise ValueError(
+            f"the prompt has {len(request.prompt)} characters, more than the model's context of "
+            f"{limits.max_seq_len} tokens can hold (at most {limits.max_prompt_chars} characters)"
+        )
+    if has_ids and len(request.prompt_token_ids) >= limits.max_seq_len:
+        raise ValueError(
+            f"the prompt has {len(request.prompt_token_ids)} tokens; the model's context is {limits.max_seq_len} "
+            f"tokens, so a prompt may have at most {limits.max_seq_len - 1}"
+        )
 
     prompt_ids = list(request.prompt_token_ids) if has_ids else list(tokenize(request.prompt))
     if not prompt_ids:
@@ -85,7 +121,7 @@ def _validate_proposer(name: str, configured: Sequence[str]) -> None:
         return
     have = f"the configured proposers are {', '.join(configured)}" if configured else "no proposer is configured"
     raise ValueError(
-        f"unknown proposer {name!r}: {have}; use {NO_PROPOSER!r} for no speculation, or leave it empty for the "
+        f"unknown proposer {quoted(name)}: {have}; use {NO_PROPOSER!r} for no speculation, or leave it empty for the "
         "server's choice"
     )
 

@@ -18,10 +18,20 @@ from specdec.tracing import client_interceptors
 
 # Draft distributions make Verify requests large (k * vocab floats per request).
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# A restarted service is reached again within RECONNECT_MAX_MS of it listening: gRPC's default reconnect
+# backoff grows to 120 s, which left the running requests stalled for tens of seconds after a restart.
+RECONNECT_MAX_MS = 500
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS),
 ]
+# Failures that say nothing about the requests in the call: the verifier is unreachable or slow, or full
+# for a moment. The engine keeps every request and tries again.
+TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                             grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED})
 # Event-loop turns a grpc.aio unary call takes, once made, to hand its request to the transport (its
 # task runs the interceptors, then the call's own task sends): work done after them overlaps the call.
 # Measured with a server in another process: after 2 turns the request was out in 40 of 40 calls, with
@@ -32,13 +42,30 @@ SEND_TURNS = 2
 class VerifierError(Exception):
     """A verifier call failed; `code` is the gRPC status code (None for a malformed answer)."""
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, details: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.details = details or message  # the verifier's own words, for the client of a failed request
 
     @property
     def is_unavailable(self) -> bool:
         return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    @property
+    def is_transient(self) -> bool:
+        """Nothing to do with the requests sent (a malformed answer, code None, counts as the verifier's)."""
+        return self.code is None or self.code in TRANSIENT_CODES
+
+    @property
+    def lost_state(self) -> bool:
+        """The verifier no longer holds a request it was sent (NOT_FOUND: it restarted): re-prefill."""
+        return self.code == grpc.StatusCode.NOT_FOUND
+
+    @property
+    def may_be_input(self) -> bool:
+        """Any other failure may come from one request's own input (an exception while serving it): the
+        engine isolates the requests to find whose."""
+        return not (self.is_transient or self.lost_state)
 
 
 @dataclass(frozen=True)
@@ -113,6 +140,28 @@ class VerifierClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+    def reachable(self, try_to_connect: bool = False) -> bool | None:
+        """True when the channel is connected, False when its last attempt failed, None while unknown
+        (idle or connecting)."""
+        state = self._channel.get_state(try_to_connect)
+        if state == grpc.ChannelConnectivity.READY:
+            return True
+        if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
+            return False
+        return None
+
+    async def wait_for_state_change(self) -> None:
+        """Return once the channel's connectivity state changes (for a watcher of readiness)."""
+        await self._channel.wait_for_state_change(self._channel.get_state(True))
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until the channel is connected (at once if it is), at most timeout_s; returns whether it is."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     async def info(self, timeout_s: float | None = None) -> VerifierInfo:
         msg = await self._call(self._stub.Info, verifier_pb2.VerifierInfoRequest(), timeout_s)
@@ -194,7 +243,8 @@ class VerifierClient:
             return await call
         except grpc.aio.AioRpcError as exc:
             raise VerifierError(
-                f"verifier {self.address} {type(request).__name__}: {exc.code().name}: {exc.details()}", exc.code()
+                f"verifier {self.address} {type(request).__name__}: {exc.code().name}: {exc.details()}", exc.code(),
+                exc.details() or ""
             ) from exc
 
     def _check_covered(self, rpc: str, sent: list[str], got: dict) -> None:

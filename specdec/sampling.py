@@ -55,7 +55,10 @@ def target_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0, t
     vocab = logits.shape[-1]
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), vocab).float()
-    scaled = logits / temperature
+    # Shift by the row maximum before dividing: the same softmax, but a tiny temperature sends the other
+    # logits to -inf instead of overflowing them all to +inf (inf - inf is NaN), so any finite temperature
+    # > 0 gives a distribution; as temperature -> 0 it tends to the greedy one-hot.
+    scaled = (logits - logits.amax(-1, keepdim=True)) / temperature
     if 0 < top_k < vocab:
         # Exactly top_k survivors even with ties: keep the indices topk returns, not a threshold.
         keep = torch.zeros_like(scaled, dtype=torch.bool).scatter_(-1, scaled.topk(top_k, dim=-1).indices, True)

@@ -51,6 +51,27 @@ async def exchange(call, request: proposer_pb2.ProposeRequest) -> proposer_pb2.P
     return await asyncio.wait_for(call.read(), TIMEOUT_S)
 
 
+def test_a_closed_stream_drops_only_the_requests_no_newer_stream_took_over():
+    async def scenario(stub, channel):
+        old, new = stub.Propose(), stub.Propose()
+        await exchange(old, proposer_pb2.ProposeRequest(step_id=1, items=[item("kept", [1, 2, 1], budget=1),
+                                                                           item("gone", [3, 4], budget=1)]))
+        await exchange(new, proposer_pb2.ProposeRequest(step_id=1, items=[item("kept", [1, 2, 1], reset=True,
+                                                                               budget=1)]))
+        old.cancel()
+        for _ in range(200):
+            info = await stub.Info(proposer_pb2.ProposerInfoRequest(), timeout=TIMEOUT_S)
+            if "gone" not in info.active_request_ids:
+                break
+            await asyncio.sleep(0.01)
+        assert list(info.active_request_ids) == ["kept"]
+        r = await exchange(new, proposer_pb2.ProposeRequest(step_id=2, items=[item("kept", [2], budget=2)]))
+        assert candidates(r) == [("kept", [1, 2], [-1, 0])]  # its state carried on, without a reset
+        await new.done_writing()
+
+    asyncio.run(with_server(scenario))
+
+
 def test_propose_stream_steps_info_and_release():
     async def scenario(stub, channel):
         call = stub.Propose()
@@ -74,11 +95,18 @@ def test_propose_stream_steps_info_and_release():
         assert info.kind == "ngram" and info.max_budget == 4 and "max_n=3" in info.config
         assert sorted(info.active_request_ids) == ["a", "b", "c"]
 
-        # The peer goes away mid-session: the state stays, a new stream continues from it.
+        # The peer goes away mid-session: the state of every request its stream sent goes with it (nobody
+        # would release it); a new stream rebuilds what it needs from scratch.
         call.cancel()
+        for _ in range(200):
+            info = await stub.Info(proposer_pb2.ProposerInfoRequest(), timeout=TIMEOUT_S)
+            if not info.active_request_ids:
+                break
+            await asyncio.sleep(0.01)
+        assert list(info.active_request_ids) == []
         call = stub.Propose()
-        r = await exchange(call, proposer_pb2.ProposeRequest(step_id=9, items=[item("c", [], budget=2)],
-                                                             release_request_ids=["a", "b"]))
+        r = await exchange(call, proposer_pb2.ProposeRequest(step_id=9, items=[item("c", [9, 8, 9], reset=True,
+                                                                                    budget=2)]))
         assert r.step_id == 9 and candidates(r) == [("c", [8, 9], [-1, 0])]
         info = await stub.Info(proposer_pb2.ProposerInfoRequest(), timeout=TIMEOUT_S)
         assert list(info.active_request_ids) == ["c"]

@@ -43,6 +43,19 @@ def test_temperature_scales_logits():
     torch.testing.assert_close(probs, torch.tensor([[0.2, 0.8]]))
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-8, 1e30, 3.4e38])
+def test_extreme_but_valid_temperatures_give_a_distribution(temperature):
+    # logits / 1e-40 overflows to inf and softmax(inf, inf) is NaN: the row maximum is shifted out first.
+    logits = torch.tensor([[3.0, 9.5, -2.0, 9.0], [0.0, 0.0, 1.0, -50.0]])
+    probs = target_probs(logits, temperature=temperature, top_p=0.95, top_k=3)
+    assert torch.isfinite(probs).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+    if temperature < 1e-6:  # as cold as greedy
+        assert probs.tolist() == [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]
+    for row in probs:
+        assert row[sample(row, position_generator(7, 3))] > 0
+
+
 @pytest.mark.parametrize(
     "top_k, top_p, expected",
     [

@@ -89,8 +89,22 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
         self.verify_batches: list[dict[str, int]] = []  # per Verify call: request id -> candidate count
         self.fail_verifies = 0  # the next N Verify calls fail with UNAVAILABLE
         self.forget_on_next_verify = False  # simulate a restart: drop every request's state
+        # A request whose prompt holds this token crashes the call that serves it, as an input no check
+        # foresaw would (the handler raises: gRPC answers UNKNOWN): in Prefill, and in Verify unless
+        # poison_prefill is False (then only its Verify calls crash).
+        self.poison_token: int | None = None
+        self.poison_prefill = True
+        self.poisoned_calls = 0
+
+    def _poisoned(self, token_lists) -> bool:
+        if self.poison_token is None or not any(self.poison_token in tokens for tokens in token_lists):
+            return False
+        self.poisoned_calls += 1
+        return True
 
     async def Prefill(self, request, context):
+        if self.poison_prefill and self._poisoned([list(item.token_ids) for item in request.items]):
+            raise RuntimeError("injected crash on a poisoned prompt")
         for item in request.items:
             if item.request_id in self.seqs:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {item.request_id} already holds a slot")
@@ -135,6 +149,8 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
             # Cached tokens (all but the pending one) + pending + candidates must fit the context.
             if len(seq) + len(cand.token_ids) > self.max_seq_len:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "context exceeded")
+        if self._poisoned([self.seqs[item.request_id] for item in request.items]):
+            raise RuntimeError("injected crash on a poisoned request")
         self.verify_batches.append({i.request_id: len(i.candidates.token_ids) for i in request.items})
         results = []
         for item in request.items:

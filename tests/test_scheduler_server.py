@@ -47,7 +47,9 @@ def check_stats(stats, n_tokens: int, prompt_len: int) -> None:
 
 def test_greedy_output_equals_the_model_for_staggered_concurrent_requests():
     async def body():
-        verifier = FakeVerifier(max_slots=4, max_batch_size=8)  # 8 requests on 4 slots: some wait
+        # 8 requests on 4 slots: some wait. Each step takes a few ms, so that the staggered requests overlap
+        # however fast the machine runs the fakes.
+        verifier = FakeVerifier(max_slots=4, max_batch_size=8, verify_delay_s=0.003)
         async with cluster(verifier, {"fake": FakeProposer("mixed")}, k=3) as c:
             async def one(i):
                 await asyncio.sleep(0.01 * i)
@@ -328,6 +330,50 @@ def test_verifier_failures_and_a_verifier_restart_lose_no_token():
             assert len(verifier.prefilled) >= 3 * 3  # admitted, then prefilled again twice
             resets = [item for req in c.proposers["fake"].requests for item in req.items if item.reset]
             assert len(resets) >= 3 * 3
+
+    run(body())
+
+
+POISON = 4000  # a token the fake verifier crashes on (FakeVerifier.poison_token)
+
+
+@pytest.mark.parametrize("where", ["prefill", "verify"])
+def test_requests_that_crash_the_verifier_fail_alone_and_the_others_finish_on_time(where):
+    """Poison pills: requests whose own input makes the verifier fail (an exception, UNKNOWN) run beside good
+    ones, arriving while those stream. Each fails alone with INTERNAL and the verifier's message; the good
+    ones keep their exact output and finish within twice their time in the same run without the pills."""
+    good = PROMPTS[:6]
+    poisoned = [[3, POISON, 11 + i] for i in range(3)]
+
+    async def run_all(verifier, with_poison: bool):
+        async with cluster(verifier, proposers={"fake": FakeProposer("good")}, k=3) as c:
+            started = asyncio.get_running_loop().time()
+            tasks = [asyncio.create_task(generate(c.stub, prompt_token_ids=p, max_tokens=60)) for p in good]
+            errors = []
+            if with_poison:
+                for prompt in poisoned:  # spread over the good requests' lifetime
+                    await asyncio.sleep(0.03)
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await generate(c.stub, prompt_token_ids=prompt, max_tokens=60)
+                    errors.append(info.value)
+            outs = await asyncio.gather(*tasks)
+            elapsed = asyncio.get_running_loop().time() - started
+            for prompt, (tokens, _, reason, *_rest) in zip(good, outs):
+                assert (tokens, reason) == (reference(prompt, 60)[0], "FINISH_REASON_LENGTH")
+            assert c.engine.num_running == 0 and c.engine.num_waiting == 0
+            await asyncio.sleep(0.05)  # the last releases
+            assert not verifier.seqs, "a slot is still held"
+            return elapsed, errors
+
+    async def body():
+        baseline, _ = await run_all(FakeVerifier(verify_delay_s=0.01), with_poison=False)
+        verifier = FakeVerifier(verify_delay_s=0.01)
+        verifier.poison_token, verifier.poison_prefill = POISON, where == "prefill"
+        elapsed, errors = await run_all(verifier, with_poison=True)
+        assert [e.code() for e in errors] == [grpc.StatusCode.INTERNAL] * len(poisoned)
+        assert all("the verifier could not serve this request" in e.details() for e in errors), errors[0].details()
+        assert verifier.poisoned_calls >= len(poisoned)
+        assert elapsed <= 2 * baseline + 0.2, (elapsed, baseline)
 
     run(body())
 

@@ -243,10 +243,10 @@ def test_draft_distributions_select_rejection_sampling(stub, reference_runner):
         stub.Release(verifier_pb2.ReleaseRequest(request_ids=[rid]), timeout=TIMEOUT_S)
 
 
-def expect_invalid(stub, items, *fragments: str):
+def expect_invalid(stub, items, *fragments: str, code=grpc.StatusCode.INVALID_ARGUMENT):
     with pytest.raises(grpc.RpcError) as err:
         stub.Verify(verifier_pb2.VerifyRequest(items=items), timeout=TIMEOUT_S)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.code() == code
     for fragment in fragments:
         assert fragment in err.value.details(), err.value.details()
 
@@ -260,7 +260,8 @@ def test_malformed_candidates_are_rejected_and_disturb_nothing(stub, reference_r
     expect_invalid(stub, [good, verify_item("other", [1, 2], [-1, 5])], "parent index 5", "'other'")
     expect_invalid(stub, [good, verify_item("other", [1, VOCAB + 3], [-1, 0])], f"token id {VOCAB + 3}", "vocabulary")
     expect_invalid(stub, [good, verify_item("other", [-4], [-1])], "token id -4")
-    expect_invalid(stub, [good, verify_item("ghost", [1], [-1])], "unknown request id 'ghost'")
+    expect_invalid(stub, [good, verify_item("ghost", [1], [-1])], "unknown request id 'ghost'",
+                   code=grpc.StatusCode.NOT_FOUND)
     expect_invalid(stub, [good, verify_item("other", [1, 2], [-1])], "1 parent indices for 2")
     expect_invalid(stub, [good, good], "appears twice")
     mislabelled = verify_item("other", [1], [-1])
@@ -329,7 +330,7 @@ def test_capacity_release_and_info(stub, checkpoint):
     assert info.eos_token_id == 2  # no tokenizer in the folder: transformers' LlamaConfig default
     assert info.model == str(checkpoint.resolve())
     # A released id is unknown afterwards.
-    expect_invalid(stub, [verify_item("r0")], "unknown request id 'r0'")
+    expect_invalid(stub, [verify_item("r0")], "unknown request id 'r0'", code=grpc.StatusCode.NOT_FOUND)
 
 
 def test_verify_batch_limit(stub):

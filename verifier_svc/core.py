@@ -33,6 +33,11 @@ class InvalidRequest(ValueError):
     """Bad input from the caller; the message says what to fix. Nothing was changed."""
 
 
+class UnknownRequest(InvalidRequest):
+    """A request id the verifier holds no state for (never prefilled, released, or lost in a restart): the
+    caller rebuilds it with a Prefill."""
+
+
 class CapacityError(RuntimeError):
     """Not enough KV-cache slots for the requests; nothing was changed. Retry after releasing some."""
 
@@ -288,7 +293,7 @@ class VerifierCore:
         rid = item.request_id
         request = self._requests.get(rid)
         if request is None:
-            raise InvalidRequest(f"unknown request id {rid!r}: Prefill it first (or it was released)")
+            raise UnknownRequest(f"unknown request id {rid!r}: Prefill it first (or it was released)")
         if rid in seen:
             raise InvalidRequest(f"request {rid!r} appears twice in one Verify")
         seen.add(rid)

@@ -24,7 +24,7 @@ from specdec.sampling import SamplingParams
 from specdec.signals import stop_event
 from specdec.tracing import server_interceptors, setup_tracing
 from verifier_svc.config import VerifierConfig
-from verifier_svc.core import CapacityError, PrefillItem, Timing, VerifierCore, VerifyItem
+from verifier_svc.core import CapacityError, PrefillItem, Timing, UnknownRequest, VerifierCore, VerifyItem
 
 log = logging.getLogger("verifier_svc")
 
@@ -80,8 +80,16 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             return fn(*args)
         except CapacityError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except UnknownRequest as exc:  # the scheduler re-prefills on NOT_FOUND: a typed signal, not a message
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:
+            # A bug, or an input no check foresaw. The core rolls back a failed call, so the service goes on;
+            # the caller gets a status it can act on (INTERNAL) instead of gRPC's bare UNKNOWN.
+            log.exception("%s failed", getattr(fn, "__name__", "call"))
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"the verifier failed on this call: {type(exc).__name__}: {str(exc)[:200]}")
 
     async def Prefill(self, request: verifier_pb2.PrefillRequest, context) -> verifier_pb2.PrefillResponse:
         started = time.perf_counter()
