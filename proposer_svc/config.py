@@ -60,6 +60,10 @@ class ProposerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"--vocab-size must be >= 1, got {self.vocab_size}")
+        if self.kind == "draft":
+            from specdec.runner import check_device  # torch: only once the flags are read
+
+            check_device(self.device)
         if self.kind == "draft" and self.model is None:
             self.model = DEFAULT_DRAFT
         if self.kind == "medusa" and self.model is None:

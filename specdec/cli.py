@@ -37,7 +37,30 @@ def cmd_up(args: argparse.Namespace) -> int:
     from specdec.launcher import PROPOSER_KINDS, Stack, StackError, local_specs, metrics_port, port_is_free
     from specdec.medusa import MedusaError, load_medusa_heads
 
+    from scheduler_svc.config import POLICIES
+    from specdec.runner import check_device
+
     proposers = _split_proposers(args.proposers)
+    # Every flag is checked before anything starts: a service that refuses one would only say so in its log,
+    # after the others spent their start-up loading models.
+    unknown = [kind for kind in proposers if kind not in PROPOSER_KINDS]
+    if unknown:
+        _error(f"--proposers: unknown kind(s) {', '.join(unknown)}; choose from {', '.join(PROPOSER_KINDS)} or none")
+        return EXIT_USAGE
+    if args.policy not in POLICIES:
+        _error(f"--policy {args.policy!r} is not a policy; choose from {', '.join(POLICIES)}")
+        return EXIT_USAGE
+    if args.k < 0:
+        _error(f"--k must be >= 0, got {args.k}")
+        return EXIT_USAGE
+    if args.max_restarts < 0:
+        _error(f"--max-restarts must be >= 0, got {args.max_restarts}")
+        return EXIT_USAGE
+    try:
+        check_device(args.device or "auto")
+    except ValueError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
     model = args.model or str(DEFAULT_TARGET)
     draft_model = args.draft_model or str(DEFAULT_DRAFT)
     medusa_model = args.medusa_model or str(DEFAULT_MEDUSA)
@@ -58,7 +81,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         specs = local_specs(args.port, proposers, policy=args.policy, k=args.k, model=model,
                             draft_model=draft_model, medusa_model=medusa_model, host=args.host, device=args.device,
                             metrics=not args.no_metrics)
-        stack = Stack(specs, log_dir=args.log_dir, startup_timeout_s=args.startup_timeout, grace_s=args.grace)
+        stack = Stack(specs, log_dir=args.log_dir, startup_timeout_s=args.startup_timeout, grace_s=args.grace,
+                      max_restarts=args.max_restarts)
     except StackError as exc:
         _error(str(exc))
         return EXIT_USAGE
@@ -82,14 +106,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if endpoints:
             print(f"metrics: {', '.join(endpoints)}", flush=True)
         while not stop_requested.wait(0.5):
-            dead = stack.exited()
-            if dead:
-                name, code = next(iter(dead.items()))
-                from specdec.launcher import log_tail
-
-                _error(f"{name} exited with code {code}; last lines of {stack.log_path(name)}:\n"
-                       f"{log_tail(stack.log_path(name))}")
-                return EXIT_FAILED
+            stack.supervise()  # restarts a crashed service; raises StackError once one crashes too often
     except KeyboardInterrupt:
         pass
     except StackError as exc:
@@ -279,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the stack")
     up.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL at stop")
     up.add_argument("--no-metrics", action="store_true", help="serve no Prometheus metrics endpoints")
+    up.add_argument("--max-restarts", type=int, default=5,
+                    help="times a crashed service is restarted within 10 minutes before the stack stops (default 5)")
     up.set_defaults(run=cmd_up)
 
     compose = commands.add_parser("compose", help="write compose.yaml from the stack's service definitions")

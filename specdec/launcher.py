@@ -30,6 +30,8 @@ SERVICE_MODULES = {"verifier": "verifier_svc", "proposer": "proposer_svc", "sche
 # Every service's stderr goes to a log file: flush each line so a crash leaves its last words there.
 BASE_ENV = {"PYTHONUNBUFFERED": "1"}
 _LOG_TAIL_BYTES = 4000
+# A service that crashed is restarted by Stack.supervise, at most max_restarts times within this window.
+RESTART_WINDOW_S = 600.0
 
 
 class StackError(RuntimeError):
@@ -267,6 +269,8 @@ class Stack:
         python: str = sys.executable,
         cwd: str | Path | None = None,
         echo: Callable[[str], None] | None = _print_stderr,
+        max_restarts: int = 5,
+        restart_window_s: float = RESTART_WINDOW_S,
     ):
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
@@ -282,7 +286,10 @@ class Stack:
         self.python = python
         self.cwd = cwd
         self._echo = echo or (lambda line: None)
+        self.max_restarts = max_restarts
+        self.restart_window_s = restart_window_s
         self.processes: dict[str, subprocess.Popen] = {}
+        self.restarts: dict[str, list[float]] = {}  # service -> monotonic times of its restarts
         self._logs: dict[str, object] = {}
 
     def log_path(self, name: str) -> Path:
@@ -353,6 +360,27 @@ class Stack:
                 f"{name} exited with code {code} while the stack was starting; last lines of {self.log_path(name)}:\n"
                 f"{log_tail(self.log_path(name))}"
             )
+
+    def supervise(self) -> list[str]:
+        """Restart every service that has exited since it started (its dependents reconnect by themselves: the
+        scheduler re-prefills from the tokens it holds). Returns the names restarted; raises StackError when a
+        service has already been restarted max_restarts times within restart_window_s (a crash loop)."""
+        restarted = []
+        now = time.monotonic()
+        for name, code in self.exited().items():
+            recent = [t for t in self.restarts.get(name, []) if now - t < self.restart_window_s]
+            tail = log_tail(self.log_path(name))
+            if len(recent) >= self.max_restarts:
+                raise StackError(
+                    f"{name} exited with code {code} after {len(recent)} restarts in {self.restart_window_s:g} s; "
+                    f"last lines of {self.log_path(name)}:\n{tail}")
+            self._echo(f"specdec: {name} exited with code {code}; restarting it ({len(recent) + 1} of at most "
+                       f"{self.max_restarts} in {self.restart_window_s:g} s); last lines of its log:\n{tail}")
+            self._logs[name].close()
+            self.restarts[name] = [*recent, now]
+            self._launch(self.spec(name))
+            restarted.append(name)
+        return restarted
 
     def exited(self) -> dict[str, int]:
         """Services that have exited since start, with their exit codes."""

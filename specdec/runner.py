@@ -26,6 +26,19 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_device(name: str) -> None:
+    """Raise ValueError (one line) unless `name` is auto, cpu, cuda or cuda:N, and present on this machine."""
+    if name in ("auto", "cpu"):
+        return
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use auto or cpu)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """float32 on every device. bf16's rounding depends on how many tokens one forward holds, so a verified
     chain can pick another greedy token than one-at-a-time decoding: on an H200 and on CPU

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specdec import cli
@@ -259,6 +260,55 @@ def test_stack_rejects_bad_dependencies(standin_dir, tmp_path):
     with pytest.raises(StackError, match="dependency cycle among a, b"):
         cycle.start()
     assert cycle.processes == {}
+
+
+def test_supervise_restarts_a_crashed_service_and_stops_a_crash_loop(standin_dir, tmp_path):
+    a, b = free_ports(2)
+    specs = [standin("base", standin_dir, a), standin("top", standin_dir, b, depends_on=["base"])]
+    lines: list[str] = []
+    stack = Stack(specs, log_dir=tmp_path / "logs", startup_timeout_s=30, grace_s=5, echo=lines.append,
+                  max_restarts=2)
+    with stack:
+        assert stack.supervise() == []
+        for attempt in (1, 2):
+            first = stack.processes["base"]
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait(timeout=10)
+            assert stack.supervise() == ["base"]
+            assert stack.processes["base"].pid != first.pid
+            deadline = time.monotonic() + 20
+            while not serving(a) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert serving(a) and serving(b)  # back, and its dependent never went away
+            assert any(f"base exited with code -9; restarting it ({attempt} of at most 2" in line for line in lines)
+        os.kill(stack.processes["base"].pid, signal.SIGKILL)
+        stack.processes["base"].wait(timeout=10)
+        with pytest.raises(StackError, match="base exited with code -9 after 2 restarts in 600 s"):
+            stack.supervise()
+    assert_all_gone(stack)
+    assert (tmp_path / "logs" / "base.log").read_text().count("standin --port") == 3  # one log, appended
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--policy", "nonsense"], "--policy 'nonsense' is not a policy; choose from smartspec"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--proposers", "ngram,bogus"], "--proposers: unknown kind(s) bogus"),
+    (["--k", "-1"], "--k must be >= 0"),
+    (["--max-restarts", "-2"], "--max-restarts must be >= 0"),
+])
+def test_cli_up_rejects_bad_flags_in_one_line_before_starting_anything(flags, message, tmp_path, capsys):
+    began = time.monotonic()
+    assert cli.main(["up", "--log-dir", str(tmp_path / "logs"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "logs").exists()  # nothing started
+    assert time.monotonic() - began < 5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cli_up_rejects_cuda_without_cuda(tmp_path, capsys):
+    assert cli.main(["up", "--device", "cuda", "--log-dir", str(tmp_path / "logs")]) == 2
+    assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------

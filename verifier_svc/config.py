@@ -39,6 +39,9 @@ class VerifierConfig:
             raise ValueError(f"--torch-threads must be >= 0, got {self.torch_threads}")
         if self.warmup_tokens < 0:
             raise ValueError(f"--warmup-tokens must be >= 0, got {self.warmup_tokens}")
+        from specdec.runner import check_device  # torch: only once the flags are read
+
+        check_device(self.device)
 
     def describe(self) -> str:
         return " ".join(f"{k}={v}" for k, v in asdict(self).items())
