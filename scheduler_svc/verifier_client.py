@@ -18,9 +18,9 @@ from specdec.tracing import client_interceptors
 
 # Draft distributions make Verify requests large (k * vocab floats per request).
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-# A restarted service is reached again within RECONNECT_MAX_MS of it listening: gRPC's default reconnect
-# backoff grows to 120 s, which left the running requests stalled for tens of seconds after a restart.
-RECONNECT_MAX_MS = 500
+# A restarted service is reached again within RECONNECT_MAX_MS (+20% jitter) of it listening: gRPC's default
+# reconnect backoff grows to 120 s, which left the running requests stalled for tens of seconds after a restart.
+RECONNECT_MAX_MS = 250
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
