@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from specdec import security
 from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_MEDUSA
 
 KINDS = ("ngram", "draft", "medusa")
@@ -37,6 +38,15 @@ class ProposerConfig:
     grace_s: float = 5.0  # graceful-shutdown wait for in-flight calls
     metrics_port: int = 0  # Prometheus /metrics on this port (same host); 0 = none
     log_level: str = "INFO"
+    # TLS of the gRPC port (PEM files); with tls_client_ca, callers must present a certificate (mTLS).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+
+    @property
+    def tls(self) -> security.ServerTLS | None:
+        """TLS of the gRPC port; None = plaintext."""
+        return security.server_tls(self.tls_cert, self.tls_key, self.tls_client_ca)
 
     def intra_op_threads(self) -> int:
         """Torch intra-op threads to run with: --torch-threads, else DRAFT_TORCH_THREADS for a draft, else 0
@@ -60,6 +70,7 @@ class ProposerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"--vocab-size must be >= 1, got {self.vocab_size}")
+        _ = self.tls  # reads the files: a wrong path is reported before a model loads
         if self.kind == "draft":
             from specdec.runner import check_device  # torch: only once the flags are read
 
@@ -109,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=_env("metrics_port", d.metrics_port),
                    help="Prometheus metrics port, 0 = none")
     p.add_argument("--log-level", default=_env("log_level", d.log_level))
+    p.add_argument("--tls-cert", default=_env("tls_cert", None),
+                   help="PEM certificate (chain) of the gRPC port; with --tls-key turns TLS on")
+    p.add_argument("--tls-key", default=_env("tls_key", None), help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=_env("tls_client_ca", None),
+                   help="PEM CA: callers must present a certificate it signed (mutual TLS)")
     return p
 
 

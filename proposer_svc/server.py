@@ -22,6 +22,7 @@ from proposer_svc.base import Proposal, ProposalRequest, Proposer
 from proposer_svc.config import ProposerConfig
 from specdec.metrics import ProposerMetrics, start_metrics_server
 from specdec.pb import common_pb2, proposer_pb2, proposer_pb2_grpc
+from specdec.security import ServerTLS, bind, transport
 from specdec.signals import stop_event
 from specdec.tracing import extract_context, server_interceptors, setup_tracing, tracer
 
@@ -148,8 +149,10 @@ class RunningServer:
         await self.server.stop(grace_s)
 
 
-async def start_server(proposer: Proposer, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
-    """Serve `proposer` on host:port (0 = a free port, read back from the result) with health and reflection."""
+async def start_server(proposer: Proposer, host: str = "127.0.0.1", port: int = 0,
+                       tls: ServerTLS | None = None) -> RunningServer:
+    """Serve `proposer` on host:port (0 = a free port, read back from the result; TLS with `tls`) with
+    health and reflection."""
     # Only the scheduler calls a proposer: calls without a trace context are not request work.
     server = grpc.aio.server(interceptors=server_interceptors(require_context=True))
     service = ProposerService(proposer)
@@ -161,10 +164,7 @@ async def start_server(proposer: Proposer, host: str = "127.0.0.1", port: int = 
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError as exc:  # grpc's way of saying the address is taken or invalid
-        raise OSError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)") from exc
+    bound = bind(server, f"{host}:{port}", tls)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -219,8 +219,9 @@ async def serve(config: ProposerConfig) -> None:
     tracing = setup_tracing(f"specdec-proposer-{config.kind}")
     proposer = build_proposer(config)
     log.info("proposer ready: %s", proposer.describe())
-    running = await start_server(proposer, config.host, config.port)
-    log.info("serving %s (%s) on %s:%d", SERVICE_NAME, proposer.kind, config.host, running.port)
+    running = await start_server(proposer, config.host, config.port, config.tls)
+    log.info("serving %s (%s) on %s:%d (%s)", SERVICE_NAME, proposer.kind, config.host, running.port,
+             transport(config.tls))
     if start_metrics_server(config.metrics_port, running.service.metrics.registry, config.host):
         log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
     stop = stop_event()

@@ -9,6 +9,7 @@ import sys
 from scheduler_svc.config import SchedulerConfig, config_from_args
 from scheduler_svc.server import start_server
 from specdec.metrics import start_metrics_server
+from specdec.security import transport
 from specdec.signals import stop_event
 from specdec.tracing import setup_tracing
 
@@ -22,7 +23,9 @@ async def serve(config: SchedulerConfig) -> int:
     if start_metrics_server(config.metrics_port, running.scheduler.telemetry.metrics.registry, config.host):
         log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
     stop = stop_event()
-    log.info("listening on %s:%d", config.host, running.port)
+    log.info("listening on %s:%d (%s, API key %s; to the verifier and proposers: %s)", config.host, running.port,
+             transport(config.tls), "required" if config.accepted_api_keys() else "not required",
+             "TLS" if config.internal_tls else "plaintext")
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({stopper, running.connect_task}, return_when=asyncio.FIRST_COMPLETED)
     code = 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
+
+from specdec import security
 
 POLICIES = ("smartspec", "none", "fixed", "batch-uniform", "disable-by-batch-size", "batch-size-table")
 DEFAULT_POLICY = "smartspec"
@@ -51,6 +53,18 @@ class SchedulerConfig:
     grace_s: float = 5.0  # graceful-shutdown time for in-flight calls
     metrics_port: int = 0  # Prometheus /metrics on this port (same host); 0 = none
     log_level: str = "INFO"
+    # TLS of the public port (PEM files); with tls_client_ca, clients must present a certificate (mTLS).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    # API keys of the public API: this file's (one per line) plus api_keys; none at all = an open API.
+    api_keys_file: str | None = None
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # from SPECDEC_API_KEYS; never printed
+    # TLS of the scheduler's own calls to the verifier and the proposers: the CA their certificates
+    # chain to, and a client certificate for services that require one (mTLS).
+    internal_tls_ca: str | None = None
+    internal_tls_cert: str | None = None
+    internal_tls_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -85,14 +99,32 @@ class SchedulerConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"proposer names must be unique; repeated: {', '.join(dupes)}")
+        # Files are read now, so that a wrong path is one line at start, not a failure at the first call.
+        _ = self.tls, self.internal_tls, self.accepted_api_keys()
+
+    @property
+    def tls(self) -> security.ServerTLS | None:
+        """TLS of the public port; None = plaintext."""
+        return security.server_tls(self.tls_cert, self.tls_key, self.tls_client_ca)
+
+    @property
+    def internal_tls(self) -> security.ClientTLS | None:
+        """TLS of the channels to the verifier and the proposers; None = plaintext."""
+        return security.client_tls(self.internal_tls_ca, self.internal_tls_cert, self.internal_tls_key,
+                                   flag_prefix="--internal-tls")
+
+    def accepted_api_keys(self) -> frozenset[str]:
+        """The keys a public call may present (read from the key file now); empty = no key needed."""
+        return security.load_api_keys(self.api_keys_file, ",".join(self.api_keys))
 
     @property
     def proposer_names(self) -> list[str]:
         return [p.name for p in self.proposers]
 
     def describe(self) -> str:
-        """One line per setting, for the start-up log."""
-        return "\n".join(f"  {key} = {value}" for key, value in asdict(self).items())
+        """One line per setting, for the start-up log (API keys only counted)."""
+        settings = asdict(self) | {"api_keys": f"<{len(self.api_keys)} from {security.API_KEYS_ENV}>"}
+        return "\n".join(f"  {key} = {value}" for key, value in settings.items())
 
 
 def parse_proposer(spec: str) -> ProposerAddress:
@@ -167,6 +199,24 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", 0)),
                         help="Prometheus metrics port, 0 = none")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    tls = parser.add_argument_group("security", "TLS and API keys; every setting is off unless given")
+    tls.add_argument("--tls-cert", default=_env("TLS_CERT", None),
+                     help="PEM certificate (chain) of the public port; with --tls-key turns TLS on")
+    tls.add_argument("--tls-key", default=_env("TLS_KEY", None), help="PEM private key of --tls-cert")
+    tls.add_argument("--tls-client-ca", default=_env("TLS_CLIENT_CA", None),
+                     help="PEM CA: public clients must present a certificate it signed (mutual TLS)")
+    tls.add_argument("--api-keys-file", default=_env("API_KEYS_FILE", None),
+                     help="file of accepted API keys, one per line, # comment lines; public calls must send "
+                          "'authorization: Bearer <key>'. Keys in SPECDEC_API_KEYS (comma-separated) are "
+                          "accepted too; with neither, the API is open")
+    tls.add_argument("--internal-tls-ca", default=_env("INTERNAL_TLS_CA", None),
+                     help="PEM CA the verifier's and proposers' certificates chain to; turns TLS on for the "
+                          "scheduler's calls to them")
+    tls.add_argument("--internal-tls-cert", default=_env("INTERNAL_TLS_CERT", None),
+                     help="PEM client certificate presented to the verifier and proposers (for their "
+                          "--tls-client-ca)")
+    tls.add_argument("--internal-tls-key", default=_env("INTERNAL_TLS_KEY", None),
+                     help="PEM private key of --internal-tls-cert")
     return parser
 
 
@@ -208,6 +258,14 @@ def config_from_args(argv: Sequence[str] | None = None) -> SchedulerConfig:
             grace_s=args.grace_s,
             metrics_port=args.metrics_port,
             log_level=args.log_level,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            api_keys_file=args.api_keys_file,
+            api_keys=tuple(k.strip() for k in _env("API_KEYS", "").split(",") if k.strip()),
+            internal_tls_ca=args.internal_tls_ca,
+            internal_tls_cert=args.internal_tls_cert,
+            internal_tls_key=args.internal_tls_key,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -22,6 +22,7 @@ from opentelemetry import trace
 
 from scheduler_svc.verifier_client import CHANNEL_OPTIONS  # its reconnect backoff too: a proposer is back in 1 s
 from specdec.pb import common_pb2, proposer_pb2, proposer_pb2_grpc
+from specdec.security import ClientTLS, aio_channel
 from specdec.tracing import inject_context, tracer
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class ProposerClient:
     """The scheduler's side of one proposer service's Propose stream (opened lazily)."""
 
     def __init__(
-        self, name: str, address: str, *, vocab_size: int = 0, timeout_s: float = 5.0, backoff_s: float = 1.0
+        self, name: str, address: str, *, vocab_size: int = 0, timeout_s: float = 5.0, backoff_s: float = 1.0,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.name = name
         self.address = address
@@ -78,7 +80,7 @@ class ProposerClient:
         self.max_budget = 1 << 30  # from Info; until then no cap
         self.kind = ""  # from Info (ngram, draft, ...); "" until known
         self.hidden_size = 0  # from Info: > 0 when it reads the target's hidden state (tree heads)
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = aio_channel(address, tls, options=CHANNEL_OPTIONS)
         self._stub = proposer_pb2_grpc.ProposerStub(self._channel)
         self._call: grpc.aio.StreamStreamCall | None = None
         self._step_id = 0

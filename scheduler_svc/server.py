@@ -27,6 +27,7 @@ from scheduler_svc.telemetry import SchedulerTelemetry
 from scheduler_svc.validation import Limits, validate_request
 from scheduler_svc.verifier_client import VerifierClient, VerifierInfo
 from specdec.pb import generation_pb2, generation_pb2_grpc
+from specdec.security import api_key_interceptors, bind
 from specdec.tracing import server_interceptors
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,10 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig, tokenizer: Any = None) -> None:
         self.config = config
-        self.verifier = VerifierClient(config.verifier, config.verifier_timeout_s)
+        self.verifier = VerifierClient(config.verifier, config.verifier_timeout_s, tls=config.internal_tls)
         self.proposers = {
             p.name: ProposerClient(p.name, p.address, timeout_s=config.proposer_timeout_s,
-                                   backoff_s=config.proposer_backoff_s)
+                                   backoff_s=config.proposer_backoff_s, tls=config.internal_tls)
             for p in config.proposers
         }
         self.tokenizer = tokenizer
@@ -323,7 +324,8 @@ class SchedulerServer:
 async def start_server(config: SchedulerConfig, tokenizer: Any = None) -> SchedulerServer:
     """Bind and start the gRPC server now; the scheduler connects in the background (health says when)."""
     scheduler = Scheduler(config, tokenizer)
-    server = grpc.aio.server(interceptors=server_interceptors())
+    # The key check comes first: a refused call does no work, traced or otherwise.
+    server = grpc.aio.server(interceptors=[*api_key_interceptors(config.accepted_api_keys()), *server_interceptors()])
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(scheduler), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -332,9 +334,7 @@ async def start_server(config: SchedulerConfig, tokenizer: Any = None) -> Schedu
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise RuntimeError(f"could not bind {config.host}:{config.port}")
+    port = bind(server, f"{config.host}:{config.port}", config.tls)
     await server.start()
 
     async def set_health(up: bool) -> None:

@@ -14,6 +14,7 @@ import grpc
 
 from scheduler_svc.request import SamplingParams
 from specdec.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
+from specdec.security import ClientTLS, aio_channel
 from specdec.tracing import client_interceptors
 
 # Draft distributions make Verify requests large (k * vocab floats per request).
@@ -131,11 +132,11 @@ def _timing(msg: verifier_pb2.Timing) -> Timing:
 class VerifierClient:
     """Calls one verifier service at `address` (HOST:PORT)."""
 
-    def __init__(self, address: str, timeout_s: float = 120.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 120.0, tls: ClientTLS | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
         # Calls inside an engine step's span are traced and carry its context to the verifier.
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
+        self._channel = aio_channel(address, tls, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
         self._stub = verifier_pb2_grpc.VerifierStub(self._channel)
 
     async def close(self) -> None:

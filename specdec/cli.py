@@ -11,9 +11,13 @@ import json
 import signal
 import sys
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from typing import TYPE_CHECKING
 
 from specdec_client.types import GenerationResult
+
+if TYPE_CHECKING:
+    from specdec.security import ClientTLS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -35,9 +39,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     """Start the stack, report where it serves, run until SIGINT/SIGTERM, then stop every process."""
     from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_MEDUSA, DEFAULT_TARGET, CheckpointError, validate_checkpoint
     from specdec.launcher import PROPOSER_KINDS, Stack, StackError, local_specs, metrics_port, port_is_free
-    from specdec.medusa import MedusaError, load_medusa_heads
-
     from scheduler_svc.config import POLICIES
+    from specdec.medusa import MedusaError, load_medusa_heads
     from specdec.runner import check_device
 
     proposers = _split_proposers(args.proposers)
@@ -78,9 +81,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         _error(f"port {args.port} on {args.host} is in use (another `specdec up`?); pick one with --port")
         return EXIT_USAGE
     try:
+        scheduler_args, probe_tls, keys_required = _public_security(args)
+    except ValueError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    try:
         specs = local_specs(args.port, proposers, policy=args.policy, k=args.k, model=model,
                             draft_model=draft_model, medusa_model=medusa_model, host=args.host, device=args.device,
-                            metrics=not args.no_metrics)
+                            metrics=not args.no_metrics, extra_args={"scheduler": scheduler_args})
+        # The launcher's readiness probe must speak TLS to a TLS port.
+        specs = [replace(spec, tls=probe_tls) if spec.name == "scheduler" else spec for spec in specs]
         stack = Stack(specs, log_dir=args.log_dir, startup_timeout_s=args.startup_timeout, grace_s=args.grace,
                       max_restarts=args.max_restarts)
     except StackError as exc:
@@ -101,6 +111,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"specdec stack ready on {scheduler.address} (policy {args.policy}, k={args.k}, "
               f"proposers: {', '.join(proposers) or 'none'}; {others}); logs in {stack.log_dir}; "
               f"Ctrl-C to stop", flush=True)
+        print(f"public port: {'TLS' if probe_tls else 'plaintext'}, API key "
+              f"{'required' if keys_required else 'not required'}", flush=True)
         endpoints = [f"{s.name} http://{s.address.rsplit(':', 1)[0]}:{metrics_port(s)}/metrics"
                      for s in stack.specs if metrics_port(s)]
         if endpoints:
@@ -121,6 +133,31 @@ def cmd_up(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return EXIT_OK
+
+
+def _public_security(args: argparse.Namespace) -> tuple[list[str], ClientTLS | None, bool]:
+    """For `specdec up --tls-cert/--tls-key/--api-keys-file`: the scheduler's flags (absolute paths, as
+    the services may run from another folder), checked now so that a wrong file is one line before
+    anything starts; the TLS of the launcher's readiness probe (it trusts --tls-ca, else the certificate
+    itself, right for a self-signed one); and whether calls need a key (SPECDEC_API_KEYS, when set,
+    reaches the scheduler through the environment)."""
+    import os
+    from pathlib import Path
+
+    from specdec.security import API_KEYS_ENV, client_tls, load_api_keys, server_tls
+
+    tls = server_tls(args.tls_cert, args.tls_key)
+    flags: list[str] = []
+    probe = None
+    if tls is not None:
+        flags += ["--tls-cert", str(Path(tls.cert_file).resolve()), "--tls-key", str(Path(tls.key_file).resolve())]
+        probe = client_tls(args.tls_ca or tls.cert_file, flag_prefix="--tls")
+    elif args.tls_ca:
+        raise ValueError("--tls-ca needs --tls-cert and --tls-key (it is the CA of that certificate)")
+    keys = load_api_keys(args.api_keys_file, os.environ.get(API_KEYS_ENV))
+    if args.api_keys_file:
+        flags += ["--api-keys-file", str(Path(args.api_keys_file).resolve())]
+    return flags, probe, bool(keys)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -184,6 +221,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         InvalidArgument,
         ResourceExhausted,
         SpecdecError,
+        Unauthenticated,
         Unavailable,
     )
 
@@ -192,7 +230,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   seed=args.seed, stop=args.stop, proposer=args.proposer, ignore_eos=args.ignore_eos)
     wrote_text = False
     try:
-        with Client(args.target, timeout=args.timeout, retries=args.retries) as client:
+        client = Client(args.target, timeout=args.timeout, retries=args.retries, api_key=args.api_key,
+                        tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    except ValueError as exc:  # a TLS file that cannot be read, a malformed key
+        _error(str(exc))
+        return EXIT_USAGE
+    try:
+        with client:
             if args.json:
                 result = client.generate(prompt, **params)
                 print(json.dumps(result_to_dict(result)))
@@ -206,9 +250,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except InvalidArgument as exc:
         _error(f"invalid request: {exc}")
         return EXIT_USAGE
+    except Unauthenticated as exc:
+        _error(f"the server at {args.target} refused the call: {exc} (pass --api-key or set SPECDEC_API_KEY)")
+        return EXIT_USAGE
     except Unavailable as exc:
         _end_line(wrote_text)
-        _error(f"the server at {args.target} is unavailable: {exc} (is `specdec up` running there?)")
+        hint = "" if (args.tls or args.tls_ca) else "; if it serves TLS, pass --tls-ca or --tls"
+        _error(f"the server at {args.target} is unavailable: {exc} (is `specdec up` running there{hint}?)")
         return EXIT_FAILED
     except DeadlineExceeded as exc:
         _end_line(wrote_text)
@@ -298,6 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-metrics", action="store_true", help="serve no Prometheus metrics endpoints")
     up.add_argument("--max-restarts", type=int, default=5,
                     help="times a crashed service is restarted within 10 minutes before the stack stops (default 5)")
+    up.add_argument("--tls-cert", help="PEM certificate (chain) of the public port; with --tls-key turns TLS on "
+                                       "(the internal services stay plaintext on loopback)")
+    up.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    up.add_argument("--tls-ca", help="PEM CA that signed --tls-cert, trusted by the launcher's readiness probe "
+                                     "(default: --tls-cert itself, right for a self-signed certificate)")
+    up.add_argument("--api-keys-file", help="file of accepted API keys, one per line (# comment lines); "
+                                            "keys in SPECDEC_API_KEYS (comma-separated) are accepted too")
     up.set_defaults(run=cmd_up)
 
     compose = commands.add_parser("compose", help="write compose.yaml from the stack's service definitions")
@@ -323,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--retries", type=int, default=3, help="retries while the server is unavailable")
     gen.add_argument("--no-stats", action="store_true", help="do not print the stats")
     gen.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
+    gen.add_argument("--api-key", help="API key, sent as 'authorization: Bearer <key>' (default: SPECDEC_API_KEY)")
+    gen.add_argument("--tls", action="store_true", help="use TLS, trusting the system's default CAs")
+    gen.add_argument("--tls-ca", help="use TLS, trusting this PEM CA (a private CA or a self-signed certificate)")
+    gen.add_argument("--tls-cert", help="PEM client certificate, for a server that requires one (mutual TLS)")
+    gen.add_argument("--tls-key", help="PEM private key of --tls-cert")
     gen.set_defaults(run=cmd_generate)
 
     bench = commands.add_parser(

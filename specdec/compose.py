@@ -131,13 +131,18 @@ def render_compose(specs: Sequence[ServiceSpec]) -> dict:
                 {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
             ]}}}
         if spec.name == "scheduler":
-            service["ports"] = [f"${{SPECDEC_PUBLISH_PORT:-{spec.port}}}:{spec.port}"]
+            # Published on the host's loopback unless the operator names an address: an API reachable from
+            # the network should be a decision (with TLS and API keys, docs/deploy.md), not a default.
+            published = f"${{SPECDEC_PUBLISH_HOST:-127.0.0.1}}:${{SPECDEC_PUBLISH_PORT:-{spec.port}}}"
+            service["ports"] = [f"{published}:{spec.port}"]
             service["networks"] = ["backend", "frontend"]
         services[spec.name] = service
     services["jaeger"] = {
         "image": JAEGER_IMAGE,
         "environment": {"COLLECTOR_OTLP_ENABLED": "true"},
-        "ports": ["${JAEGER_UI_PORT:-16686}:16686"],  # the UI; OTLP (4317) stays on the backend network
+        # The UI (it has no login: loopback unless JAEGER_UI_HOST says otherwise); OTLP (4317) stays on the
+        # backend network.
+        "ports": ["${JAEGER_UI_HOST:-127.0.0.1}:${JAEGER_UI_PORT:-16686}:16686"],
         "networks": ["backend", "frontend"],
         "restart": "unless-stopped",
     }

@@ -22,6 +22,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from specdec.security import ClientTLS, sync_channel
+
 # What each proposer kind needs besides its port: the flag value of its checkpoint, or None.
 PROPOSER_KINDS: dict[str, str | None] = {"ngram": None, "draft": "draft", "medusa": "medusa"}
 # Most candidate nodes a Medusa proposer builds per request: trees are wider than chains are long.
@@ -49,6 +51,7 @@ class ServiceSpec:
     port: int  # the gRPC port it serves on (also in args)
     host: str = "127.0.0.1"  # the address it binds (also in args)
     depends_on: list[str] = field(default_factory=list)  # services that must be SERVING before it starts
+    tls: ClientTLS | None = None  # how a local client (the readiness probe) reaches a TLS port; None = plaintext
 
     def command(self, python: str = sys.executable) -> list[str]:
         """The argv that runs this service."""
@@ -233,10 +236,11 @@ def log_tail(path: Path, max_bytes: int = _LOG_TAIL_BYTES) -> str:
 class _Health:
     """Non-blocking health probe of one service."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, tls: ClientTLS | None = None):
         # Short reconnect backoff: the default grows past a second and would delay noticing readiness.
-        self._channel = grpc.insecure_channel(
-            address, options=[("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
+        self._channel = sync_channel(
+            address, tls,
+            options=[("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)],
         )
         self._stub = health_pb2_grpc.HealthStub(self._channel)
         self.last = "no answer yet"
@@ -314,7 +318,7 @@ class Stack:
                 for spec in [s for s in waiting if set(s.depends_on) <= ready]:
                     waiting.remove(spec)
                     self._launch(spec)
-                    starting[spec.name] = _Health(spec.address)
+                    starting[spec.name] = _Health(spec.address, spec.tls)
                 if waiting and not starting:
                     raise StackError(f"dependency cycle among {', '.join(s.name for s in waiting)}")
                 for name in self.processes:  # a service that is already up may die too

@@ -1,8 +1,13 @@
-"""Client SDK of the specdec Generation API: sync and async clients, streaming, deadlines, typed errors.
+"""Client SDK of the specdec Generation API: sync and async clients, streaming, deadlines, typed errors,
+TLS and API keys.
 
     from specdec_client import Client
     with Client("127.0.0.1:50051") as client:
         print(client.generate("def fib(n):", max_tokens=32).text)
+
+    # an exposed server: TLS with a private CA, and an API key (or set SPECDEC_API_KEY)
+    with Client("api.example.com:50051", tls_ca="ca.pem", api_key="...") as client:
+        ...
 """
 
 from specdec_client.client import (
@@ -18,6 +23,7 @@ from specdec_client.errors import (
     InvalidArgument,
     ResourceExhausted,
     SpecdecError,
+    Unauthenticated,
     Unavailable,
 )
 from specdec_client.types import GenerationChunk, GenerationResult, GenerationStats, ProposerStats
@@ -37,5 +43,6 @@ __all__ = [
     "ProposerStats",
     "ResourceExhausted",
     "SpecdecError",
+    "Unauthenticated",
     "Unavailable",
 ]

@@ -8,6 +8,10 @@ sampling without a seed).
 
 Deadlines: `timeout` (seconds) bounds the whole call, retries and backoff included; the client's `timeout`
 is the default of every call, a call's `timeout` overrides it. None means no deadline.
+
+Security: with `api_key` (or SPECDEC_API_KEY) every call carries `authorization: Bearer <key>`; a refused
+key raises Unauthenticated at once (no retry). Any TLS argument (`tls`, `tls_ca`, `root_certificates`,
+`tls_cert` + `tls_key`) makes the channel TLS; see specdec_client/credentials.py.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import tenacity
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specdec.pb import generation_pb2, generation_pb2_grpc
+from specdec_client.credentials import auth_metadata, channel_credentials, resolve_api_key
 from specdec_client.errors import DeadlineExceeded, SpecdecError, from_rpc_error
 from specdec_client.tracing import CallSpan
 from specdec_client.types import (
@@ -184,9 +189,11 @@ def _retry_settings(retries: int, backoff_s: float, backoff_max_s: float, deadli
 
 
 class _Options:
-    """What sync and async clients share: target, default deadline and retry settings."""
+    """What sync and async clients share: target, default deadline, retry settings, and the credentials
+    (channel TLS, and the API key's metadata sent with every call)."""
 
-    def __init__(self, target: str, timeout: float | None, retries: int, backoff_s: float, backoff_max_s: float):
+    def __init__(self, target: str, timeout: float | None, retries: int, backoff_s: float, backoff_max_s: float,
+                 api_key: str | None = None, credentials: grpc.ChannelCredentials | None = None):
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
         self.target = target
@@ -194,6 +201,12 @@ class _Options:
         self.retries = retries
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
+        self.metadata = auth_metadata(resolve_api_key(api_key))
+        self.credentials = credentials
+
+    def call_metadata(self, trace_metadata: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+        """A call's metadata: its trace context and the API key."""
+        return (*trace_metadata, *self.metadata)
 
     def deadline(self, timeout: float | None) -> _Deadline:
         return _Deadline(self.timeout if timeout is None else timeout)
@@ -275,7 +288,7 @@ class GenerationStream:
             self._span.end(len(self._assembler._token_ids))
 
     def _chunks_of_call(self) -> Iterator[GenerationChunk]:
-        metadata = self._span.start()
+        metadata = self._options.call_metadata(self._span.start())
         try:
             for attempt in self._options.retrying(self._deadline):
                 with attempt:
@@ -307,11 +320,27 @@ class Client:
         retries: int = 3,
         backoff_s: float = 0.1,
         backoff_max_s: float = 2.0,
+        api_key: str | None = None,
+        tls: bool = False,
+        tls_ca: str | None = None,
+        root_certificates: bytes | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ):
         """`timeout`: default deadline of every call in seconds; `retries`: extra attempts on UNAVAILABLE
-        before the first message, spaced by exponential backoff from `backoff_s` up to `backoff_max_s`."""
-        self._options = _Options(target, timeout, retries, backoff_s, backoff_max_s)
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        before the first message, spaced by exponential backoff from `backoff_s` up to `backoff_max_s`.
+
+        `api_key`: sent as `authorization: Bearer <key>` on every call (default: SPECDEC_API_KEY, if set).
+        TLS: `tls=True` trusts gRPC's default roots; `tls_ca` (a PEM file) or `root_certificates` (PEM
+        bytes) trusts that CA instead; `tls_cert` + `tls_key` (PEM files) present a client certificate
+        to a server that requires one. Without any of them the channel is plaintext."""
+        credentials = channel_credentials(tls=tls, tls_ca=tls_ca, root_certificates=root_certificates,
+                                          tls_cert=tls_cert, tls_key=tls_key)
+        self._options = _Options(target, timeout, retries, backoff_s, backoff_max_s, api_key, credentials)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -336,7 +365,7 @@ class Client:
         request = build_request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, proposer, ignore_eos)
         deadline = self._options.deadline(timeout)
         span = CallSpan("GenerateUnary")
-        metadata = span.start()
+        metadata = self._options.call_metadata(span.start())
         tokens = None
         try:
             for attempt in self._options.retrying(deadline):
@@ -386,7 +415,8 @@ class Client:
         while (left := end - time.monotonic()) > 0:
             try:
                 answer = self._health.Check(
-                    health_pb2.HealthCheckRequest(service=service), timeout=min(left, 1.0), wait_for_ready=True
+                    health_pb2.HealthCheckRequest(service=service), timeout=min(left, 1.0), wait_for_ready=True,
+                    metadata=self._options.metadata,
                 )
                 if answer.status == health_pb2.HealthCheckResponse.SERVING:
                     return
@@ -464,7 +494,7 @@ class AsyncGenerationStream:
             self._span.end(len(self._assembler._token_ids))
 
     async def _chunks_of_call(self) -> AsyncIterator[GenerationChunk]:
-        metadata = self._span.start()
+        metadata = self._options.call_metadata(self._span.start())
         try:
             async for attempt in self._options.async_retrying(self._deadline):
                 with attempt:
@@ -486,7 +516,7 @@ class AsyncGenerationStream:
 
 
 class AsyncClient:
-    """asyncio client of the Generation API, same arguments and behaviour as Client.
+    """asyncio client of the Generation API, same arguments (API key and TLS included) and behaviour as Client.
 
     The channel is created on first use, inside the running event loop. Use `async with`, or await close().
     """
@@ -499,8 +529,16 @@ class AsyncClient:
         retries: int = 3,
         backoff_s: float = 0.1,
         backoff_max_s: float = 2.0,
+        api_key: str | None = None,
+        tls: bool = False,
+        tls_ca: str | None = None,
+        root_certificates: bytes | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ):
-        self._options = _Options(target, timeout, retries, backoff_s, backoff_max_s)
+        credentials = channel_credentials(tls=tls, tls_ca=tls_ca, root_certificates=root_certificates,
+                                          tls_cert=tls_cert, tls_key=tls_key)
+        self._options = _Options(target, timeout, retries, backoff_s, backoff_max_s, api_key, credentials)
         self._channel: grpc.aio.Channel | None = None
 
     @property
@@ -509,7 +547,11 @@ class AsyncClient:
 
     def _open(self) -> grpc.aio.Channel:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            credentials = self._options.credentials
+            if credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            else:
+                self._channel = grpc.aio.secure_channel(self.target, credentials, options=CHANNEL_OPTIONS)
         return self._channel
 
     async def generate(
@@ -530,7 +572,7 @@ class AsyncClient:
         stub = generation_pb2_grpc.GenerationStub(self._open())
         deadline = self._options.deadline(timeout)
         span = CallSpan("GenerateUnary")
-        metadata = span.start()
+        metadata = self._options.call_metadata(span.start())
         tokens = None
         try:
             async for attempt in self._options.async_retrying(deadline):
@@ -578,7 +620,8 @@ class AsyncClient:
         while (left := end - time.monotonic()) > 0:
             try:
                 answer = await health.Check(
-                    health_pb2.HealthCheckRequest(service=service), timeout=min(left, 1.0), wait_for_ready=True
+                    health_pb2.HealthCheckRequest(service=service), timeout=min(left, 1.0), wait_for_ready=True,
+                    metadata=self._options.metadata,
                 )
                 if answer.status == health_pb2.HealthCheckResponse.SERVING:
                     return

@@ -48,6 +48,12 @@ class DeadlineExceeded(SpecdecError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Unauthenticated(SpecdecError):
+    """The server wants an API key and got none or a wrong one (never retried: retrying cannot fix it)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class Cancelled(SpecdecError):
     """The call was cancelled (by the caller or the server)."""
 
@@ -55,7 +61,8 @@ class Cancelled(SpecdecError):
 
 
 _BY_CODE: dict[grpc.StatusCode, type[SpecdecError]] = {
-    cls.code: cls for cls in (InvalidArgument, ResourceExhausted, Unavailable, DeadlineExceeded, Cancelled)
+    cls.code: cls
+    for cls in (InvalidArgument, ResourceExhausted, Unavailable, DeadlineExceeded, Cancelled, Unauthenticated)
 }
 
 

@@ -123,8 +123,10 @@ def test_deployment_shape(compose, specs):
         {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
     published = {name for name, service in services.items() if service.get("ports")}
     assert published == {"scheduler", "jaeger"}  # the API, and Jaeger's UI
-    assert [resolve_defaults(p) for p in services["scheduler"]["ports"]] == ["50051:50051"]
-    assert [resolve_defaults(p) for p in services["jaeger"]["ports"]] == ["16686:16686"]
+    # Published on the host's loopback unless SPECDEC_PUBLISH_HOST / JAEGER_UI_HOST say otherwise.
+    assert services["scheduler"]["ports"] == ["${SPECDEC_PUBLISH_HOST:-127.0.0.1}:${SPECDEC_PUBLISH_PORT:-50051}:50051"]
+    assert [resolve_defaults(p) for p in services["scheduler"]["ports"]] == ["127.0.0.1:50051:50051"]
+    assert [resolve_defaults(p) for p in services["jaeger"]["ports"]] == ["127.0.0.1:16686:16686"]
     assert compose["networks"]["backend"]["internal"] is True
     for name, spec in specs.items():
         service = services[name]

@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
+from specdec import security
 from specdec.checkpoint import DEFAULT_TARGET
 
 ENV_PREFIX = "SPECDEC_"
@@ -26,6 +27,15 @@ class VerifierConfig:
     warmup_tokens: int = 64  # before serving, one forward per batch token count 1..this (ModelRunner.warm_up)
     metrics_port: int = 0  # Prometheus /metrics on this port (same host); 0 = none
     log_level: str = "INFO"
+    # TLS of the gRPC port (PEM files); with tls_client_ca, callers must present a certificate (mTLS).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+
+    @property
+    def tls(self) -> security.ServerTLS | None:
+        """TLS of the gRPC port; None = plaintext."""
+        return security.server_tls(self.tls_cert, self.tls_key, self.tls_client_ca)
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -39,6 +49,7 @@ class VerifierConfig:
             raise ValueError(f"--torch-threads must be >= 0, got {self.torch_threads}")
         if self.warmup_tokens < 0:
             raise ValueError(f"--warmup-tokens must be >= 0, got {self.warmup_tokens}")
+        _ = self.tls  # reads the files: a wrong path is reported before the model loads
         from specdec.runner import check_device  # torch: only once the flags are read
 
         check_device(self.device)
@@ -71,6 +82,12 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=default("metrics_port"),
                    help="Prometheus metrics port, 0 = none (env SPECDEC_METRICS_PORT)")
     p.add_argument("--log-level", default=default("log_level"), help="env SPECDEC_LOG_LEVEL")
+    p.add_argument("--tls-cert", default=default("tls_cert"),
+                   help="PEM certificate (chain) of the gRPC port; with --tls-key turns TLS on (env SPECDEC_TLS_CERT)")
+    p.add_argument("--tls-key", default=default("tls_key"), help="PEM private key of --tls-cert (env SPECDEC_TLS_KEY)")
+    p.add_argument("--tls-client-ca", default=default("tls_client_ca"),
+                   help="PEM CA: callers must present a certificate it signed, i.e. mutual TLS "
+                        "(env SPECDEC_TLS_CLIENT_CA)")
     return p
 
 

@@ -21,6 +21,7 @@ from opentelemetry import trace
 from specdec.metrics import VerifierMetrics, start_metrics_server
 from specdec.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
 from specdec.sampling import SamplingParams
+from specdec.security import ServerTLS, bind, transport
 from specdec.signals import stop_event
 from specdec.tracing import server_interceptors, setup_tracing
 from verifier_svc.config import VerifierConfig
@@ -165,8 +166,10 @@ class VerifierServer:
         await self.server.stop(grace)
 
 
-async def start_server(core: VerifierCore, host: str = "127.0.0.1", port: int = 0) -> VerifierServer:
-    """Serve `core` on host:port (0 = a free port) with health (SERVING once started) and reflection."""
+async def start_server(core: VerifierCore, host: str = "127.0.0.1", port: int = 0,
+                       tls: ServerTLS | None = None) -> VerifierServer:
+    """Serve `core` on host:port (0 = a free port; TLS with `tls`) with health (SERVING once started) and
+    reflection."""
     # Only the scheduler calls the verifier: calls without a trace context are not request work.
     server = grpc.aio.server(interceptors=server_interceptors(require_context=True))
     metrics = VerifierMetrics()
@@ -179,9 +182,7 @@ async def start_server(core: VerifierCore, host: str = "127.0.0.1", port: int = 
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
+    bound = bind(server, f"{host}:{port}", tls)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -213,8 +214,8 @@ async def serve(config: VerifierConfig) -> None:
         started = time.perf_counter()
         count = core.runner.warm_up(config.warmup_tokens)
         log.info("warmed up batches of 1..%d tokens in %.1f s", count, time.perf_counter() - started)
-    running = await start_server(core, config.host, config.port)
-    log.info("serving %s on %s:%d", SERVICE_NAME, config.host, running.port)
+    running = await start_server(core, config.host, config.port, config.tls)
+    log.info("serving %s on %s:%d (%s)", SERVICE_NAME, config.host, running.port, transport(config.tls))
     if start_metrics_server(config.metrics_port, running.metrics.registry, config.host):
         log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
 
