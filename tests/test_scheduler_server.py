@@ -341,7 +341,8 @@ POISON = 4000  # a token the fake verifier crashes on (FakeVerifier.poison_token
 def test_requests_that_crash_the_verifier_fail_alone_and_the_others_finish_on_time(where):
     """Poison pills: requests whose own input makes the verifier fail (an exception, UNKNOWN) run beside good
     ones, arriving while those stream. Each fails alone with INTERNAL and the verifier's message; the good
-    ones keep their exact output and finish within twice their time in the same run without the pills."""
+    ones keep their exact output and finish within twice their time in the same run without the pills plus
+    0.2 s per pill (finding whose input failed costs a few steps: a re-prefill and one Verify per request)."""
     good = PROMPTS[:6]
     poisoned = [[3, POISON, 11 + i] for i in range(3)]
 
@@ -373,7 +374,7 @@ def test_requests_that_crash_the_verifier_fail_alone_and_the_others_finish_on_ti
         assert [e.code() for e in errors] == [grpc.StatusCode.INTERNAL] * len(poisoned)
         assert all("the verifier could not serve this request" in e.details() for e in errors), errors[0].details()
         assert verifier.poisoned_calls >= len(poisoned)
-        assert elapsed <= 2 * baseline + 0.2, (elapsed, baseline)
+        assert elapsed <= 2 * baseline + 0.2 * len(poisoned), (elapsed, baseline)
 
     run(body())
 
