@@ -24,6 +24,7 @@ from specdec.metrics import ProposerMetrics, start_metrics_server
 from specdec.pb import common_pb2, proposer_pb2, proposer_pb2_grpc
 from specdec.security import ServerTLS, bind, transport
 from specdec.signals import stop_event
+from specdec.status import StatusInterceptor
 from specdec.tracing import extract_context, server_interceptors, setup_tracing, tracer
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ async def start_server(proposer: Proposer, host: str = "127.0.0.1", port: int = 
     """Serve `proposer` on host:port (0 = a free port, read back from the result; TLS with `tls`) with
     health and reflection."""
     # Only the scheduler calls a proposer: calls without a trace context are not request work.
-    server = grpc.aio.server(interceptors=server_interceptors(require_context=True))
+    server = grpc.aio.server(interceptors=[*server_interceptors(require_context=True), StatusInterceptor()])
     service = ProposerService(proposer)
     proposer_pb2_grpc.add_ProposerServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()

@@ -28,6 +28,7 @@ from scheduler_svc.validation import Limits, validate_request
 from scheduler_svc.verifier_client import VerifierClient, VerifierInfo
 from specdec.pb import generation_pb2, generation_pb2_grpc
 from specdec.security import api_key_interceptors, bind
+from specdec.status import StatusInterceptor
 from specdec.tracing import server_interceptors
 
 log = logging.getLogger(__name__)
@@ -325,7 +326,8 @@ async def start_server(config: SchedulerConfig, tokenizer: Any = None) -> Schedu
     """Bind and start the gRPC server now; the scheduler connects in the background (health says when)."""
     scheduler = Scheduler(config, tokenizer)
     # The key check comes first: a refused call does no work, traced or otherwise.
-    server = grpc.aio.server(interceptors=[*api_key_interceptors(config.accepted_api_keys()), *server_interceptors()])
+    server = grpc.aio.server(interceptors=[*api_key_interceptors(config.accepted_api_keys()), *server_interceptors(),
+                                           StatusInterceptor()])
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(scheduler), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -23,6 +23,7 @@ from specdec.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
 from specdec.sampling import SamplingParams
 from specdec.security import ServerTLS, bind, transport
 from specdec.signals import stop_event
+from specdec.status import StatusInterceptor
 from specdec.tracing import server_interceptors, setup_tracing
 from verifier_svc.config import VerifierConfig
 from verifier_svc.core import CapacityError, PrefillItem, Timing, UnknownRequest, VerifierCore, VerifyItem
@@ -30,6 +31,7 @@ from verifier_svc.core import CapacityError, PrefillItem, Timing, UnknownRequest
 log = logging.getLogger("verifier_svc")
 
 SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["Verifier"].full_name  # specdec.v1.Verifier
+MAX_MESSAGE_CHARS = 1024  # of a status message (it travels in metadata, whose size gRPC limits)
 
 
 def sampling_from_pb(pb: common_pb2.SamplingParams) -> tuple[SamplingParams, int | None]:
@@ -77,20 +79,16 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         step (docs/step_overhead.md), and every call is one step of one scheduler anyway, so calls are
         serialised either way; health checks simply wait for the forward in progress.
         """
+        # Any other exception (a bug, or an input no check foresaw) becomes INTERNAL in StatusInterceptor; the
+        # core rolls a failed call back, so the service goes on. Messages are cut: they quote request ids.
         try:
             return fn(*args)
         except CapacityError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)[:MAX_MESSAGE_CHARS])
         except UnknownRequest as exc:  # the scheduler re-prefills on NOT_FOUND: a typed signal, not a message
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc)[:MAX_MESSAGE_CHARS])
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except Exception as exc:
-            # A bug, or an input no check foresaw. The core rolls back a failed call, so the service goes on;
-            # the caller gets a status it can act on (INTERNAL) instead of gRPC's bare UNKNOWN.
-            log.exception("%s failed", getattr(fn, "__name__", "call"))
-            await context.abort(grpc.StatusCode.INTERNAL,
-                                f"the verifier failed on this call: {type(exc).__name__}: {str(exc)[:200]}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)[:MAX_MESSAGE_CHARS])
 
     async def Prefill(self, request: verifier_pb2.PrefillRequest, context) -> verifier_pb2.PrefillResponse:
         started = time.perf_counter()
@@ -171,7 +169,7 @@ async def start_server(core: VerifierCore, host: str = "127.0.0.1", port: int = 
     """Serve `core` on host:port (0 = a free port; TLS with `tls`) with health (SERVING once started) and
     reflection."""
     # Only the scheduler calls the verifier: calls without a trace context are not request work.
-    server = grpc.aio.server(interceptors=server_interceptors(require_context=True))
+    server = grpc.aio.server(interceptors=[*server_interceptors(require_context=True), StatusInterceptor()])
     metrics = VerifierMetrics()
     # The metrics server thread reads this between calls: a slot count is one int, a scrape may see it a
     # call late.
