@@ -343,6 +343,7 @@ def convert(src: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfl
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     save_file(state, partial / "model.safetensors", metadata={"format": "pt"})
+    (partial / "model.safetensors").chmod(0o644)  # safetensors creates it owner-only; the other files are 0644
     llama_config(model, shape, tied, dtype).save_pretrained(partial)
     stops = stop_token_ids(model)
     generation = {"bos_token_id": model.get("tokenizer.ggml.bos_token_id"),
