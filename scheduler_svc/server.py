@@ -37,9 +37,9 @@ RETRY_CONNECT_S = 0.5
 
 def load_tokenizer(path: str):
     """The Hugging Face tokenizer in a local folder (never fetched from a hub)."""
-    from transformers import AutoTokenizer
+    from specdec.checkpoint import load_tokenizer as load
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return load(path)
 
 
 class StartupError(RuntimeError):
