@@ -66,3 +66,17 @@ def test_the_pins_agree():
     name, version = default_model.WHEEL_REQUIREMENT.split("==")
     assert default_model.WHEEL_FILE.startswith(f"{name.replace('-', '_')}-{version}-")
     assert default_model.DEFAULT_CHAT_MODEL.name == "smollm2-135m-instruct"
+
+
+def test_docs_carry_the_pins():
+    # docs/models.md ends with the section scripts/model_report.py renders from this module's pins.
+    import importlib.util
+
+    from specdec.checkpoint import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("model_report", REPO_ROOT / "scripts" / "model_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    section = report.pretrained_chat_model_section()
+    assert default_model.GGUF_SHA256 in section and default_model.WHEEL_REQUIREMENT in section
+    assert (REPO_ROOT / "docs" / "models.md").read_text().endswith("\n\n" + section)
