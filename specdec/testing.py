@@ -248,3 +248,124 @@ def logits_alone_and_in_chains(runner, prompt: list[int], max_tokens: int, chain
         return tokens, alone, chained
     finally:
         runner.release(slot)
+
+
+# A tiny Llama GGUF written the way llama.cpp's converter writes one (specdec/gguf_convert.py's tests and the
+# default model's install step are tested on it).
+TINY_GGUF_DIMS = dict(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, context=128, rope_theta=50000.0)
+TINY_GGUF_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY_GGUF_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TINY_BPE_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. It's 2024 and we've got 12 dogs!",
+    "def add(a, b):\n    return a + b  # the sum\n\nprint(add(3, 4))",
+    "Speculative decoding lets a small model guess and a large model check, token by token.",
+    "café naïve résumé — 日本語 😀",
+    "In 2020, 2021, 2022 and 2024 we counted 1200, 2200 and 2020 again.",
+] * 20
+
+
+def llama_cpp_permute(weight, n_heads: int):
+    """What llama.cpp's convert_hf_to_gguf does to q_proj/k_proj rows [n_heads * head_dim, in]
+    (the inverse of specdec.gguf_convert.unpermute_rows)."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def train_tiny_bpe():
+    """A byte-level BPE (a `tokenizers.Tokenizer`) whose merges include digit pairs, set up to split text as
+    llama.cpp does for tokenizer.ggml.pre 'smollm': every digit alone first, so those merges never apply."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=TINY_GGUF_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TINY_BPE_CORPUS, trainer)
+    assert any(len(t) > 1 and t.isdigit() for t in tok.get_vocab())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    return tok
+
+
+def write_tiny_gguf(path: Path, tok, *, tied: bool, seed: int = 0, tokenizer_model: str = "gpt2",
+                    extra_tensor: str | None = None) -> dict[str, torch.Tensor]:
+    """Write a 2-layer random Llama with tokenizer `tok` (train_tiny_bpe) as a GGUF file at `path`: q/k rows
+    permuted as llama.cpp does, q/o/down projections in Q4_1, the embedding and gate in Q8_0, v and the
+    untied output in F16, the rest F32. Returns the reference weights: transformers names, rows in
+    transformers' order, float32, each quantised tensor as its dequantised values."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [" ".join(m) if isinstance(m, list) else m for m in json.loads(tok.to_str())["model"]["merges"]]
+    dims = TINY_GGUF_DIMS
+    d, f, h, kv = dims["hidden"], dims["intermediate"], dims["heads"], dims["kv_heads"]
+    head_dim = d // h
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape, scale=0.2):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(dims["layers"])
+    writer.add_context_length(dims["context"])
+    writer.add_embedding_length(d)
+    writer.add_feed_forward_length(f)
+    writer.add_head_count(h)
+    writer.add_head_count_kv(kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(dims["rope_theta"])
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model(tokenizer_model)
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in TINY_GGUF_SPECIALS else gguf.TokenType.NORMAL
+                            for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(TINY_GGUF_TEMPLATE)
+
+    Q41, Q80 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
+    F32, F16 = gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16
+    reference: dict[str, torch.Tensor] = {}
+
+    def add(gguf_name: str, hf_name: str, weight, qtype=F32, permute_heads: int = 0):
+        stored = gguf.quants.quantize(llama_cpp_permute(weight, permute_heads) if permute_heads else weight, qtype)
+        writer.add_tensor(gguf_name, stored, raw_dtype=None if qtype in (F32, F16) else qtype)
+        # Quantisation blocks run along a row, so quantising commutes with the row permutation.
+        value = gguf.quants.dequantize(gguf.quants.quantize(weight, qtype), qtype).reshape(weight.shape)
+        reference[hf_name] = torch.from_numpy(np.array(value, dtype=np.float32))
+
+    add("token_embd.weight", "model.embed_tokens.weight", rand(len(tokens), d, scale=1.0), Q80)
+    for i in range(dims["layers"]):
+        p = f"model.layers.{i}."
+        add(f"blk.{i}.attn_norm.weight", p + "input_layernorm.weight", 1 + rand(d, scale=0.1))
+        add(f"blk.{i}.attn_q.weight", p + "self_attn.q_proj.weight", rand(h * head_dim, d), Q41, permute_heads=h)
+        add(f"blk.{i}.attn_k.weight", p + "self_attn.k_proj.weight", rand(kv * head_dim, d), permute_heads=kv)
+        add(f"blk.{i}.attn_v.weight", p + "self_attn.v_proj.weight", rand(kv * head_dim, d), F16)
+        add(f"blk.{i}.attn_output.weight", p + "self_attn.o_proj.weight", rand(d, h * head_dim), Q41)
+        add(f"blk.{i}.ffn_norm.weight", p + "post_attention_layernorm.weight", 1 + rand(d, scale=0.1))
+        add(f"blk.{i}.ffn_gate.weight", p + "mlp.gate_proj.weight", rand(f, d), Q80)
+        add(f"blk.{i}.ffn_up.weight", p + "mlp.up_proj.weight", rand(f, d))
+        add(f"blk.{i}.ffn_down.weight", p + "mlp.down_proj.weight", rand(d, f), Q41)
+    add("output_norm.weight", "model.norm.weight", 1 + rand(d, scale=0.1))
+    if not tied:
+        add("output.weight", "lm_head.weight", rand(len(tokens), d, scale=1.0), F16)
+    if extra_tensor:
+        add(extra_tensor, extra_tensor, rand(head_dim // 2))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return reference
