@@ -51,3 +51,29 @@ def span_recorder():
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield exporter
     exporter.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """(target, draft, Medusa heads) folders of the tiny test stack: the target with the embedded tokenizer,
+    a draft near it, heads fitted briefly on it."""
+    from specdec.testing import make_tiny_medusa_heads, make_tiny_stack_checkpoints
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    target, draft = make_tiny_stack_checkpoints(root, eos_token_id=0)
+    return target, draft, make_tiny_medusa_heads(target, root / "medusa", steps=100)
+
+
+@pytest.fixture(scope="session")
+def tiny_stack(tiny_models, tmp_path_factory):
+    """The whole stack as processes on the tiny models: verifier, prompt-lookup, draft and tree proposers,
+    scheduler (fixed policy, k = 3), under the launcher's supervisor (which the fault tests use to restart
+    what they kill). Tests must leave it as they found it: every service up, no request held."""
+    from specdec.launcher import Stack, local_specs
+
+    target, draft, heads = tiny_models
+    specs = local_specs(0, ("ngram", "draft", "medusa"), policy="fixed", k=3, model=target, draft_model=draft,
+                        medusa_model=heads, env={"SPECDEC_TORCH_THREADS": "1"}, metrics=False)
+    with Stack(specs, log_dir=tmp_path_factory.mktemp("tiny-stack-logs"), startup_timeout_s=180, grace_s=5,
+               echo=None, max_restarts=2) as stack:
+        yield stack

@@ -1,7 +1,7 @@
 """Fault injection: every service of a running stack killed with SIGKILL and restarted, under load.
 
-One stack of real processes on loopback (tiny target with the real tokenizer, draft, Medusa heads; the
-prompt-lookup, draft and tree proposers; the scheduler) restarted by the launcher's own supervisor
+One stack of real processes on loopback (conftest's tiny_stack: tiny target with the real tokenizer, draft,
+Medusa heads; the prompt-lookup, draft and tree proposers; the scheduler) restarted by the launcher's own supervisor
 (Stack.supervise, what `specdec up` runs). For each service in turn, 24 concurrent streaming greedy requests
 (six pinned to each proposer, six left to the server) run while it is killed and restarted. Checked:
 
@@ -23,7 +23,6 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import pytest
@@ -31,11 +30,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoModelForCausalLM
 
-from specdec.launcher import Stack, local_specs
+from specdec.launcher import Stack
 from specdec.pb import proposer_pb2, proposer_pb2_grpc, verifier_pb2, verifier_pb2_grpc
-from specdec.testing import make_tiny_medusa_heads, make_tiny_stack_checkpoints
 from specdec_client import AsyncClient, Unavailable
-from test_e2e import EOS, SERVICE_ENV, target_alone
+from test_e2e import target_alone
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -46,27 +44,15 @@ STALL_LIMIT_S = 1.0
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> tuple[Path, Path, Path]:
-    root = tmp_path_factory.mktemp("models")
-    target, draft = make_tiny_stack_checkpoints(root, eos_token_id=EOS)
-    return target, draft, make_tiny_medusa_heads(target, root / "medusa", steps=100)
+def stack(tiny_stack):
+    return tiny_stack
 
 
 @pytest.fixture(scope="module")
-def stack(models, tmp_path_factory):
-    target, draft, heads = models
-    specs = local_specs(0, PROPOSERS, policy="fixed", k=3, model=target, draft_model=draft, medusa_model=heads,
-                        env=SERVICE_ENV, metrics=False)
-    with Stack(specs, log_dir=tmp_path_factory.mktemp("logs"), startup_timeout_s=180, grace_s=5, echo=None,
-               max_restarts=2) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def workload(models) -> list[tuple[list[int], str, list[int]]]:
+def workload(tiny_models) -> list[tuple[list[int], str, list[int]]]:
     """(prompt, proposer, the target alone's greedy output) for each request."""
     rng = random.Random(7)
-    model = AutoModelForCausalLM.from_pretrained(models[0], dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[0], dtype=torch.float32).eval()
     requests = []
     for i in range(REQUESTS):
         if i % 2:  # repetitive prompts give prompt lookup something to find
