@@ -83,6 +83,16 @@ class SchedulerTelemetry:
     def __init__(self, metrics: SchedulerMetrics | None = None) -> None:
         self.metrics = metrics or SchedulerMetrics()
         self._requests: dict[str, _RequestTrace] = {}
+        self._children: dict[tuple, object] = {}  # (metric, *labels) -> its child, see _child
+
+    def _child(self, metric, *labels: str):
+        """metric.labels(*labels), kept: labels() takes a lock and builds a key on every call, and a step
+        updates a few metrics per request."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # -- requests (servicer) -------------------------------------------------------------------------
 
@@ -166,19 +176,21 @@ class SchedulerTelemetry:
         m.step_time.observe(wall_s)
         m.committed_tokens.inc(record.committed)
         m.batch_size.observe(record.batch_size)
-        # (proposer, position) -> [proposed, accepted] over the step's requests, for one update per label.
-        positions: collections.defaultdict[tuple[str, int], list[int]] = collections.defaultdict(lambda: [0, 0])
+        # Per proposer: tokens proposed and accepted, and (positions reached) -> requests for the candidates and
+        # the accepted paths, summed over the step's requests first: one counter update per label and step.
+        totals: collections.defaultdict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+        reached: collections.Counter[tuple[str, int]] = collections.Counter()
+        accepted_reached: collections.Counter[tuple[str, int]] = collections.Counter()
         for outcome in outcomes:
-            label = outcome.proposer or NO_PROPOSER_LABEL
-            m.chosen_k.labels(label).observe(outcome.k)
-            if outcome.proposer:
-                m.proposed_tokens.labels(outcome.proposer).inc(outcome.proposed)
-                m.accepted_tokens.labels(outcome.proposer).inc(outcome.accepted)
+            proposer = outcome.proposer
+            self._child(m.chosen_k, proposer or NO_PROPOSER_LABEL).observe(outcome.k)
+            if proposer:
+                total = totals[proposer]
+                total[0] += outcome.proposed
+                total[1] += outcome.accepted
                 if outcome.proposed:
-                    for position in range(candidate_depth(outcome.verified_parents, outcome.proposed)):
-                        positions[outcome.proposer, position][0] += 1
-                    for position in range(outcome.accepted):
-                        positions[outcome.proposer, position][1] += 1
+                    reached[proposer, candidate_depth(outcome.verified_parents, outcome.proposed)] += 1
+                    accepted_reached[proposer, outcome.accepted] += 1
             entry = self._requests.get(outcome.request_id)
             if entry is not None:
                 entry.k_sum += outcome.k
@@ -187,9 +199,18 @@ class SchedulerTelemetry:
                 if previous is not None:
                     m.inter_token_latency.observe(max(0.0, ended_s - previous))
                 entry.last_tokens_s = ended_s
-        for (proposer, position), (proposed, accepted) in positions.items():
-            m.proposed_per_position.labels(proposer, str(position)).inc(proposed)
-            m.accepted_per_position.labels(proposer, str(position)).inc(accepted)  # 0 too: the series exists
+        for proposer, (proposed, accepted) in totals.items():
+            self._child(m.proposed_tokens, proposer).inc(proposed)
+            self._child(m.accepted_tokens, proposer).inc(accepted)
+        positions: collections.defaultdict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
+        for column, counts in enumerate((reached, accepted_reached)):
+            for (proposer, depth), requests in counts.items():
+                for position in range(depth):
+                    positions[proposer, str(position)][column] += requests
+        for labels, (proposed, accepted) in positions.items():
+            self._child(m.proposed_per_position, *labels).inc(proposed)
+            # 0 too: the series exists from the first time its position is proposed.
+            self._child(m.accepted_per_position, *labels).inc(accepted)
         span = trace.get_current_span()
         if not span.is_recording():
             return
