@@ -346,6 +346,7 @@ class Engine:
             self._running[request.request_id] = request
             request.first_token_s = now
             request.stats.time_to_first_token_ms = (now - request.arrival_s) * 1e3
+            self.telemetry.request_admitted(request, record.start_s)
             request.hidden_state = hidden.get(request.request_id, b"")
             record.committed += 1
             self._commit(request, [first[request.request_id]])

@@ -9,7 +9,7 @@ while it is the oldest, always its first), and the step links to the request spa
 it serves, so each request's steps are one click away.
 
 Nothing here is on the critical path when tracing is off (non-recording spans) and metric updates
-are a few counter increments per step.
+are a few counter increments per step (per-position counts are summed over the step's requests first).
 """
 
 from __future__ import annotations
@@ -40,6 +40,17 @@ def predicted_goodput(policy: object) -> float | None:
     return _number(getattr(policy, "predicted_goodput", None))
 
 
+def candidate_depth(parents: Sequence[int], proposed: int) -> int:
+    """How many positions the verified candidates reach: a chain's length, a tree's depth (parents precede
+    children, -1 = a root); no parents = a chain of `proposed` tokens."""
+    if not parents:
+        return proposed
+    depth: list[int] = []
+    for parent in parents:
+        depth.append(1 if parent < 0 else depth[parent] + 1)
+    return max(depth)
+
+
 def k_summary(ks: Sequence[int]) -> dict[str, object]:
     """Span attributes that summarise the k chosen per request in one step."""
     if not ks:
@@ -56,12 +67,14 @@ def k_summary(ks: Sequence[int]) -> dict[str, object]:
 
 
 class _RequestTrace:
-    __slots__ = ("span", "k_sum", "k_steps")
+    __slots__ = ("span", "request", "k_sum", "k_steps", "last_tokens_s")
 
-    def __init__(self, span: trace.Span) -> None:
+    def __init__(self, span: trace.Span, request: Request) -> None:
         self.span = span
+        self.request = request
         self.k_sum = 0
         self.k_steps = 0
+        self.last_tokens_s: float | None = None  # end of the last step that gave it tokens
 
 
 class SchedulerTelemetry:
@@ -70,6 +83,16 @@ class SchedulerTelemetry:
     def __init__(self, metrics: SchedulerMetrics | None = None) -> None:
         self.metrics = metrics or SchedulerMetrics()
         self._requests: dict[str, _RequestTrace] = {}
+        self._children: dict[tuple, object] = {}  # (metric, *labels) -> its child, see _child
+
+    def _child(self, metric, *labels: str):
+        """metric.labels(*labels), kept: labels() takes a lock and builds a key on every call, and a step
+        updates a few metrics per request."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # -- requests (servicer) -------------------------------------------------------------------------
 
@@ -83,8 +106,12 @@ class SchedulerTelemetry:
             "specdec.temperature": params.sampling.temperature,
             "specdec.proposer.requested": params.proposer,
         })
-        self._requests[request.request_id] = _RequestTrace(span)
+        self._requests[request.request_id] = _RequestTrace(span, request)
         self.metrics.prompt_tokens.inc(len(params.prompt_token_ids))
+
+    def request_admitted(self, request: Request, admitted_s: float) -> None:
+        """The engine took the request off the queue at `admitted_s` (time.perf_counter()) to prefill it."""
+        self.metrics.queue_time.observe(max(0.0, admitted_s - request.arrival_s))
 
     def tokens_sent(self, count: int) -> None:
         """Output tokens that went out to the client."""
@@ -99,6 +126,12 @@ class SchedulerTelemetry:
             self.metrics.request_latency.observe(stats.total_ms / 1e3)
         if request.first_token_s is not None:
             self.metrics.time_to_first_token.observe(stats.time_to_first_token_ms / 1e3)
+        if request.finish_reason is not None:
+            self.metrics.prompt_length.observe(stats.prompt_tokens)
+            self.metrics.generation_length.observe(stats.completion_tokens)
+            if stats.completion_tokens > 1 and request.first_token_s is not None and request.finished_s is not None:
+                self.metrics.time_per_output_token.observe(
+                    (request.finished_s - request.first_token_s) / (stats.completion_tokens - 1))
         if entry is None:
             return
         used = sorted(name for name, counts in stats.proposers.items() if counts.steps)
@@ -139,18 +172,45 @@ class SchedulerTelemetry:
         """Count one finished step and describe it on the current (step) span."""
         m = self.metrics
         wall_s = record.wall_ms / 1e3
+        ended_s = record.start_s + wall_s  # the step's tokens were committed (and streamed) just before
         m.step_time.observe(wall_s)
         m.committed_tokens.inc(record.committed)
+        m.batch_size.observe(record.batch_size)
+        # Per proposer: tokens proposed and accepted, and (positions reached) -> requests for the candidates and
+        # the accepted paths, summed over the step's requests first: one counter update per label and step.
+        totals: collections.defaultdict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+        reached: collections.Counter[tuple[str, int]] = collections.Counter()
+        accepted_reached: collections.Counter[tuple[str, int]] = collections.Counter()
         for outcome in outcomes:
-            label = outcome.proposer or NO_PROPOSER_LABEL
-            m.chosen_k.labels(label).observe(outcome.k)
-            if outcome.proposer:
-                m.proposed_tokens.labels(outcome.proposer).inc(outcome.proposed)
-                m.accepted_tokens.labels(outcome.proposer).inc(outcome.accepted)
+            proposer = outcome.proposer
+            self._child(m.chosen_k, proposer or NO_PROPOSER_LABEL).observe(outcome.k)
+            if proposer:
+                total = totals[proposer]
+                total[0] += outcome.proposed
+                total[1] += outcome.accepted
+                if outcome.proposed:
+                    reached[proposer, candidate_depth(outcome.verified_parents, outcome.proposed)] += 1
+                    accepted_reached[proposer, outcome.accepted] += 1
             entry = self._requests.get(outcome.request_id)
             if entry is not None:
                 entry.k_sum += outcome.k
                 entry.k_steps += 1
+                previous = entry.last_tokens_s if entry.last_tokens_s is not None else entry.request.first_token_s
+                if previous is not None:
+                    m.inter_token_latency.observe(max(0.0, ended_s - previous))
+                entry.last_tokens_s = ended_s
+        for proposer, (proposed, accepted) in totals.items():
+            self._child(m.proposed_tokens, proposer).inc(proposed)
+            self._child(m.accepted_tokens, proposer).inc(accepted)
+        positions: collections.defaultdict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
+        for column, counts in enumerate((reached, accepted_reached)):
+            for (proposer, depth), requests in counts.items():
+                for position in range(depth):
+                    positions[proposer, str(position)][column] += requests
+        for labels, (proposed, accepted) in positions.items():
+            self._child(m.proposed_per_position, *labels).inc(proposed)
+            # 0 too: the series exists from the first time its position is proposed.
+            self._child(m.accepted_per_position, *labels).inc(accepted)
         span = trace.get_current_span()
         if not span.is_recording():
             return

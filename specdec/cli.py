@@ -88,7 +88,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         specs = local_specs(args.port, proposers, policy=args.policy, k=args.k, model=model,
                             draft_model=draft_model, medusa_model=medusa_model, host=args.host, device=args.device,
-                            metrics=not args.no_metrics, extra_args={"scheduler": scheduler_args})
+                            dtype=args.dtype, log_level=args.log_level, metrics=not args.no_metrics,
+                            extra_args={"scheduler": scheduler_args})
         # The launcher's readiness probe must speak TLS to a TLS port.
         specs = [replace(spec, tls=probe_tls) if spec.name == "scheduler" else spec for spec in specs]
         stack = Stack(specs, log_dir=args.log_dir, startup_timeout_s=args.startup_timeout, grace_s=args.grace,
@@ -165,21 +166,28 @@ def _public_security(args: argparse.Namespace) -> tuple[list[str], ClientTLS | N
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
-    """Write compose.yaml for the stack (from the launcher's definitions) to a file or stdout."""
-    from specdec.compose import compose_specs, compose_yaml
+    """Write compose.yaml for the stack (from the launcher's definitions), with its GPU override
+    (compose.gpu.yaml) and Prometheus's scrape configuration (deploy/prometheus.yml) beside it; `-o -`
+    prints compose.yaml alone."""
+    from pathlib import Path
+
+    from specdec.compose import compose_specs, deployment_files
     from specdec.launcher import StackError
 
     try:
-        text = compose_yaml(compose_specs(_split_proposers(args.proposers), args.policy, args.k, args.device))
+        files = deployment_files(compose_specs(_split_proposers(args.proposers), args.policy, args.k, args.device))
     except StackError as exc:
         _error(str(exc))
         return EXIT_USAGE
     if args.output == "-":
-        sys.stdout.write(text)
-    else:
-        with open(args.output, "w") as f:
-            f.write(text)
-        print(f"specdec: wrote {args.output}", file=sys.stderr)
+        sys.stdout.write(files["compose.yaml"])
+        return EXIT_OK
+    folder = Path(args.output).parent
+    for name, text in files.items():
+        path = Path(args.output) if name == "compose.yaml" else folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"specdec: wrote {path}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -340,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--draft-model", help="draft checkpoint folder (default: the embedded models/code-draft)")
     up.add_argument("--medusa-model", help="Medusa heads folder (default: the embedded models/code-medusa)")
     up.add_argument("--device", help="verifier device: auto, cpu or cuda (default: the verifier's)")
+    up.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                    help="dtype of the verifier and the draft and Medusa proposers (default: theirs, auto = float32 "
+                         "but for Medusa heads on a GPU; bfloat16 can change greedy tokens, docs/gpu.md)")
+    up.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                    help="log level of every service (default INFO)")
     up.add_argument("--log-dir", help="folder for the services' logs (default: a new temporary folder)")
     up.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the stack")
     up.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL at stop")
@@ -355,9 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
                                             "keys in SPECDEC_API_KEYS (comma-separated) are accepted too")
     up.set_defaults(run=cmd_up)
 
-    compose = commands.add_parser("compose", help="write compose.yaml from the stack's service definitions")
-    compose.add_argument("-o", "--output", default="compose.yaml", help="file to write, - for stdout")
-    compose.add_argument("--proposers", default="ngram,draft", help="comma-separated proposer kinds, or 'none'")
+    compose = commands.add_parser("compose", help="write compose.yaml (and compose.gpu.yaml, deploy/prometheus.yml "
+                                                  "beside it) from the stack's service definitions")
+    compose.add_argument("-o", "--output", default="compose.yaml",
+                         help="compose file to write (the others go to its folder), - for compose.yaml on stdout")
+    compose.add_argument("--proposers", default="ngram,draft,medusa",
+                         help="comma-separated proposer kinds, or 'none' (default: every kind)")
     compose.add_argument("--policy", default="smartspec", help="default speculation policy (SPECDEC_POLICY overrides)")
     compose.add_argument("--k", type=int, default=3, help="default k of the fixed policy (SPECDEC_K overrides)")
     compose.add_argument("--device", default="auto", help="default verifier device (SPECDEC_DEVICE overrides)")

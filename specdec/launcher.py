@@ -87,6 +87,8 @@ def stack_specs(
     ports: Mapping[str, int] | None = None,
     peer_host: str | None = "127.0.0.1",
     device: str | None = None,
+    dtype: str | None = None,
+    log_level: str | None = None,
     extra_args: Mapping[str, Sequence[str]] | None = None,
     env: Mapping[str, str] | None = None,
     metrics_ports: Mapping[str, int] | None = None,
@@ -99,6 +101,8 @@ def stack_specs(
     ports: port of each internal service by name (see service_names); default port+1, port+2, ...
     peer_host: the host the scheduler reaches the internal services on, which bind it too; None means
         "each service is reached by its name and binds 0.0.0.0" (one container per service, as in compose).
+    device: the verifier's --device; dtype: --dtype of the verifier and of the proposers that run a model (draft,
+        medusa); log_level: every service's --log-level (None: the services' defaults).
     extra_args: more flags per service name; env: more environment for every service.
     metrics_ports: the Prometheus metrics port of each service by name (--metrics-port); services not
         named serve no metrics.
@@ -141,6 +145,8 @@ def stack_specs(
         return f"{peer_host if peer_host is not None else name}:{ports[name]}"
 
     def spec(name: str, module: str, args: list[str], the_port: int, the_host: str, after: list[str]):
+        if log_level:
+            args = [*args, "--log-level", log_level]
         if metrics_ports.get(name):
             args = [*args, "--metrics-port", str(metrics_ports[name])]
         args = [*args, *extra_args.get(name, ())]
@@ -149,6 +155,8 @@ def stack_specs(
     verifier_args = ["--port", str(ports["verifier"]), "--host", bind, "--model", str(target)]
     if device:
         verifier_args += ["--device", device]
+    if dtype:
+        verifier_args += ["--dtype", dtype]
     specs = [spec("verifier", SERVICE_MODULES["verifier"], verifier_args, ports["verifier"], bind, [])]
     for kind in proposers:
         name = proposer_service_name(kind)
@@ -157,6 +165,8 @@ def stack_specs(
             args += ["--model", str(draft)]
         elif PROPOSER_KINDS[kind] == "medusa":
             args += ["--model", str(medusa), "--max-budget", str(MEDUSA_MAX_BUDGET)]
+        if PROPOSER_KINDS[kind] and dtype:
+            args += ["--dtype", dtype]
         specs.append(spec(name, SERVICE_MODULES["proposer"], args, ports[name], bind, []))
     scheduler_args = ["--port", str(port), "--host", host, "--verifier", reach("verifier"),
                       "--policy", policy, "--k", str(k)]

@@ -158,6 +158,11 @@ class ModelRunner:
     def length(self, slot: int) -> int:
         return self._state(slot).length
 
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens held in the KV cache, all slots together (read by the metrics thread: a snapshot)."""
+        return sum(state.length for state in list(self._slots.values()))
+
     def truncate(self, slot: int, length: int) -> None:
         """Roll the slot back to its first `length` cached tokens."""
         state = self._state(slot)

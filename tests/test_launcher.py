@@ -169,6 +169,13 @@ def test_stack_specs_options(tmp_path):
     assert [s.name for s in stack_specs(50051, [])] == ["verifier", "scheduler"]
     assert "--proposer" not in stack_specs(50051, [])[-1].args
 
+    # --dtype reaches the services that run a model, --log-level every service.
+    specs = {s.name: s for s in stack_specs(50051, ["ngram", "draft", "medusa"], dtype="bfloat16", log_level="DEBUG")}
+    assert {name for name, s in specs.items() if flag_values(s.args, "--dtype") == ["bfloat16"]} == {
+        "verifier", "proposer-draft", "proposer-medusa"}
+    assert all(flag_values(s.args, "--log-level") == ["DEBUG"] for s in specs.values())
+    assert not any("--dtype" in s.args or "--log-level" in s.args for s in stack_specs(50051, ["draft"]))
+
 
 def test_stack_specs_rejects_bad_configurations():
     with pytest.raises(StackError, match="unknown proposer kind.*medusa2"):

@@ -1,7 +1,9 @@
 """Each service's Prometheus endpoint, scraped before and after a few requests through the whole stack:
 the counters must move consistently with what the client saw (generated tokens = tokens received,
 accepted <= proposed per proposer, the proposers sent at least what the scheduler verified, one
-latency and time-to-first-token observation per request) and the gauges settle once all is done.
+latency, time-to-first-token, queue-time and time-per-token observation per request, per-position
+counts that add up to the per-proposer ones), the KV cache holds tokens while a request runs, and the
+gauges settle once all is done. Every service also serves the standard process metrics.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def delta(before, after, name: str, **labels) -> float:
 
 
 SERVICES = ("scheduler", "verifier", "proposer-ngram", "proposer-draft")
+LONG_REQUEST = ([4, 4, 2] * 10, 200)  # prompt, max_tokens
 
 
 def test_counters_move_consistently(observed_stack):
@@ -58,19 +61,41 @@ def test_counters_move_consistently(observed_stack):
                 async for chunk in client.stream(prompt, max_tokens=max_tokens, proposer=proposer, ignore_eos=True):
                     tokens.extend(chunk.token_ids)
                 return tokens
-            return await asyncio.gather(*(one(*r) for r in requests))
 
-    received = asyncio.run(run())
+            async def long_one():
+                """A longer request: the verifier's KV cache is scraped while it runs."""
+                seen = None
+                async for chunk in client.stream(LONG_REQUEST[0], max_tokens=LONG_REQUEST[1], proposer="none",
+                                                 ignore_eos=True):
+                    if seen is None:
+                        seen = await asyncio.to_thread(scrape, stack, "verifier")
+                return seen
+
+            *tokens, kv = await asyncio.gather(*(one(*r) for r in requests), long_one())
+            return tokens, kv
+
+    received, kv_while_running = asyncio.run(run())
     assert [len(t) for t in received] == [r[1] for r in requests]
     after = {name: scrape(stack, name) for name in SERVICES}
     s0, s1 = before["scheduler"], after["scheduler"]
+    requests.append(LONG_REQUEST)
+    received.append(range(LONG_REQUEST[1]))
 
     assert delta(s0, s1, "specdec_generated_tokens_total") == sum(len(t) for t in received)
     assert delta(s0, s1, "specdec_prompt_tokens_total") == sum(len(r[0]) for r in requests)
     assert delta(s0, s1, "specdec_requests_total", finish_reason="length") == len(requests)
     assert delta(s0, s1, "specdec_request_latency_seconds_count") == len(requests)
     assert delta(s0, s1, "specdec_time_to_first_token_seconds_count") == len(requests)
+    assert delta(s0, s1, "specdec_request_queue_time_seconds_count") == len(requests)
+    assert delta(s0, s1, "specdec_time_per_output_token_seconds_count") == len(requests)  # all of > 1 token
+    assert delta(s0, s1, "specdec_request_prompt_tokens_sum") == sum(len(r[0]) for r in requests)
+    assert delta(s0, s1, "specdec_request_generation_tokens_sum") == sum(len(t) for t in received)
     steps = delta(s0, s1, "specdec_step_seconds_count")
+    assert delta(s0, s1, "specdec_step_batch_size_count") == steps
+    assert delta(s0, s1, "specdec_step_batch_size_sum") >= steps
+    # One inter-token gap per request and step, as one chosen k.
+    request_steps = sum(delta(s0, s1, "specdec_chosen_k_count", proposer=p) for p in ("ngram", "draft", "none"))
+    assert delta(s0, s1, "specdec_inter_token_latency_seconds_count") == request_steps > 0
     assert steps >= max(r[1] for r in requests) / 4  # at most k + 1 = 4 tokens per step
     # Every request's first token comes from a Prefill, the rest from steps.
     assert delta(s0, s1, "specdec_step_committed_tokens_total") >= sum(len(t) for t in received)
@@ -84,6 +109,15 @@ def test_counters_move_consistently(observed_stack):
                      "specdec_proposer_proposed_tokens_total", kind=proposer)
         assert sent == proposed, (proposer, sent, proposed)
         assert delta(s0, s1, "specdec_chosen_k_count", proposer=proposer) > 0
+        # Per position (chains): the counts add up to the proposer's, and no position is accepted more often
+        # than it was proposed, nor proposed more often than the one before it.
+        per_position = [(delta(s0, s1, "specdec_proposed_tokens_per_position_total", proposer=proposer,
+                               position=str(p)),
+                         delta(s0, s1, "specdec_accepted_tokens_per_position_total", proposer=proposer,
+                               position=str(p))) for p in range(8)]
+        assert sum(n for n, _ in per_position) == proposed and sum(a for _, a in per_position) == accepted
+        assert all(a <= n for n, a in per_position)
+        assert all(later[0] <= earlier[0] for earlier, later in zip(per_position, per_position[1:]))
 
     # Verifier: one Verify per step, one Prefill at least, tokens through the model.
     v0, v1 = before["verifier"], after["verifier"]
@@ -92,19 +126,37 @@ def test_counters_move_consistently(observed_stack):
     assert delta(v0, v1, "specdec_verifier_batched_tokens_total", method="Prefill") == \
         sum(len(r[0]) for r in requests)
 
+    # The KV cache: the long request's prompt (at least) was held while it ran, within the capacity that the
+    # model info describes.
+    info = next(labels for (name, labels), _ in v1.items() if name == "specdec_model_info")
+    info = dict(info)
+    assert info["device"] == "cpu" and info["dtype"] == "float32" and info["model"]
+    capacity = int(info["max_slots"]) * int(info["max_seq_len"])
+    assert value(v1, "specdec_verifier_kv_cache_capacity_tokens") == capacity
+    assert len(LONG_REQUEST[0]) <= value(kv_while_running, "specdec_verifier_kv_cache_tokens") <= capacity
+    assert value(kv_while_running, "specdec_verifier_kv_cache_usage_ratio") == pytest.approx(
+        value(kv_while_running, "specdec_verifier_kv_cache_tokens") / capacity)
+
+    # Every service serves the standard process metrics.
+    for name in SERVICES:
+        assert value(after[name], "process_resident_memory_bytes") > 0, name
+        assert value(after[name], "process_cpu_seconds_total") > 0, name
+        assert any(sample == "python_info" for sample, _ in after[name]), name
+
     # Gauges settle: nothing running or waiting, every slot free again (finished requests are released
-    # by the engine's next iteration, so allow it a moment).
+    # by the engine's next iteration, so allow it a moment); the KV cache holds nothing.
     deadline = time.monotonic() + 10
     while True:
         s, v = scrape(stack, "scheduler"), scrape(stack, "verifier")
         settled = (value(s, "specdec_running_requests") == 0 and value(s, "specdec_waiting_requests") == 0
-                   and value(s, "specdec_free_verifier_slots") == value(v, "specdec_verifier_free_slots") > 0)
+                   and value(s, "specdec_free_verifier_slots") == value(v, "specdec_verifier_free_slots") > 0
+                   and value(v, "specdec_verifier_kv_cache_tokens") == 0)
         if settled or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     assert settled, {k: (value(s, k)) for k in ("specdec_running_requests", "specdec_waiting_requests",
                                                    "specdec_free_verifier_slots")} | {
-        "verifier_free": value(v, "specdec_verifier_free_slots")}
+        "verifier_free": value(v, "specdec_verifier_free_slots"), "kv": value(v, "specdec_verifier_kv_cache_tokens")}
 
 
 def test_metrics_port_zero_serves_nothing():
@@ -148,3 +200,38 @@ def test_cost_model_error_gauge_reads_the_policy_at_scrape_time():
     samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
     assert samples["specdec_cost_model_relative_error"] == 0.125
     assert samples["specdec_running_requests"] == 1 and samples["specdec_free_verifier_slots"] == 3
+
+
+def test_verifier_kv_cache_and_model_info_gauges():
+    from prometheus_client import generate_latest
+
+    from specdec.metrics import VerifierMetrics
+
+    held = [0]
+    metrics = VerifierMetrics()
+    metrics.watch(free_slots=lambda: 3, kv_cache_tokens=lambda: held[0], kv_cache_capacity_tokens=4 * 512)
+    metrics.describe_model(model="/models/target", device="cuda:0", dtype="float32", max_seq_len=512, max_slots=4)
+    held[0] = 512
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(generate_latest(metrics.registry).decode()) for s in f.samples}
+    assert samples[("specdec_verifier_kv_cache_tokens", ())] == 512
+    assert samples[("specdec_verifier_kv_cache_capacity_tokens", ())] == 2048
+    assert samples[("specdec_verifier_kv_cache_usage_ratio", ())] == 0.25
+    assert samples[("specdec_model_info", (("device", "cuda:0"), ("dtype", "float32"), ("max_seq_len", "512"),
+                                           ("max_slots", "4"), ("model", "/models/target")))] == 1
+
+
+def test_process_metrics_on_every_registry_once():
+    from prometheus_client import REGISTRY, CollectorRegistry
+
+    from specdec.metrics import ProposerMetrics, SchedulerMetrics, VerifierMetrics, add_process_collectors
+
+    for metrics in (SchedulerMetrics(), VerifierMetrics(), ProposerMetrics("ngram")):
+        assert metrics.registry.get_sample_value("process_resident_memory_bytes") > 0
+        assert metrics.registry.get_sample_value("python_gc_collections_total", {"generation": "0"}) is not None
+        assert any(m.name == "python_info" for m in metrics.registry.collect())
+    add_process_collectors(REGISTRY)  # the default registry has them already: no error, no duplicate
+    registry = CollectorRegistry()
+    add_process_collectors(registry)
+    add_process_collectors(registry)
+    assert [m.name for m in registry.collect()].count("process_cpu_seconds") == 1

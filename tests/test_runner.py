@@ -126,6 +126,12 @@ def test_bad_batches_are_rejected_without_side_effects(tmp_path):
         runner.accept(slot, [0, 1, 2])
     runner.accept(slot, [0, 2])
     assert runner.length(slot) == 5
+    assert runner.cached_tokens == 5  # what the verifier's KV-usage gauge reads
+    other = runner.allocate()
+    runner.forward([SeqInput(other, [7, 8])])
+    assert runner.cached_tokens == 7
+    runner.release(other)
+    assert runner.cached_tokens == 5
     runner.allocate()
     with pytest.raises(BatchError, match="slots are in use"):
         runner.allocate()

@@ -11,7 +11,7 @@ from opentelemetry import trace
 from scheduler_svc.engine import StepRecord
 from scheduler_svc.policy import RequestOutcome
 from scheduler_svc.request import FinishReason, GenerationParams, Request
-from scheduler_svc.telemetry import SchedulerTelemetry, k_summary, predicted_goodput
+from scheduler_svc.telemetry import SchedulerTelemetry, candidate_depth, k_summary, predicted_goodput
 
 
 def make_request(prompt_len: int = 4) -> Request:
@@ -86,3 +86,57 @@ def test_untraced_requests_make_no_step_span():
         assert not span.is_recording()
     with telemetry.step_span([]) as span:
         assert not span.is_recording()
+
+
+def test_candidate_depth_is_a_chains_length_and_a_trees_depth():
+    assert candidate_depth((), 4) == 4  # no parents: a chain
+    assert candidate_depth((-1, 0, 1), 3) == 3
+    assert candidate_depth((-1, -1, 0, 0, 2), 5) == 3  # roots at depth 1, node 4 under node 2 under node 0
+    assert candidate_depth((), 0) == 0
+
+
+def test_step_and_request_metrics():
+    """Queue time, inter-token latency, time per output token, lengths, batch size and the per-position
+    acceptance counters, from hand-made steps."""
+    telemetry = SchedulerTelemetry()
+    a, b, c = make_request(3), make_request(5), make_request(2)
+    for request in (a, b, c):
+        request.arrival_s = 9.0
+        telemetry.request_started(request)
+        telemetry.request_admitted(request, 9.5)
+        request.first_token_s = 10.005
+    outcomes = [
+        RequestOutcome(a.request_id, "ngram", 3, 3, 2, verified_parents=(-1, 0, 1)),
+        RequestOutcome(b.request_id, "medusa", 5, 5, 2, verified_parents=(-1, -1, 0, 0, 2)),
+        RequestOutcome(c.request_id, None, 0, 0, 0),
+    ]
+    telemetry.observe_step(StepRecord(step_id=1, start_s=10.0, wall_ms=20.0, batch_size=3), outcomes, object())
+    telemetry.observe_step(StepRecord(step_id=2, start_s=10.02, wall_ms=10.0, batch_size=3), outcomes[:1], object())
+
+    assert sample(telemetry, "specdec_request_queue_time_seconds_count") == 3
+    assert sample(telemetry, "specdec_request_queue_time_seconds_sum") == pytest.approx(1.5)
+    # Step 1 ends at 10.02: 15 ms after each first token; step 2 ends 10 ms later, for `a` only.
+    assert sample(telemetry, "specdec_inter_token_latency_seconds_count") == 4
+    assert sample(telemetry, "specdec_inter_token_latency_seconds_sum") == pytest.approx(3 * 0.015 + 0.010)
+    assert sample(telemetry, "specdec_step_batch_size_count") == 2
+    assert sample(telemetry, "specdec_step_batch_size_sum") == 6
+    # A chain reaches as many positions as it has tokens, a tree as deep as it goes; accepted paths likewise.
+    for proposer, proposed, accepted in (("ngram", [2, 2, 2], [2, 2, 0]), ("medusa", [1, 1, 1], [1, 1, 0])):
+        for position in range(3):
+            labels = {"proposer": proposer, "position": str(position)}
+            assert sample(telemetry, "specdec_proposed_tokens_per_position_total", **labels) == proposed[position]
+            assert sample(telemetry, "specdec_accepted_tokens_per_position_total", **labels) == accepted[position]
+    assert telemetry.metrics.registry.get_sample_value(
+        "specdec_proposed_tokens_per_position_total", {"proposer": "ngram", "position": "3"}) is None
+    assert telemetry.metrics.registry.get_sample_value(
+        "specdec_proposed_tokens_per_position_total", {"proposer": "none", "position": "0"}) is None
+
+    a.finish_reason, a.finished_s, a.stats.completion_tokens = FinishReason.LENGTH, 10.105, 11
+    telemetry.request_ended(a, "length")
+    c.stats.completion_tokens = 1
+    telemetry.request_ended(c, "cancelled")  # not completed: no lengths, no time per token
+    assert sample(telemetry, "specdec_time_per_output_token_seconds_count") == 1
+    assert sample(telemetry, "specdec_time_per_output_token_seconds_sum") == pytest.approx(0.1 / 10)
+    assert sample(telemetry, "specdec_request_prompt_tokens_sum") == 3
+    assert sample(telemetry, "specdec_request_generation_tokens_sum") == 11
+    assert sample(telemetry, "specdec_request_generation_tokens_count") == 1

@@ -171,9 +171,13 @@ async def start_server(core: VerifierCore, host: str = "127.0.0.1", port: int = 
     # Only the scheduler calls the verifier: calls without a trace context are not request work.
     server = grpc.aio.server(interceptors=[*server_interceptors(require_context=True), StatusInterceptor()])
     metrics = VerifierMetrics()
-    # The metrics server thread reads this between calls: a slot count is one int, a scrape may see it a
-    # call late.
-    metrics.free_slots.set_function(lambda: core.runner.free_slots)
+    # The metrics server thread reads these between calls: a scrape may see them a call late.
+    runner = core.runner
+    metrics.watch(free_slots=lambda: runner.free_slots, kv_cache_tokens=lambda: runner.cached_tokens,
+                  kv_cache_capacity_tokens=runner.max_slots * runner.max_seq_len)
+    info = core.info()
+    metrics.describe_model(model=info.model, device=info.device, dtype=info.dtype, max_seq_len=info.max_seq_len,
+                           max_slots=info.max_slots)
     verifier_pb2_grpc.add_VerifierServicer_to_server(VerifierServicer(core, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
