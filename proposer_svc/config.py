@@ -25,6 +25,7 @@ class ProposerConfig:
     port: int = 0  # 0: any free port (logged at start)
     host: str = "127.0.0.1"
     model: Path | None = None  # draft checkpoint / medusa heads folder (defaults: models/code-draft, models/code-medusa)
+    target_model: Path | None = None  # medusa: the target checkpoint, for heads that read through its lm_head
     min_n: int = 1  # ngram: shortest suffix looked up
     max_n: int = 4  # ngram: longest suffix looked up (tried first)
     max_budget: int = 8  # most candidate nodes per request per step; larger budgets are capped
@@ -103,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=_env("model", None),
                    help=f"draft checkpoint folder (default {DEFAULT_DRAFT}), or medusa heads folder (default "
                    f"{DEFAULT_MEDUSA}); for ngram, only its vocab size is read")
+    p.add_argument("--target-model", type=Path, default=_env("target_model", None),
+                   help="medusa: the target checkpoint folder, read for heads that share the target's lm_head")
     p.add_argument("--min-n", type=int, default=_env("min_n", d.min_n))
     p.add_argument("--max-n", type=int, default=_env("max_n", d.max_n))
     p.add_argument("--max-budget", type=int, default=_env("max_budget", d.max_budget))

@@ -40,7 +40,7 @@ class MedusaProposer(Proposer):
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, device: str | None = None, dtype: str = "auto",
-                    max_budget: int = 8, top_k: int = 4) -> "MedusaProposer":
+                    max_budget: int = 8, top_k: int = 4, target: str | Path | None = None) -> "MedusaProposer":
         """Load heads saved by scripts/train_medusa.py; raises MedusaError (a ValueError) naming the problem."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # bf16 matmuls are slow on CPUs: compute in float32 there unless asked otherwise.
@@ -48,7 +48,7 @@ class MedusaProposer(Proposer):
                        "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
         if torch_dtype is None:
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-        heads = load_medusa_heads(folder, device=device, dtype=torch_dtype)
+        heads = load_medusa_heads(folder, device=device, dtype=torch_dtype, target=target)
         return cls(heads, max_budget=max_budget, top_k=top_k, name=str(folder))
 
     def describe(self) -> str:

@@ -204,6 +204,7 @@ def build_proposer(config: ProposerConfig) -> Proposer:
             dtype=config.dtype,
             max_budget=config.max_budget,
             top_k=config.top_k,
+            target=config.target_model,
         )
     raise ValueError(f"unknown proposer kind {config.kind!r}")
 

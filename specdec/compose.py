@@ -155,7 +155,8 @@ def render_compose(specs: Sequence[ServiceSpec], gpu: bool = False) -> dict:
             service["volumes"] = [f"${{SPECDEC_TARGET_DIR:-./models/code-target}}:{TARGET_DIR}:ro"]
         if "--model" in spec.args and spec.name.startswith("proposer-"):
             if spec.args[spec.args.index("--model") + 1] == MEDUSA_DIR:
-                service["volumes"] = [f"${{SPECDEC_MEDUSA_DIR:-./models/code-medusa}}:{MEDUSA_DIR}:ro"]
+                service["volumes"] = [f"${{SPECDEC_MEDUSA_DIR:-./models/code-medusa}}:{MEDUSA_DIR}:ro",
+                                      f"${{SPECDEC_TARGET_DIR:-./models/code-target}}:{TARGET_DIR}:ro"]
             else:
                 service["volumes"] = [f"${{SPECDEC_DRAFT_DIR:-./models/code-draft}}:{DRAFT_DIR}:ro"]
         if spec.name == "verifier" and gpu:

@@ -164,7 +164,8 @@ def stack_specs(
         if PROPOSER_KINDS[kind] == "draft":
             args += ["--model", str(draft)]
         elif PROPOSER_KINDS[kind] == "medusa":
-            args += ["--model", str(medusa), "--max-budget", str(MEDUSA_MAX_BUDGET)]
+            # The target too: heads may read through its lm_head (MedusaConfig.lm_head "target").
+            args += ["--model", str(medusa), "--target-model", str(target), "--max-budget", str(MEDUSA_MAX_BUDGET)]
         if PROPOSER_KINDS[kind] and dtype:
             args += ["--dtype", dtype]
         specs.append(spec(name, SERVICE_MODULES["proposer"], args, ports[name], bind, []))

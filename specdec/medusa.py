@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 MODEL_TYPE = "medusa"
+LM_HEADS = ("own", "target")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -37,6 +38,10 @@ class MedusaConfig:
     num_heads: int  # H: head i guesses token t + 2 + i
     num_layers: int = 1  # residual blocks per head
     target: str = ""  # informational: the target checkpoint the heads were trained on
+    # "own": each head ends in its own [V, d] projection (Medusa-1). "target": every head reads through the
+    # target's own lm_head, which the folder does not store (a large vocabulary would make each head as big
+    # as the target's embedding): loading then needs the target checkpoint.
+    lm_head: str = "own"
 
     def to_dict(self) -> dict:
         return {"model_type": MODEL_TYPE, **asdict(self)}
@@ -64,7 +69,14 @@ class MedusaConfig:
         target = raw.get("target", "")
         if not isinstance(target, str):
             raise MedusaError(f"{source}: field 'target' must be a string, got {target!r}")
-        return cls(**values, target=target)
+        lm_head = raw.get("lm_head", "own")
+        if lm_head not in LM_HEADS:
+            raise MedusaError(f"{source}: field 'lm_head' must be one of {', '.join(LM_HEADS)}, got {lm_head!r}")
+        return cls(**values, target=target, lm_head=lm_head)
+
+    @property
+    def shares_target_lm_head(self) -> bool:
+        return self.lm_head == "target"
 
 
 class ResBlock(torch.nn.Module):
@@ -81,33 +93,71 @@ class ResBlock(torch.nn.Module):
 
 
 class MedusaHeads(torch.nn.Module):
-    """H heads, each num_layers residual blocks then a [V, d] projection (Medusa-1)."""
+    """H heads, each num_layers residual blocks then a [V, d] projection (Medusa-1): its own, or the target's
+    lm_head shared by all (config.lm_head == "target"; set it with attach_lm_head, it is not saved)."""
 
     def __init__(self, config: MedusaConfig) -> None:
         super().__init__()
         self.config = config
         d, v = config.hidden_size, config.vocab_size
+        shared = config.shares_target_lm_head
         self.heads = torch.nn.ModuleList(
-            torch.nn.Sequential(*[ResBlock(d) for _ in range(config.num_layers)], torch.nn.Linear(d, v, bias=False))
+            torch.nn.Sequential(*[ResBlock(d) for _ in range(config.num_layers)],
+                                *([] if shared else [torch.nn.Linear(d, v, bias=False)]))
             for _ in range(config.num_heads)
         )
+        # Not in the state dict: it is the target's, read from its checkpoint when the heads are loaded.
+        self.register_buffer("target_lm_head", torch.zeros((v, d)) if shared else None, persistent=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] (final-normed target state at t) -> logits [..., H, V] for tokens t+2 .. t+1+H."""
-        return torch.stack([head(hidden) for head in self.heads], dim=-2)
+        states = torch.stack([head(hidden) for head in self.heads], dim=-2)
+        if self.target_lm_head is None:
+            return states
+        return states @ self.target_lm_head.T  # one matmul for every head: [..., H, d] x [d, V]
+
+    @torch.no_grad()
+    def attach_lm_head(self, weight: torch.Tensor) -> None:
+        """Set the target's lm_head [V, d] that heads with config.lm_head == "target" read through."""
+        expected = (self.config.vocab_size, self.config.hidden_size)
+        if not self.config.shares_target_lm_head:
+            raise MedusaError("these heads have their own projections; they do not read the target's lm_head")
+        if tuple(weight.shape) != expected:
+            raise MedusaError(f"the target's lm_head has shape {tuple(weight.shape)}, the heads need [V, d] = "
+                              f"{expected}: they were trained for another target")
+        self.target_lm_head = weight.detach().to(self.target_lm_head.device, self.target_lm_head.dtype).clone()
 
     @torch.no_grad()
     def init_from_lm_head(self, weight: torch.Tensor) -> None:
-        """Copy the target's lm_head [V, d] into every head's projection; residual blocks start at zero,
-        so before training every head guesses what the target's lm_head would (Medusa's init)."""
+        """Copy the target's lm_head [V, d] into every head's projection (or attach it, when shared); residual
+        blocks start at zero, so before training every head guesses what the target's lm_head would (Medusa's
+        init)."""
         expected = (self.config.vocab_size, self.config.hidden_size)
         if tuple(weight.shape) != expected:
             raise MedusaError(f"lm_head of shape {tuple(weight.shape)} does not fit heads of [V, d] = {expected}")
+        if self.config.shares_target_lm_head:
+            self.attach_lm_head(weight)
         for head in self.heads:
-            head[-1].weight.copy_(weight)
-            for block in head[:-1]:
+            blocks = head if self.config.shares_target_lm_head else head[:-1]
+            if not self.config.shares_target_lm_head:
+                head[-1].weight.copy_(weight)
+            for block in blocks:
                 block.linear.weight.zero_()
                 block.linear.bias.zero_()
+
+
+def target_lm_head(folder: str | Path) -> torch.Tensor:
+    """The lm_head [V, d] of a target checkpoint folder (its tied embedding when it has no lm_head tensor)."""
+    from specdec.checkpoint import CheckpointError, load_state_dict
+
+    try:
+        state = load_state_dict(Path(folder))
+    except (CheckpointError, OSError) as exc:
+        raise MedusaError(f"cannot read the target's lm_head from {folder}: {exc}") from None
+    weight = state.get("lm_head.weight", state.get("model.embed_tokens.weight"))
+    if weight is None:
+        raise MedusaError(f"target checkpoint {folder} has neither lm_head.weight nor model.embed_tokens.weight")
+    return weight.float()
 
 
 def expected_shapes(config: MedusaConfig) -> dict[str, tuple[int, ...]]:
@@ -118,7 +168,8 @@ def expected_shapes(config: MedusaConfig) -> dict[str, tuple[int, ...]]:
         for j in range(config.num_layers):
             shapes[f"heads.{i}.{j}.linear.weight"] = (d, d)
             shapes[f"heads.{i}.{j}.linear.bias"] = (d,)
-        shapes[f"heads.{i}.{config.num_layers}.weight"] = (v, d)
+        if not config.shares_target_lm_head:
+            shapes[f"heads.{i}.{config.num_layers}.weight"] = (v, d)
     return shapes
 
 
@@ -134,8 +185,9 @@ def save_medusa_heads(heads: MedusaHeads, folder: str | Path) -> None:
 
 
 def load_medusa_heads(folder: str | Path, *, device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float32) -> MedusaHeads:
-    """Read and check a heads folder; every problem raises MedusaError naming the folder and what is wrong."""
+                      dtype: torch.dtype = torch.float32, target: str | Path | None = None) -> MedusaHeads:
+    """Read and check a heads folder; every problem raises MedusaError naming the folder and what is wrong.
+    target: the target checkpoint folder, needed by heads that read through its lm_head (lm_head "target")."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -184,6 +236,11 @@ def load_medusa_heads(folder: str | Path, *, device: str | torch.device = "cpu",
 
     heads = MedusaHeads(config)
     heads.load_state_dict(state)
+    if config.shares_target_lm_head:
+        if target is None:
+            raise MedusaError(f"{where}: these heads read through the target's lm_head; give the target "
+                              f"checkpoint folder too (the proposer's --target-model)")
+        heads.attach_lm_head(target_lm_head(target))
     return heads.to(device=device, dtype=dtype).eval()
 
 

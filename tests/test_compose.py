@@ -50,7 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
 SPECDEC_SERVICES = service_names(PROPOSERS)
 # Where a service is and what it is called: these differ between containers and local processes by design.
-LOCATION_ENV = {"SPECDEC_PORT", "SPECDEC_HOST", "SPECDEC_MODEL", "SPECDEC_VERIFIER", "SPECDEC_METRICS_PORT"}
+LOCATION_ENV = {"SPECDEC_PORT", "SPECDEC_HOST", "SPECDEC_MODEL", "SPECDEC_TARGET_MODEL", "SPECDEC_VERIFIER",
+                "SPECDEC_METRICS_PORT"}
 # Environment only the containers get: where spans go, the HTTP API's port.
 CONTAINER_ENV = {"PYTHONUNBUFFERED", "OTEL_EXPORTER_OTLP_ENDPOINT", "SPECDEC_HTTP_PORT"}
 
@@ -195,7 +196,7 @@ def test_environment_configures_each_service_as_its_flags_do(specs, monkeypatch)
 
 def _without_location(config) -> dict:
     values = dataclasses.asdict(config)
-    for key in ("port", "host", "model", "metrics_port", "verifier"):
+    for key in ("port", "host", "model", "target_model", "metrics_port", "verifier"):
         values.pop(key, None)
     if "proposers" in values:
         values["proposers"] = [p["name"] for p in values["proposers"]]
@@ -278,6 +279,7 @@ def test_deployment_shape(compose, specs):
     assert any(v.endswith(":/models/target:ro") for v in services["scheduler"]["volumes"])
     assert any(v.endswith(":/models/draft:ro") for v in services["proposer-draft"]["volumes"])
     assert any(v.endswith(":/models/medusa:ro") for v in services["proposer-medusa"]["volumes"])
+    assert any(v.endswith(":/models/target:ro") for v in services["proposer-medusa"]["volumes"])  # its lm_head
     assert services["verifier"]["environment"]["SPECDEC_MODEL"] == "/models/target"
     # Third-party images are pinned to a version; Jaeger keeps a bounded in-memory trace store.
     for name in ("jaeger", "prometheus"):

@@ -300,3 +300,40 @@ def test_tiny_medusa_heads_learn_and_beat_chance(tmp_path):
     x, y = head_examples(greedy_rollouts(runner, tiny_medusa_prompts(97), 40, batch_size=16), 3)
     trained, init = head_accuracy(heads, x, y)[0], head_accuracy(untrained, x, y)[0]
     assert trained["top1"] > init["top1"] + 0.08, (trained, init)
+
+
+def test_heads_that_read_through_the_targets_lm_head_store_no_projection_and_load_with_the_target(tmp_path):
+    from specdec.testing import make_tiny_checkpoint
+
+    target = make_tiny_checkpoint(tmp_path / "target", "llama")
+    target_config = json.loads((target / "config.json").read_text())
+    d, v = target_config["hidden_size"], target_config["vocab_size"]
+    lm_head = load_file(target / "model.safetensors")["lm_head.weight"].float()
+    config = MedusaConfig(hidden_size=d, vocab_size=v, num_heads=3, lm_head="target")
+    assert MedusaConfig.from_dict(config.to_dict()) == config
+    heads = MedusaHeads(config)
+    heads.init_from_lm_head(lm_head)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for head in heads.heads:
+            for block in head:
+                block.linear.weight.normal_(0, 0.05)
+    save_medusa_heads(heads, tmp_path / "heads")
+    stored = load_file(tmp_path / "heads" / "model.safetensors")
+    assert not any(t.shape == (v, d) for t in stored.values()), "a projection was saved"
+
+    with pytest.raises(MedusaError, match="read through the target's lm_head; give the target"):
+        load_medusa_heads(tmp_path / "heads")
+    loaded = load_medusa_heads(tmp_path / "heads", target=target)
+    h = torch.randn(5, d)
+    with torch.no_grad():  # the saved (bf16) blocks applied by hand, then the target's own lm_head
+        expected = torch.stack([head(h) for head in loaded.heads], dim=-2) @ lm_head.T
+        torch.testing.assert_close(loaded(h), expected)
+        assert loaded(h).shape == (5, 3, v)
+        assert not torch.allclose(loaded(h), (h @ lm_head.T)[:, None, :].expand(5, 3, v))  # the blocks count
+
+    other = make_tiny_checkpoint(tmp_path / "other", "llama", vocab_size=v + 8)
+    with pytest.raises(MedusaError, match="trained for another target"):
+        load_medusa_heads(tmp_path / "heads", target=other)
+    with pytest.raises(MedusaError, match="'lm_head' must be one of own, target"):
+        MedusaConfig.from_dict({**config.to_dict(), "lm_head": "mine"})
