@@ -6,7 +6,10 @@ Stages (each writes into --work and is skipped when its output is there, so an i
   replies   the target's greedy replies, with its top-k next-token log-probabilities at every position of
             prompt and reply (the soft labels)                     -> <work>/teacher-*.pt (shards)
   train     a small Llama draft trained on those soft labels      -> <out> (bf16 safetensors + tokenizer)
-  report    mean tokens per step (accepted + bonus) at k = 1..6 on the held-out chat prompts, and the
+  heads     Medusa heads reading through the target's own lm_head, trained on its hidden states at the
+            reply positions and the reply tokens 2, 3, 4 ahead   -> <heads-out>
+  report    mean tokens per verify step (accepted + bonus) on the held-out chat prompts: the draft's chains at
+            each --report-k, the heads' trees at each --report-budget; the forwards' cost at batch 1, and the
             learning curve                                         -> <work>/report.json
 
 Prompt material is what the machine has and may be used: the Python standard library's docstrings (PSF
@@ -36,6 +39,7 @@ from specdec.distill import (
     batch_loss,
     batches,
     build_prompts,
+    head_examples_from_records,
     evaluate,
     forward_ms,
     init_draft,
@@ -44,10 +48,14 @@ from specdec.distill import (
     lr_at,
     teacher_records,
     tokens_per_step,
+    tree_tokens_per_step,
 )
-from specdec.runner import ModelRunner
+from specdec.medusa import MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads, target_lm_head
+from specdec.medusa_train import fit_heads
+from specdec.runner import ModelRunner, SeqInput
 
 REPO = Path(__file__).resolve().parent.parent
+HEADS = 3  # Medusa heads: tokens 2, 3 and 4 after the pending one
 TARGET = REPO / "models" / "smollm2-135m-instruct"
 
 def stage_replies(args) -> None:
@@ -86,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=REPO / "runs" / "chat-draft")
     p.add_argument("--out", type=Path, default=REPO / "models" / "smollm2-draft")
     p.add_argument("--target", type=Path, default=TARGET)
-    p.add_argument("--stage", choices=("prompts", "replies", "train", "report", "all"), default="all")
+    p.add_argument("--heads-out", type=Path, default=REPO / "models" / "smollm2-medusa")
+    p.add_argument("--stage", choices=("prompts", "replies", "train", "heads", "report", "all"), default="all")
     p.add_argument("--prompts", type=int, default=4000)
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--shard-size", type=int, default=192)
@@ -97,10 +106,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens-per-batch", type=int, default=4096)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--report-k", type=int, nargs="+", default=[4])
+    p.add_argument("--report-budget", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--head-sequences", type=int, default=600, help="teacher sequences the heads train on")
+    p.add_argument("--head-steps", type=int, default=300)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    stages = ("prompts", "replies", "train", "report") if args.stage == "all" else (args.stage,)
+    stages = ("prompts", "replies", "train", "heads", "report") if args.stage == "all" else (args.stage,)
     for stage in stages:
         if stage == "prompts":
             path = args.work / "prompts.jsonl"
@@ -112,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
             stage_replies(args)
         elif stage == "train":
             stage_train(args)
+        elif stage == "heads":
+            stage_heads(args)
         elif stage == "report":
             stage_report(args)
 
@@ -169,6 +183,27 @@ def save_draft(model, target: Path, out: Path) -> None:
         shutil.copy(target / name, out / name)
 
 
+def stage_heads(args) -> None:
+    examples = args.work / "head-examples.pt"
+    if not examples.exists():
+        records = load_records(args.work)[: args.head_sequences]
+        runner = ModelRunner(args.target, device="cpu", dtype=torch.float32, max_slots=1,
+                             max_seq_len=MAX_PROMPT_TOKENS + MAX_REPLY_TOKENS + 8)
+        x, y = head_examples_from_records(runner, records, num_heads=HEADS)
+        torch.save((x.to(torch.float16), y), examples)
+        log(f"heads: {len(x)} examples from {len(records)} sequences")
+    x, y = torch.load(examples)
+    config = MedusaConfig(hidden_size=x.shape[1], vocab_size=json.loads((args.target / "config.json").read_text())
+                          ["vocab_size"], num_heads=HEADS, num_layers=1, target=args.target.name, lm_head="target")
+    heads = MedusaHeads(config)
+    heads.init_from_lm_head(target_lm_head(args.target))
+    losses = fit_heads(heads, x.float(), y, steps=args.head_steps, lr=1e-3, batch_size=128, seed=args.seed,
+                       log_every=25, log=log)
+    save_medusa_heads(heads, args.heads_out)
+    (args.work / "head-losses.json").write_text(json.dumps([round(v, 4) for v in losses]) + "\n")
+    log(f"heads: saved to {args.heads_out}")
+
+
 def stage_report(args) -> None:
     held_out = load_chat_prompts()
     tokenizer = load_tokenizer(args.target)
@@ -182,22 +217,36 @@ def stage_report(args) -> None:
         torch.save([(r["tokens"][: r["prompt_len"]].tolist(), r["tokens"][r["prompt_len"]:].tolist())
                     for r in records], replies_path)
     pairs = torch.load(replies_path)
+    report: dict = {"held_out_prompts": len(pairs), "reply_tokens": sum(len(r) for _, r in pairs)}
     draft = ModelRunner(args.out, device="cpu", dtype=torch.float32, max_slots=2,
                         max_seq_len=MAX_PROMPT_TOKENS + MAX_REPLY_TOKENS + 16)
-    report: dict = {"held_out_prompts": len(pairs), "reply_tokens": sum(len(r) for _, r in pairs)}
     for k in args.report_k:
         made = steps = 0
         for prompt, reply in pairs:
-            m, s = tokens_per_step(draft, prompt, reply, k)
-            made, steps = made + m, steps + s
-        report[f"tokens_per_step_k{k}"] = round(made / steps, 3)
-        log(f"report: k={k}: {made / steps:.3f} tokens per step over {len(pairs)} held-out prompts")
+            m, n = tokens_per_step(draft, prompt, reply, k)
+            made, steps = made + m, steps + n
+        report[f"draft_tokens_per_step_k{k}"] = round(made / steps, 3)
+        log(f"report: draft k={k}: {made / steps:.3f} tokens per step over {len(pairs)} held-out prompts")
+    if (args.heads_out / "config.json").exists():
+        heads = load_medusa_heads(args.heads_out, target=args.target)
+        states = []
+        for prompt, reply in pairs:  # row j: the target's state that produced reply[j]
+            slot = target.allocate()
+            hidden = target.forward([SeqInput(slot, [*prompt, *reply[:-1]])], return_hidden=True)[0].hidden
+            target.release(slot)
+            states.append(hidden[len(prompt) - 1:].float())
+        for budget in args.report_budget:
+            made = steps = 0
+            for (_, reply), hidden in zip(pairs, states):
+                m, n = tree_tokens_per_step(heads, hidden, reply, budget)
+                made, steps = made + m, steps + n
+            report[f"medusa_tokens_per_step_budget{budget}"] = round(made / steps, 3)
+            log(f"report: medusa budget {budget}: {made / steps:.3f} tokens per step")
     target_ms = [forward_ms(target) for _ in range(3)]
     draft_ms = [forward_ms(draft) for _ in range(3)]
     report["target_forward_ms_batch1"] = round(sorted(target_ms)[1], 3)
     report["draft_forward_ms_batch1"] = round(sorted(draft_ms)[1], 3)
     report["forward_cost_ratio"] = round(sorted(target_ms)[1] / sorted(draft_ms)[1], 2)
-    report["parameters"] = sum(p.numel() for p in draft.weights.__dict__.values() if isinstance(p, torch.Tensor))
     curve = args.work / "curve.json"
     report["curve"] = json.loads(curve.read_text()) if curve.exists() else []
     (args.work / "report.json").write_text(json.dumps(report, indent=1) + "\n")

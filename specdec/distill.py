@@ -377,31 +377,33 @@ def lr_at(step: int, steps: int, peak: float) -> float:
 # -- report ---------------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
 def tokens_per_step(draft_runner, prompt: list[int], reply: list[int], k: int) -> tuple[int, int]:
-    """Greedy speculative decoding of `reply` (the target's own greedy reply) with chains of k draft tokens:
-    (tokens generated, steps). A step yields the accepted draft tokens plus the target's bonus token."""
+    """Greedy speculative decoding of `reply` (the target's own greedy reply) with chains of k draft tokens, as
+    the engine runs it: (tokens the verify steps generated, steps). reply[0] comes from the prefill; each step
+    the draft guesses up to k tokens after the pending one, the matching prefix is accepted, plus the target's
+    bonus token."""
     from specdec.runner import SeqInput
 
     slot = draft_runner.allocate()
     try:
-        logits = draft_runner.forward([SeqInput(slot, prompt, last_logits_only=True)])[0].logits
-        j = steps = 0
-        while j < len(reply):
-            committed = draft_runner.length(slot)
-            guesses, last = [], logits
-            for _ in range(min(k, len(reply) - j - 1)):
-                guesses.append(int(last[-1].argmax()))
-                last = draft_runner.forward([SeqInput(slot, [guesses[-1]], last_logits_only=True)])[0].logits
-            accepted = 0
-            while accepted < len(guesses) and guesses[accepted] == reply[j + accepted]:
-                accepted += 1
-            new = reply[j: j + accepted + 1]
-            draft_runner.truncate(slot, committed)
-            logits = draft_runner.forward([SeqInput(slot, new, last_logits_only=True)])[0].logits
-            j += len(new)
-            steps += 1
-        return len(reply), steps
+        with torch.inference_mode():
+            logits = draft_runner.forward([SeqInput(slot, [*prompt, reply[0]], last_logits_only=True)])[0].logits
+            j, steps = 1, 0
+            while j < len(reply):
+                committed = draft_runner.length(slot)
+                guesses, last = [], logits
+                for _ in range(min(k, len(reply) - j - 1)):  # leave the bonus token to the target
+                    guesses.append(int(last[-1].argmax()))
+                    last = draft_runner.forward([SeqInput(slot, [guesses[-1]], last_logits_only=True)])[0].logits
+                accepted = 0
+                while accepted < len(guesses) and guesses[accepted] == reply[j + accepted]:
+                    accepted += 1
+                new = reply[j: j + accepted + 1]
+                draft_runner.truncate(slot, committed)
+                logits = draft_runner.forward([SeqInput(slot, new, last_logits_only=True)])[0].logits
+                j += len(new)
+                steps += 1
+        return len(reply) - 1, steps
     finally:
         draft_runner.release(slot)
 
@@ -422,3 +424,64 @@ def forward_ms(runner, context: int = 200, repeats: int = 30) -> float:
         return sorted(times)[len(times) // 2] * 1e3
     finally:
         runner.release(slot)
+
+
+# -- tree heads -----------------------------------------------------------------------------------------
+
+IGNORE = -100  # label of a (row, head) whose token lies past the reply
+
+
+@torch.inference_mode()
+def head_examples_from_records(runner, records: list[dict], num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training pairs for Medusa heads from teacher records: X [M, d] the target's final-normed hidden state at
+    each reply position t (from the last prompt token on: the state its lm_head predicts token t + 1 from),
+    Y [M, H] the reply token at t + 2 + i for head i (IGNORE past the reply). The target's replies are its own
+    greedy choices, so the labels are what the heads will be asked to guess."""
+    from specdec.runner import SeqInput
+
+    xs, ys = [], []
+    for record in records:
+        tokens = record["tokens"].tolist()
+        first = record["prompt_len"] - 1
+        slot = runner.allocate()
+        try:
+            hidden = runner.forward([SeqInput(slot, tokens[:-1])], return_hidden=True)[0].hidden.float()
+        finally:
+            runner.release(slot)
+        n = len(tokens)
+        rows = range(first, n - 2)  # row t: head 0's label is tokens[t + 2]
+        labels = torch.full((len(rows), num_heads), IGNORE, dtype=torch.long)
+        for r, t in enumerate(rows):
+            for i in range(num_heads):
+                if t + 2 + i < n:
+                    labels[r, i] = tokens[t + 2 + i]
+        xs.append(hidden[first: n - 2].cpu())
+        ys.append(labels)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def tree_tokens_per_step(heads, hidden: torch.Tensor, reply: list[int], budget: int,
+                         top_k: int = 4) -> tuple[int, int]:
+    """Greedy decoding of `reply` with Medusa trees of `budget` nodes, as the engine runs it: (tokens the verify
+    steps generated, steps). reply[0] comes from the prefill; with j tokens committed (the last, reply[j - 1],
+    pending) the tree built from hidden[j - 1] (the target's state that produced reply[j - 1]) guesses
+    reply[j], reply[j + 1], ...; the longest matching root path is accepted, plus the target's bonus token.
+
+    hidden [len(reply), d]."""
+    from specdec.medusa import build_tree
+
+    with torch.inference_mode():
+        log_probs = torch.log_softmax(heads(hidden.to(next(heads.parameters()).dtype)).float(), dim=-1)
+    j, steps = 1, 0
+    while j < len(reply):
+        tokens, parents = build_tree(log_probs[j - 1], budget, top_k)
+        node, accepted = -1, 0
+        while j + accepted < len(reply) - 1:  # leave the bonus token to the target
+            want = reply[j + accepted]
+            child = next((c for c, (t, p) in enumerate(zip(tokens, parents)) if p == node and t == want), None)
+            if child is None:
+                break
+            node, accepted = child, accepted + 1
+        j += accepted + 1
+        steps += 1
+    return len(reply) - 1, steps

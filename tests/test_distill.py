@@ -14,13 +14,16 @@ import torch
 from specdec.chat_prompts import load_chat_prompts
 from specdec.distill import (
     HELD_OUT_OBJECTS,
+    IGNORE,
     TOP_K,
     batch_loss,
     chat_ids,
+    head_examples_from_records,
     init_draft,
     load_tokenizer,
     teacher_records,
     tokens_per_step,
+    tree_tokens_per_step,
 )
 from specdec.runner import ModelRunner, SeqInput
 from specdec.testing import make_tiny_stack_checkpoints
@@ -95,12 +98,12 @@ def test_tokens_per_step_is_k_plus_one_for_a_perfect_draft_and_less_for_a_wrong_
     runner.release(slot)
     for k in (1, 3, 4):
         made, steps = tokens_per_step(runner, prompt, reply, k)  # the target as its own draft
-        assert made == 23 and steps == -(-23 // (k + 1))
+        assert made == 22 and steps == -(-22 // (k + 1))  # reply[0] is the prefill's
     assert runner.free_slots == 2
     wrong = list(reply)
     wrong[10] = (wrong[10] + 1) % 4096  # a reply the draft cannot predict at one position
     made, steps = tokens_per_step(runner, prompt, wrong, 4)
-    assert made == 23 and steps > -(-23 // 5)
+    assert made == 22 and steps > -(-22 // 5)
 
 
 def test_a_few_steps_on_the_soft_labels_lower_the_drafts_loss(target):
@@ -121,3 +124,46 @@ def test_a_few_steps_on_the_soft_labels_lower_the_drafts_loss(target):
     last, stats = batch_loss(draft, records)
     assert last.item() < 0.8 * first.item()
     assert stats["reply_positions"] == sum(len(r["tokens"]) - r["prompt_len"] for r in records)
+
+
+class Oracle(torch.nn.Module):
+    """Stand-in heads that know the reply: row r's head i puts all its mass on reply[r + 1 + i]."""
+
+    def __init__(self, reply: list[int], num_heads: int, vocab: int = 4096) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.reply, self.num_heads, self.vocab = reply, num_heads, vocab
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.full((len(hidden), self.num_heads, self.vocab), -30.0)
+        for r in range(len(hidden)):
+            for i in range(self.num_heads):
+                if r + 1 + i < len(self.reply):
+                    logits[r, i, self.reply[r + 1 + i]] = 30.0
+        return logits * self.scale
+
+
+def test_tree_tokens_per_step_accepts_whole_paths_of_right_heads_and_stops_at_a_wrong_one():
+    reply = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
+    hidden = torch.zeros(len(reply), 8)
+    made, steps = tree_tokens_per_step(Oracle(reply, 3), hidden, reply, budget=8)
+    assert made == 10 and steps == -(-10 // 4)  # three heads right: 3 accepted + the bonus per step
+    wrong = Oracle([reply[0], *[t + 1 for t in reply[1:]]], 3)  # every guess off by one
+    assert tree_tokens_per_step(wrong, hidden, reply, budget=8) == (10, 10)
+
+
+def test_head_examples_are_reply_states_labelled_with_the_tokens_two_and_more_ahead(target):
+    tokenizer = load_tokenizer(target)
+    runner = ModelRunner(target, device="cpu", dtype=torch.float32, max_slots=2, max_seq_len=256)
+    prompts = [{"id": "h", "messages": [{"role": "user", "content": "a question about heads"}]}]
+    (record,) = teacher_records(runner, tokenizer, prompts, eos_ids={0}, batch=1)
+    x, y = head_examples_from_records(runner, [record], num_heads=3)
+    tokens, p = record["tokens"].tolist(), record["prompt_len"]
+    assert len(x) == len(y) == len(tokens) - 1 - p
+    slot = runner.allocate()
+    hidden = runner.forward([SeqInput(slot, tokens[:-1])], return_hidden=True)[0].hidden
+    runner.release(slot)
+    torch.testing.assert_close(x, hidden[p - 1: len(tokens) - 2].float())
+    for r, t in enumerate(range(p - 1, len(tokens) - 2)):
+        assert y[r, 0] == tokens[t + 2]
+        assert y[r, 2] == (tokens[t + 4] if t + 4 < len(tokens) else IGNORE)
