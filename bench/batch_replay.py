@@ -118,11 +118,11 @@ def workload_misses(requests: int, max_tokens: int) -> dict[str, list[list[bool]
     from transformers import AutoModelForCausalLM
 
     from bench.serving import WORKLOADS, _tokenizer
-    from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_TARGET
+    from specdec.checkpoint import CODE_DRAFT, CODE_TARGET
 
     tokenizer = _tokenizer()
-    target = AutoModelForCausalLM.from_pretrained(str(DEFAULT_TARGET), dtype="float32").eval()
-    draft = AutoModelForCausalLM.from_pretrained(str(DEFAULT_DRAFT), dtype="float32").eval()
+    target = AutoModelForCausalLM.from_pretrained(str(CODE_TARGET), dtype="float32").eval()
+    draft = AutoModelForCausalLM.from_pretrained(str(CODE_DRAFT), dtype="float32").eval()
     return {workload: [draft_misses(target, draft, tokenizer.encode(text).ids, max_tokens)
                        for text in make(requests, 0)] for workload, make in WORKLOADS.items()}
 

@@ -23,7 +23,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
 
 from bench.report import made_with, write_lines
 from bench.serving import WORKLOADS, _tokenizer
-from specdec.checkpoint import DEFAULT_TARGET
+from specdec.checkpoint import CODE_TARGET
 from specdec.runner import ModelRunner, default_device
 from specdec.testing import logits_alone_and_in_chains
 
@@ -38,7 +38,7 @@ def compare(runner: ModelRunner, prompt: list[int], max_tokens: int, chain: int)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(DEFAULT_TARGET))
+    parser.add_argument("--model", default=str(CODE_TARGET))
     parser.add_argument("--dtypes", default="float32,float32:plain,bfloat16",
                         help="runner dtypes; ':plain' = F.linear projections instead of prepacked ones")
     parser.add_argument("--requests", type=int, default=20, help="prompts per workload")

@@ -122,7 +122,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from bench.serving import WORKLOADS, _tokenizer
-    from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_TARGET
+    from specdec.checkpoint import CODE_DRAFT, CODE_TARGET
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20)
@@ -130,8 +130,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     tokenizer = _tokenizer()
-    target = AutoModelForCausalLM.from_pretrained(str(DEFAULT_TARGET), dtype="float32").eval()
-    draft = AutoModelForCausalLM.from_pretrained(str(DEFAULT_DRAFT), dtype="float32").eval()
+    target = AutoModelForCausalLM.from_pretrained(str(CODE_TARGET), dtype="float32").eval()
+    draft = AutoModelForCausalLM.from_pretrained(str(CODE_DRAFT), dtype="float32").eval()
     longest = max(args.max_tokens)
     texts = {workload: [draft_misses(target, draft, tokenizer.encode(text).ids, longest)
                         for text in make(args.requests, 0)] for workload, make in WORKLOADS.items()}

@@ -30,7 +30,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
 
 from bench.report import made_with, write_lines
 from bench.runner_cost import prefilled_slots
-from specdec.checkpoint import DEFAULT_DRAFT
+from specdec.checkpoint import CODE_DRAFT
 from specdec.runner import ModelRunner, SeqInput
 
 PATHS = ("torch", "numpy")
@@ -91,7 +91,7 @@ def report(results: dict, model: str, context: int, repeats: int) -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_DRAFT))
+    p.add_argument("--model", default=str(CODE_DRAFT))
     p.add_argument("--batches", default="1,4,8,16", help="requests per forward")
     p.add_argument("--new", default="1,4", help="new tokens per request")
     p.add_argument("--context", type=int, default=160, help="cached tokens per request")

@@ -76,10 +76,10 @@ def greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
 def main() -> int:
     from transformers import AutoModelForCausalLM
 
-    from specdec.checkpoint import DEFAULT_TARGET
+    from specdec.checkpoint import CODE_TARGET
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(DEFAULT_TARGET))
+    parser.add_argument("--model", default=str(CODE_TARGET))
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--k", type=int, default=8, help="candidates per step (smartspec's largest k)")

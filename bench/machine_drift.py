@@ -27,7 +27,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
 
 from bench.report import made_with, write_lines
 from bench.serving import percentile
-from specdec.checkpoint import DEFAULT_TARGET
+from specdec.checkpoint import CODE_TARGET
 
 LAGS_S = (2, 10, 30, 60, 120)
 
@@ -59,7 +59,7 @@ def lag_ratios(medians: list[float], block_s: float, lags_s=LAGS_S) -> dict[floa
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_TARGET))
+    p.add_argument("--model", default=str(CODE_TARGET))
     p.add_argument("--seconds", type=float, default=300.0)
     p.add_argument("--block-s", type=float, default=2.0)
     p.add_argument("--context", type=int, default=170, help="cached tokens (the benchmark's prompts: 100-200)")

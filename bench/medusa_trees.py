@@ -36,7 +36,7 @@ if str(REPO_ROOT) not in sys.path:
 from bench.serving import TOKENIZER_FILE, code_completion_prompts  # noqa: E402
 from proposer_svc.base import ProposalRequest  # noqa: E402
 from proposer_svc.draft import DraftProposer  # noqa: E402
-from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_MEDUSA, DEFAULT_TARGET  # noqa: E402
+from specdec.checkpoint import CODE_DRAFT, CODE_MEDUSA, CODE_TARGET  # noqa: E402
 from specdec.medusa import MedusaHeads, build_tree, load_medusa_heads  # noqa: E402
 from verifier_svc.core import PrefillItem, VerifierCore, VerifyItem  # noqa: E402
 
@@ -180,9 +180,9 @@ def render_markdown(figures: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", type=Path, default=DEFAULT_TARGET)
-    p.add_argument("--heads", type=Path, default=DEFAULT_MEDUSA)
-    p.add_argument("--draft", type=Path, default=DEFAULT_DRAFT)
+    p.add_argument("--target", type=Path, default=CODE_TARGET)
+    p.add_argument("--heads", type=Path, default=CODE_MEDUSA)
+    p.add_argument("--draft", type=Path, default=CODE_DRAFT)
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--sizes", default="1,2,3,4,6,8,12,16", help="candidate nodes per step")

@@ -21,11 +21,11 @@ from pathlib import Path
 
 WORKER = r"""
 import json, sys, time
-from specdec.checkpoint import DEFAULT_TARGET
+from specdec.checkpoint import CODE_TARGET
 from specdec.runner import ModelRunner, SeqInput
 
 max_rows = int(sys.argv[1])
-runner = ModelRunner(DEFAULT_TARGET, max_slots=1, max_seq_len=max_rows + 8)
+runner = ModelRunner(CODE_TARGET, max_slots=1, max_seq_len=max_rows + 8)
 slot = runner.allocate()
 
 def forward(rows):

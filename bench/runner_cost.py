@@ -30,7 +30,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.report import made_with
-from specdec.checkpoint import DEFAULT_TARGET
+from specdec.checkpoint import CODE_TARGET
 from specdec.runner import ModelRunner, SeqInput
 
 
@@ -59,7 +59,7 @@ def measure(runner: ModelRunner, slots: list[int], batch: int, new: int, rng: ra
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_TARGET))
+    p.add_argument("--model", default=str(CODE_TARGET))
     p.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     p.add_argument("--new-tokens", default="1,2,3,4,5,6,7,8,9")
     p.add_argument("--context", type=int, default=128, help="cached tokens per request")

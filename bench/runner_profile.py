@@ -30,7 +30,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
 
 from bench.report import made_with, write_lines
 from bench.runner_cost import measure, prefilled_slots
-from specdec.checkpoint import DEFAULT_TARGET
+from specdec.checkpoint import CODE_TARGET
 from specdec.runner import ModelRunner
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
@@ -47,7 +47,7 @@ def parse_points(text: str) -> list[tuple[int, int]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(DEFAULT_TARGET))
+    parser.add_argument("--model", default=str(CODE_TARGET))
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--context", type=int, default=128, help="cached tokens per request")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from scheduler_svc.config import ProposerAddress, SchedulerConfig
 from scheduler_svc.server import start_server
-from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_TARGET
+from specdec.checkpoint import CODE_DRAFT, CODE_TARGET
 from specdec.launcher import Stack, free_ports, local_specs
 from specdec_client import AsyncClient
 
@@ -85,8 +85,8 @@ async def run_case(args, addresses: dict[str, str], policy: str, proposer: str, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(DEFAULT_TARGET))
-    p.add_argument("--draft-model", default=str(DEFAULT_DRAFT))
+    p.add_argument("--model", default=str(CODE_TARGET))
+    p.add_argument("--draft-model", default=str(CODE_DRAFT))
     p.add_argument("--k", type=int, default=3, help="the fixed policy's k (smartspec chooses up to 8)")
     p.add_argument("--policies", default="fixed,smartspec", help="comma-separated scheduler policies")
     p.add_argument("--max-tokens", type=int, default=64)

@@ -31,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
-from specdec.checkpoint import DEFAULT_MEDUSA, DEFAULT_TARGET  # noqa: E402
+from specdec.checkpoint import CODE_MEDUSA, CODE_TARGET  # noqa: E402
 from specdec.medusa import MedusaConfig, MedusaHeads, save_medusa_heads  # noqa: E402
 from specdec.medusa_train import fit_heads, greedy_rollouts, head_accuracy, head_examples  # noqa: E402
 from specdec.runner import ModelRunner  # noqa: E402
@@ -113,8 +113,8 @@ def render_markdown(figures: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", type=Path, default=DEFAULT_TARGET)
-    p.add_argument("--out", type=Path, default=DEFAULT_MEDUSA)
+    p.add_argument("--target", type=Path, default=CODE_TARGET)
+    p.add_argument("--out", type=Path, default=CODE_MEDUSA)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=1, help="residual blocks per head")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from specdec import checkpoint
-from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_TARGET, CheckpointError, load_tokenizer, validate_checkpoint
+from specdec.checkpoint import CODE_DRAFT, CODE_TARGET, CheckpointError, load_tokenizer, validate_checkpoint
 from specdec.llama import CheckpointLayoutError
 from specdec.runner import ModelRunner, SeqInput
 from specdec.testing import TINY_BPE_CORPUS, make_tiny_checkpoint
@@ -27,7 +27,7 @@ def good(tmp_path):
 
 
 def test_embedded_models_are_valid():
-    for folder in (DEFAULT_TARGET, DEFAULT_DRAFT):
+    for folder in (CODE_TARGET, CODE_DRAFT):
         assert validate_checkpoint(folder) == folder.resolve()
         assert load_tokenizer(folder).eos_token == "<|endoftext|>"
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from specdec.checkpoint import DEFAULT_TARGET
+from specdec.checkpoint import CODE_TARGET
 from specdec.linear import Linear, can_prepack
 from specdec.runner import ModelRunner
 from specdec.testing import logits_alone_and_in_chains
@@ -45,9 +45,9 @@ def test_prepack_follows_device_and_dtype():
     assert can_prepack(torch.device("cpu"), torch.float32)
     assert not can_prepack(torch.device("cpu"), torch.bfloat16)
     assert not can_prepack(torch.device("cuda"), torch.float32)
-    runner = ModelRunner(DEFAULT_TARGET, device="cpu", dtype="float32", max_slots=1, max_seq_len=8)
+    runner = ModelRunner(CODE_TARGET, device="cpu", dtype="float32", max_slots=1, max_seq_len=8)
     assert runner.weights.lm_head.packed is not None and runner.weights.layers[0].qkv.packed is not None
-    plain = ModelRunner(DEFAULT_TARGET, device="cpu", dtype="float32", max_slots=1, max_seq_len=8, prepack=False)
+    plain = ModelRunner(CODE_TARGET, device="cpu", dtype="float32", max_slots=1, max_seq_len=8, prepack=False)
     assert plain.weights.layers[0].down.packed is None
 
 
@@ -56,7 +56,7 @@ def test_a_chain_verified_at_once_gets_the_logits_of_one_token_at_a_time():
     the same context in chains of 1, 2, 5 and 8 (a verifier step's shapes): the same logits up to fp32
     rounding (attention over 1 or k query rows sums in another order), the same argmax."""
     rng = random.Random(0)
-    runner = ModelRunner(DEFAULT_TARGET, device="cpu", dtype="float32", max_slots=2, max_seq_len=160)
+    runner = ModelRunner(CODE_TARGET, device="cpu", dtype="float32", max_slots=2, max_seq_len=160)
     context = [rng.randrange(1, runner.vocab_size) for _ in range(60)]
     tokens, alone, chained = logits_alone_and_in_chains(runner, context, 24, (1, 2, 5, 8))
     next_tokens = tokens[1:] + [int(alone[-1].argmax())]

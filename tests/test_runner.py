@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_TARGET
+from specdec.checkpoint import CODE_DRAFT, CODE_TARGET
 from specdec.runner import BatchError, ModelRunner, SeqInput, parse_dtype
 from specdec.testing import make_tiny_checkpoint
 
@@ -99,7 +99,7 @@ def test_runner_matches_transformers_tiny(tmp_path, arch):
     run_scenario(folder, vocab=97, seed=hash(arch) % 1000)
 
 
-@pytest.mark.parametrize("folder", [DEFAULT_TARGET, DEFAULT_DRAFT], ids=["target", "draft"])
+@pytest.mark.parametrize("folder", [CODE_TARGET, CODE_DRAFT], ids=["target", "draft"])
 def test_runner_matches_transformers_embedded(folder):
     run_scenario(folder, vocab=4096, context_lengths=(5, 12, 20, 31, 44, 60), cycles=3)
 
