@@ -12,7 +12,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -33,6 +33,9 @@ from specdec.pb import generation_pb2, generation_pb2_grpc
 from specdec.security import api_key_interceptors, bind
 from specdec.status import StatusInterceptor
 from specdec.tracing import server_interceptors
+
+if TYPE_CHECKING:
+    from scheduler_svc.http_api import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -338,12 +341,21 @@ class SchedulerServer:
     scheduler: Scheduler
     health: health.aio.HealthServicer
     connect_task: asyncio.Task
+    http: HttpServer | None = None  # the OpenAI-compatible HTTP API, when --http-port is set
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Graceful shutdown: NOT_SERVING, finish in-flight calls within the grace time, close clients."""
+        grace_s = grace_s if grace_s is not None else self.scheduler.config.grace_s
         await self.health.enter_graceful_shutdown()
         self.connect_task.cancel()
-        await self.server.stop(grace_s if grace_s is not None else self.scheduler.config.grace_s)
+        if self.http is not None:
+            await asyncio.gather(self.server.stop(grace_s), self.http.stop(grace_s))
+        else:
+            await self.server.stop(grace_s)
         await self.scheduler.close()
 
 
@@ -363,6 +375,16 @@ async def start_server(config: SchedulerConfig, tokenizer: Any = None) -> Schedu
     )
     port = bind(server, f"{config.host}:{config.port}", config.tls)
     await server.start()
+    http = None
+    if config.http_port:
+        # Imported here: a scheduler without the HTTP API does not load FastAPI.
+        from scheduler_svc.http_api import start_http_server
+
+        try:
+            http = await start_http_server(scheduler, config.host, config.http_port, config.tls, config.grace_s)
+        except BaseException:
+            await server.stop(0)
+            raise
 
     async def set_health(up: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -376,4 +398,4 @@ async def start_server(config: SchedulerConfig, tokenizer: Any = None) -> Schedu
         log.info("scheduler ready on %s:%d", config.host, port)
 
     task = asyncio.create_task(connect(), name="scheduler-connect")
-    return SchedulerServer(server, port, scheduler, health_servicer, task)
+    return SchedulerServer(server, port, scheduler, health_servicer, task, http)

@@ -313,6 +313,7 @@ class Cluster:
     scheduler: SchedulerServer
     stub: generation_pb2_grpc.GenerationStub
     channel: grpc.aio.Channel
+    verifier_server: grpc.aio.Server
 
     @property
     def engine(self):
@@ -326,7 +327,7 @@ async def cluster(verifier: FakeVerifier | None = None, proposers: dict[str, Fak
     verifier = verifier or FakeVerifier()
     proposers = {"fake": FakeProposer()} if proposers is None else proposers
     async with contextlib.AsyncExitStack() as stack:
-        _, vaddr = await stack.enter_async_context(
+        verifier_server, vaddr = await stack.enter_async_context(
             serve_fake(verifier, verifier_pb2_grpc.add_VerifierServicer_to_server))
         servers, addresses = {}, []
         for name, fake in proposers.items():
@@ -344,7 +345,8 @@ async def cluster(verifier: FakeVerifier | None = None, proposers: dict[str, Fak
             await asyncio.wait_for(sched.scheduler.ready.wait(), 10)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{sched.port}")
         stack.push_async_callback(channel.close)
-        yield Cluster(verifier, proposers, servers, sched, generation_pb2_grpc.GenerationStub(channel), channel)
+        yield Cluster(verifier, proposers, servers, sched, generation_pb2_grpc.GenerationStub(channel), channel,
+                      verifier_server)
 
 
 async def generate(stub, **fields) -> tuple[list[int], str, str, generation_pb2.GenerationStats, int]:
