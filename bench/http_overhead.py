@@ -166,7 +166,7 @@ def report(args: argparse.Namespace, light_result: dict, blocks: dict, device: s
     pooled = (sum(t for t, _ in blocks["http"]) / sum(w for _, w in blocks["http"])) / (
         sum(t for t, _ in blocks["grpc"]) / sum(w for _, w in blocks["grpc"]))
     lines = [
-        f"`{' '.join(['python -m bench.http_overhead', *sys.argv[1:]])}` ({device}; model {args.model}, "
+        f"`{' '.join(['python -m bench.http_overhead', *args.argv])}` ({device}; model {args.model}, "
         f"{args.max_tokens} tokens per request)",
         "",
         "| load | gRPC | HTTP | HTTP - gRPC | goal |",
@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the verifier")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
 
     from specdec.checkpoint import DEFAULT_TARGET
     from specdec.launcher import Stack, free_ports, local_specs

@@ -265,3 +265,19 @@ def test_a_client_that_disconnects_cancels_its_request_everywhere():
                 assert len(verifier.verify_batches) - steps_before < 30
 
     run(body())
+
+
+def test_kept_alive_connections_answer_without_waiting_for_a_delayed_ack():
+    """Requests on one kept-alive connection come back in milliseconds: without TCP_NODELAY on the server's
+    connections, each response's second write waited ~40 ms for the client's delayed ACK."""
+    async def body():
+        async with http_cluster() as (c, base):
+            async with httpx2.AsyncClient(base_url=base, timeout=10) as http:
+                times = []
+                for _ in range(12):
+                    started = asyncio.get_running_loop().time()
+                    assert (await http.get("/health")).status_code == 200
+                    times.append(asyncio.get_running_loop().time() - started)
+            assert sorted(times)[6] < 0.02, times
+
+    run(body())
