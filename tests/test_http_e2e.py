@@ -256,3 +256,39 @@ def test_chat_through_the_template_with_one_bos_and_several_eos_ids(chat_stack):
         deltas = [c.choices[0] for c in stream if c.choices]
         assert deltas[0].delta.role == "assistant"
         assert "".join(d.delta.content or "" for d in deltas) == chat.text and deltas[-1].finish_reason == "stop"
+
+
+def test_specdec_chat_one_message_and_a_conversation_on_stdin(chat_stack, capsys, monkeypatch):
+    import asyncio
+    import io
+
+    from specdec import cli
+    from specdec_client import AsyncClient
+
+    stack, prompt, reply, _ = chat_stack
+    address = stack.spec("scheduler").address
+    with Client(address, timeout=60) as client:
+        want = client.chat(MESSAGES, max_tokens=8).text
+
+    async def async_chat():
+        async with AsyncClient(address, timeout=60) as client:
+            info = await client.model_info()
+            result = await client.chat(MESSAGES, max_tokens=8)
+            streamed = await client.chat_stream(MESSAGES, max_tokens=8).collect()
+            return info, result, streamed
+
+    info, result, streamed = asyncio.run(async_chat())
+    assert info.has_chat_template and result.text == streamed.text == want
+    assert cli.main(["chat", MESSAGES[1]["content"], "--system", MESSAGES[0]["content"], "--target", address,
+                     "--max-tokens", "8"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    # A conversation: each line a user turn, the history sent with every turn.
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{MESSAGES[1]['content']}\n\nand again?\n"))
+    assert cli.main(["chat", "--system", MESSAGES[0]["content"], "--target", address, "--max-tokens", "8"]) == 0
+    with Client(address, timeout=60) as client:
+        second = client.chat([*MESSAGES, {"role": "assistant", "content": want},
+                              {"role": "user", "content": "and again?"}], max_tokens=8).text
+    assert capsys.readouterr().out == f"{want}\n{second}\n"
+    # An unreachable server: one line on stderr, exit 1.
+    assert cli.main(["chat", "hi", "--target", "127.0.0.1:1", "--retries", "0", "--timeout", "2"]) == 1
+    assert "is unavailable" in capsys.readouterr().err
