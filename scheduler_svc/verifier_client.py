@@ -145,6 +145,7 @@ class VerifierClient:
         # Calls inside an engine step's span are traced and carry its context to the verifier.
         self._channel = aio_channel(address, tls, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
         self._stub = verifier_pb2_grpc.VerifierStub(self._channel)
+        self._seen_state = grpc.ChannelConnectivity.IDLE  # the state reachable() last read
 
     async def close(self) -> None:
         await self._channel.close()
@@ -152,7 +153,7 @@ class VerifierClient:
     def reachable(self, try_to_connect: bool = False) -> bool | None:
         """True when the channel is connected, False when its last attempt failed, None while unknown
         (idle or connecting)."""
-        state = self._channel.get_state(try_to_connect)
+        state = self._seen_state = self._channel.get_state(try_to_connect)
         if state == grpc.ChannelConnectivity.READY:
             return True
         if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
@@ -160,8 +161,12 @@ class VerifierClient:
         return None
 
     async def wait_for_state_change(self) -> None:
-        """Return once the channel's connectivity state changes (for a watcher of readiness)."""
-        await self._channel.wait_for_state_change(self._channel.get_state(True))
+        """Return once the channel's connectivity state differs from the one reachable() last saw (at once if it
+        already does), for a watcher of readiness. Reading the state again here instead would miss a change
+        that came in between: a refused connection turns CONNECTING into TRANSIENT_FAILURE within
+        microseconds, and a watcher that always saw the first and waited on the second never noticed a
+        verifier that was down."""
+        await self._channel.wait_for_state_change(self._seen_state)
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """Wait until the channel is connected (at once if it is), at most timeout_s; returns whether it is."""
