@@ -26,6 +26,9 @@ async def serve(config: SchedulerConfig) -> int:
     log.info("listening on %s:%d (%s, API key %s; to the verifier and proposers: %s)", config.host, running.port,
              transport(config.tls), "required" if config.accepted_api_keys() else "not required",
              "TLS" if config.internal_tls else "plaintext")
+    if running.http is not None:
+        log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if config.tls else "http", config.host,
+                 running.http.port)
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({stopper, running.connect_task}, return_when=asyncio.FIRST_COMPLETED)
     code = 0

@@ -52,6 +52,10 @@ class SchedulerConfig:
     step_record_limit: int = 10_000  # StepRecords kept in memory (a ring buffer) for benchmarks
     grace_s: float = 5.0  # graceful-shutdown time for in-flight calls
     metrics_port: int = 0  # Prometheus /metrics on this port (same host); 0 = none
+    # The OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions) on this port of the
+    # same host, in this process (one code path with the gRPC API); 0 = none.
+    http_port: int = 0
+    model_name: str | None = None  # the name requests use for the model; default: the checkpoint folder's name
     log_level: str = "INFO"
     # TLS of the public port (PEM files); with tls_client_ca, clients must present a certificate (mTLS).
     tls_cert: str | None = None
@@ -88,6 +92,10 @@ class SchedulerConfig:
             raise ValueError(f"--max-tokens-limit must be >= 1, got {self.max_tokens_limit}")
         if self.max_waiting < 0:
             raise ValueError(f"--max-waiting must be >= 0, got {self.max_waiting}")
+        if not 0 <= self.http_port <= 65535:
+            raise ValueError(f"--http-port must be a port number (0 = no HTTP API), got {self.http_port}")
+        if self.http_port and self.http_port == self.port:
+            raise ValueError(f"--http-port {self.http_port} is the gRPC port (--port) too; give it a port of its own")
         for flag, value in (("--proposer-timeout-s", self.proposer_timeout_s),
                             ("--verifier-timeout-s", self.verifier_timeout_s),
                             ("--step-record-limit", self.step_record_limit)):
@@ -198,6 +206,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="graceful-shutdown time for in-flight calls")
     parser.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", 0)),
                         help="Prometheus metrics port, 0 = none")
+    parser.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", 0)),
+                        help="serve the OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
+                             "/v1/chat/completions, /health) on this port of --host, 0 = none (default)")
+    parser.add_argument("--model-name", default=_env("MODEL_NAME", None),
+                        help="the model's name in requests and /v1/models (default: the checkpoint folder's name)")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     tls = parser.add_argument_group("security", "TLS and API keys; every setting is off unless given")
     tls.add_argument("--tls-cert", default=_env("TLS_CERT", None),
@@ -257,6 +270,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> SchedulerConfig:
             step_record_limit=args.step_record_limit,
             grace_s=args.grace_s,
             metrics_port=args.metrics_port,
+            http_port=args.http_port,
+            model_name=args.model_name,
             log_level=args.log_level,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,

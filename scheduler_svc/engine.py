@@ -40,7 +40,7 @@ from scheduler_svc.policy import (
     RequestView,
 )
 from scheduler_svc.proposer_client import ProposeResult, ProposerClient, ProposeWork
-from scheduler_svc.request import FinishReason, Request, RequestFailed, RequestState, StreamChunk
+from scheduler_svc.request import FinishReason, Request, RequestFailed, RequestState, StreamChunk, TokenLogprobs
 from scheduler_svc.telemetry import SchedulerTelemetry
 from scheduler_svc.verifier_client import (
     PrefillItem,
@@ -66,7 +66,7 @@ class ModelLimits:
     """What the verifier serves, from its Info."""
 
     vocab_size: int
-    eos_token_id: int
+    eos_token_ids: frozenset[int]  # every id that ends generation (unless the request ignores EOS)
     max_seq_len: int  # most tokens one request may hold
     max_slots: int
     max_batch_size: int
@@ -185,16 +185,18 @@ class Engine:
         except Exception as exc:  # the services may be gone already; nothing more to do at shutdown
             log.warning("could not release every request's state at shutdown: %s", exc)
 
-    def submit(self, request: Request) -> None:
-        """Queue a validated request; raises QueueFull when too many are already waiting."""
+    def submit(self, *requests: Request) -> None:
+        """Queue validated requests (the n completions of one call: all or none); raises QueueFull when too
+        many are already waiting."""
         # Requests the next step can admit do not count as queued.
-        if len(self._waiting) >= self.max_waiting + self._free_slots():
+        if len(self._waiting) + len(requests) > self.max_waiting + self._free_slots():
             raise QueueFull(
                 f"the server is full: {len(self._waiting)} requests are waiting for a slot "
                 f"(limit {self.max_waiting}); retry later"
             )
-        self._waiting.append(request)
-        self.policy.observe_arrival(request.arrival_s)
+        for request in requests:
+            self._waiting.append(request)
+            self.policy.observe_arrival(request.arrival_s)
         self._wake.set()
 
     def cancel(self, request: Request) -> None:
@@ -332,7 +334,7 @@ class Engine:
         if not batch:
             return
         try:
-            batch, first, timing, hidden = await self._prefill(batch, while_waiting=self._while_waiting)
+            batch, first, timing, hidden, logprobs = await self._prefill(batch, while_waiting=self._while_waiting)
         except VerifierError:
             # Some of them may hold state now: release before they are tried again.
             self._release_in_verifier.extend(r.request_id for r in batch)
@@ -349,37 +351,39 @@ class Engine:
             self.telemetry.request_admitted(request, record.start_s)
             request.hidden_state = hidden.get(request.request_id, b"")
             record.committed += 1
-            self._commit(request, [first[request.request_id]])
+            self._commit(request, [first[request.request_id]], _one(logprobs.get(request.request_id)))
 
     async def _prefill(
         self, requests: list[Request], while_waiting: Callable[[], None] | None = None
-    ) -> tuple[list[Request], dict[str, int], Timing, dict[str, bytes]]:
+    ) -> tuple[list[Request], dict[str, int], Timing, dict[str, bytes], dict[str, TokenLogprobs]]:
         """Prefill `requests` in one call. When it fails in a way one request's own input may cause, prefill
         them one call each, so that only a request whose own call fails is failed (alone, with the
         verifier's message) and the others go on. Returns the requests now held, their first tokens, the
-        timing and hidden states; a transient failure is raised (the caller keeps the requests)."""
+        timing, hidden states and first tokens' logprobs; a transient failure is raised (the caller keeps
+        the requests)."""
         def items(batch: Sequence[Request]) -> list[PrefillItem]:
-            return [PrefillItem(r.request_id, r.tokens, r.params.sampling) for r in batch]
+            return [PrefillItem(r.request_id, r.tokens, r.params.sampling, r.params.logprobs, r.params.top_logprobs)
+                    for r in batch]
 
         try:
-            first, timing, hidden = await self.verifier.prefill(items(requests), self.wants_hidden,
-                                                                while_waiting=while_waiting)
-            return requests, first, timing, hidden
+            first, timing, hidden, logprobs = await self.verifier.prefill(items(requests), self.wants_hidden,
+                                                                          while_waiting=while_waiting)
+            return requests, first, timing, hidden, logprobs
         except VerifierError as exc:
             if not exc.may_be_input:
                 raise
             if len(requests) == 1:
                 self._fail_on_verifier(requests[0], exc)
-                return [], {}, Timing(), {}
+                return [], {}, Timing(), {}, {}
             log.warning("a Prefill of %d requests failed (%s); prefilling them one at a time", len(requests), exc)
         # A failed call leaves nothing behind in the verifier (it rolls back), but make sure before retrying.
         await self.verifier.release([r.request_id for r in requests])
         held: list[Request] = []
-        first, hidden = {}, {}
+        first, hidden, logprobs = {}, {}, {}
         forward_ms = total_ms = 0.0
         for request in requests:
             try:
-                one, timing, state = await self.verifier.prefill(items([request]), self.wants_hidden)
+                one, timing, state, lp = await self.verifier.prefill(items([request]), self.wants_hidden)
             except VerifierError as exc:
                 if not exc.may_be_input:
                     raise
@@ -388,8 +392,9 @@ class Engine:
             held.append(request)
             first.update(one)
             hidden.update(state)
+            logprobs.update(lp)
             forward_ms, total_ms = forward_ms + timing.forward_ms, total_ms + timing.total_ms
-        return held, first, Timing(forward_ms, total_ms), hidden
+        return held, first, Timing(forward_ms, total_ms), hidden, logprobs
 
     def _fail_on_verifier(self, request: Request, exc: VerifierError) -> None:
         """Fail a request whose own call failed in the verifier; the others are not touched."""
@@ -403,16 +408,17 @@ class Engine:
         running = list(self._running.values())
         first: dict[str, int] = {}
         hidden: dict[str, bytes] = {}
+        logprobs: dict[str, TokenLogprobs] = {}
         if running:
             await self.verifier.release([r.request_id for r in running])
-            running, first, _, hidden = await self._prefill(running)
+            running, first, _, hidden, logprobs = await self._prefill(running)
             log.warning("re-prefilled %d running requests in the verifier from their committed tokens", len(running))
         for proposer in self.proposers.values():
             proposer.resync()
         self._needs_reprefill = False
         for request in running:
             request.hidden_state = hidden.get(request.request_id, b"")
-            self._commit(request, [first[request.request_id]])
+            self._commit(request, [first[request.request_id]], _one(logprobs.get(request.request_id)))
 
     # -- 2.-5. one speculative step ------------------------------------------------------------------
 
@@ -512,7 +518,7 @@ class Engine:
             record.accepted += accepted
             record.committed += accepted + 1
             request.hidden_state = out.hidden_state
-            self._commit(request, [*out.accepted_token_ids, out.bonus_token_id])
+            self._commit(request, [*out.accepted_token_ids, out.bonus_token_id], out.logprobs)
         return outcomes
 
     async def _verify_each(
@@ -624,16 +630,18 @@ class Engine:
 
     # -- commit and finish ---------------------------------------------------------------------------
 
-    def _commit(self, request: Request, new_tokens: Sequence[int]) -> None:
-        """Append one step's tokens, apply EOS / stop strings / max_tokens, and stream the result."""
+    def _commit(self, request: Request, new_tokens: Sequence[int], logprobs: Sequence[TokenLogprobs] = ()) -> None:
+        """Append one step's tokens, apply EOS / stop strings / max_tokens, and stream the result (with each
+        kept token's logprobs when the request asked for them: `logprobs` is then one per new token)."""
         if request.cancelled:
             self._finish(request, None)
             return
         kept: list[int] = []
         text: list[str] = []
         reason: FinishReason | None = None
+        eos = self.limits.eos_token_ids
         for token in new_tokens:
-            if token == self.limits.eos_token_id and not request.params.ignore_eos:
+            if token in eos and not request.params.ignore_eos:
                 reason = FinishReason.EOS
                 break
             kept.append(token)
@@ -650,8 +658,16 @@ class Engine:
             text.append(request.detokenizer.flush())
         if reason is not None:
             self._finish(request, reason)
+        kept_logprobs = None
+        if request.params.logprobs:
+            if len(logprobs) != len(new_tokens):  # a verifier that does not know the flag
+                log.warning("the verifier sent %d logprobs for %d tokens of %s", len(logprobs), len(new_tokens),
+                            request.request_id)
+            else:
+                kept_logprobs = list(logprobs[: len(kept)])
         request.events.put_nowait(
-            StreamChunk(kept, "".join(text), reason, request.stats if reason is not None else None)
+            StreamChunk(kept, "".join(text), reason, request.stats if reason is not None else None, kept_logprobs,
+                        request.index)
         )
 
     def _finish(self, request: Request, reason: FinishReason | None) -> None:
@@ -675,7 +691,11 @@ class Engine:
         if request.is_finished:
             return
         self._finish(request, None)
-        request.events.put_nowait(RequestFailed(code, message))
+        request.events.put_nowait(RequestFailed(code, message, request.index))
+
+
+def _one(logprobs: TokenLogprobs | None) -> tuple[TokenLogprobs, ...]:
+    return () if logprobs is None else (logprobs,)
 
 
 def truncate_candidates(cand: common_pb2.Candidates, k: int) -> common_pb2.Candidates:

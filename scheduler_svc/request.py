@@ -35,6 +35,19 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     proposer: str = ""  # "" = the server's choice, "none" = no speculation, else a configured name
     ignore_eos: bool = False
+    n: int = 1  # independent completions of the prompt (one engine request each)
+    logprobs: bool = False  # report the target's log-probability of every output token
+    top_logprobs: int = 0  # with logprobs: the most likely tokens at each position, this many
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The target's raw log-probability of one output token, and the most likely tokens at its position
+    (most likely first) as (token id, logprob) pairs; see verifier.proto TargetLogprobs."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class FinishReason(enum.Enum):
@@ -76,6 +89,8 @@ class StreamChunk:
     text: str
     finish_reason: FinishReason | None = None  # set on the last chunk only
     stats: RequestStats | None = None  # set on the last chunk only
+    logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked
+    index: int = 0  # which of the call's n completions
 
 
 @dataclass
@@ -84,6 +99,7 @@ class RequestFailed:
 
     code: str  # a grpc.StatusCode name, e.g. "UNAVAILABLE"
     message: str
+    index: int = 0  # which of the call's n completions failed
 
 
 class RequestState(enum.Enum):
@@ -106,7 +122,9 @@ class Request:
     stats: RequestStats = field(default_factory=RequestStats)
     finish_reason: FinishReason | None = None
     cancelled: bool = False
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # StreamChunk | RequestFailed
+    # StreamChunk | RequestFailed; the n completions of one call share theirs (chunks carry `index`).
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    index: int = 0  # which of its call's n completions this request is
     first_token_s: float | None = None
     finished_s: float | None = None
     # The target's hidden state at the position its pending token was sampled from (float32 bytes),

@@ -1,8 +1,9 @@
-"""The scheduler's gRPC side: the Generation servicer, start-up wiring, health and reflection.
+"""The scheduler's public side: the Generation servicer, start-up wiring, health and reflection, and the
+OpenAI-compatible HTTP API (http_api.py) in the same process and event loop when --http-port is set.
 
-The servicer is thin: it validates a GenerateRequest into GenerationParams, hands a Request to the
-engine, and turns the request's StreamChunks back into protobuf. A client that goes away (context
-cancellation) cancels its request, which frees its state in the verifier and the proposers.
+The servicer is thin: generation.start_generation (shared with the HTTP API) validates a GenerateRequest and
+starts its completions in the engine; the servicer turns their StreamChunks back into protobuf. A client that
+goes away (context cancellation) cancels its request, which frees its state in the verifier and the proposers.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,28 +20,27 @@ from grpc_reflection.v1alpha import reflection
 
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.detokenizer import IncrementalDetokenizer
-from scheduler_svc.engine import Engine, ModelLimits, QueueFull
+from scheduler_svc.engine import Engine, ModelLimits
+from scheduler_svc.generation import GenerationError, start_generation
 from scheduler_svc.policy import policy_from_config
 from scheduler_svc.profile import profile_costs
 from scheduler_svc.proposer_client import ProposerClient
-from scheduler_svc.request import GenerationParams, Request, RequestFailed, RequestStats, StreamChunk
+from scheduler_svc.request import GenerationParams, Request, RequestStats, StreamChunk, TokenLogprobs
 from scheduler_svc.telemetry import SchedulerTelemetry
-from scheduler_svc.validation import Limits, validate_request
+from scheduler_svc.validation import Limits
 from scheduler_svc.verifier_client import VerifierClient, VerifierInfo
 from specdec.pb import generation_pb2, generation_pb2_grpc
 from specdec.security import api_key_interceptors, bind
 from specdec.status import StatusInterceptor
 from specdec.tracing import server_interceptors
 
+if TYPE_CHECKING:
+    from scheduler_svc.http_api import HttpServer
+
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
 RETRY_CONNECT_S = 0.5
-# Prompts longer than this are tokenised on a worker thread, so that the event loop (every other request's
-# stream) does not wait for them; shorter ones are tokenised in place, which costs less than the hop.
-TOKENIZE_IN_THREAD_CHARS = 4096
-# Longest status message the servicer sends (it travels in metadata, whose size gRPC limits).
-MAX_STATUS_MESSAGE_CHARS = 1024
 
 
 def load_tokenizer(path: str):
@@ -76,6 +77,9 @@ class Scheduler:
         self.on_readiness: Callable[[bool], Awaitable[None]] | None = None
         self._watch_task: asyncio.Task | None = None
         self._decode: Callable[[Sequence[int]], str] | None = None
+        self._token_text: dict[int, str] = {}  # each token alone, decoded (for logprobs), filled on use
+        self.model_name = config.model_name or ""  # the name requests use; the checkpoint's folder by default
+        self.has_chat_template = False
 
     async def connect(self) -> None:
         """Wait for the verifier and the proposers, load the tokenizer, start the engine."""
@@ -111,16 +115,20 @@ class Scheduler:
             # Left over from an earlier scheduler: nobody will ever finish them.
             log.warning("releasing %d requests the verifier still held", len(info.active_request_ids))
             await self.verifier.release(list(info.active_request_ids))
-        log.info("verifier: model=%s device=%s dtype=%s vocab=%d max_seq_len=%d slots=%d batch=%d",
-                 info.model, info.device, info.dtype, info.vocab_size, info.max_seq_len, info.max_slots,
-                 info.max_batch_size)
+        self.model_name = self.config.model_name or Path(info.model).name or info.model
+        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None)) and hasattr(
+            self.tokenizer, "apply_chat_template")
+        log.info("verifier: model=%s device=%s dtype=%s vocab=%d max_seq_len=%d slots=%d batch=%d eos=%s; served as "
+                 "%r, %s chat template", info.model, info.device, info.dtype, info.vocab_size, info.max_seq_len,
+                 info.max_slots, info.max_batch_size, list(info.eos_token_ids), self.model_name,
+                 "with a" if self.has_chat_template else "without a")
         self.limits = Limits(info.vocab_size, info.max_seq_len, self.config.max_tokens_limit,
                              tuple(self.proposers), longest_token_bytes(self.tokenizer))
         self.engine = Engine(
             verifier=self.verifier,
             proposers=self.proposers,
             policy=policy_from_config(self.config, list(self.proposers)),
-            limits=ModelLimits(info.vocab_size, info.eos_token_id, info.max_seq_len, info.max_slots,
+            limits=ModelLimits(info.vocab_size, frozenset(info.eos_token_ids), info.max_seq_len, info.max_slots,
                                info.max_batch_size),
             max_waiting=self.config.max_waiting,
             step_record_limit=self.config.step_record_limit,
@@ -169,11 +177,42 @@ class Scheduler:
             await proposer.close()
         await self.verifier.close()
 
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a prompt text, with the special tokens the tokenizer adds (a BOS) unless told not to."""
+        if add_special_tokens:
+            return list(self.tokenizer.encode(text))
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def new_request(self, params: GenerationParams) -> Request:
-        return Request(params, IncrementalDetokenizer(self._decode, params.prompt_token_ids, params.stop))
+    def render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of chat messages through the checkpoint's chat template, ready for the assistant's reply.
+        The templated text already holds every special token the template writes (a BOS included), so it is
+        tokenised without adding them again. A template that refuses the messages raises ValueError."""
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # the template's own raise_exception (a jinja2 error), or one it hit
+            raise ValueError(f"the model's chat template refused these messages: {exc}") from None
+        return self.tokenize(text, add_special_tokens=False)
+
+    def token_text(self, token_id: int) -> str:
+        """One token decoded alone (a piece of a multi-byte character decodes to U+FFFD), cached."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self._decode([token_id])
+        return text
+
+    def new_request(self, params: GenerationParams, index: int = 0, events: asyncio.Queue | None = None) -> Request:
+        request = Request(params, IncrementalDetokenizer(self._decode, params.prompt_token_ids, params.stop),
+                          index=index)
+        if events is not None:
+            request.events = events
+        return request
+
+    def model_info(self) -> generation_pb2.ModelInfoResponse:
+        info = self.verifier_info
+        return generation_pb2.ModelInfoResponse(
+            model=self.model_name, context_length=info.max_seq_len, vocab_size=info.vocab_size,
+            has_chat_template=self.has_chat_template, max_tokens_limit=self.config.max_tokens_limit,
+            eos_token_ids=info.eos_token_ids, proposers=list(self.proposers))
 
 
 async def _until_answered(what: str, call: Callable[[], Awaitable[Any]]) -> Any:
@@ -216,92 +255,81 @@ def stats_to_pb(stats: RequestStats) -> generation_pb2.GenerationStats:
     )
 
 
-def chunk_to_pb(chunk: StreamChunk) -> generation_pb2.GenerateResponse:
-    msg = generation_pb2.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text)
+def logprobs_to_pb(scheduler: Scheduler, logprobs: Sequence[TokenLogprobs]) -> list[generation_pb2.TokenLogprob]:
+    text = scheduler.token_text
+    return [
+        generation_pb2.TokenLogprob(
+            token_id=lp.token_id, token=text(lp.token_id), logprob=lp.logprob,
+            top_logprobs=[generation_pb2.LogprobCandidate(token_id=t, token=text(t), logprob=v) for t, v in lp.top],
+        )
+        for lp in logprobs
+    ]
+
+
+def chunk_to_pb(chunk: StreamChunk, scheduler: Scheduler | None = None) -> generation_pb2.GenerateResponse:
+    msg = generation_pb2.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text, index=chunk.index)
     if chunk.finish_reason is not None:
         msg.finish_reason = chunk.finish_reason.value
     if chunk.stats is not None:
         msg.stats.CopyFrom(stats_to_pb(chunk.stats))
+    if chunk.logprobs:
+        msg.logprobs.extend(logprobs_to_pb(scheduler, chunk.logprobs))
     return msg
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    """specdec.v1.Generation over a Scheduler."""
+    """specdec.v1.Generation over a Scheduler (the same generation.start_generation as the HTTP API)."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
 
     async def Generate(self, request, context):
-        req = await self._submit(request, context)
-        telemetry = self.scheduler.telemetry
-        failed = False
+        generation = await self._start(request, context)
         try:
-            while True:
-                event = await req.events.get()
-                if isinstance(event, RequestFailed):
-                    failed = True
-                    await context.abort(grpc.StatusCode[event.code], event.message)
-                yield chunk_to_pb(event)
-                telemetry.tokens_sent(len(event.token_ids))  # after the yield: handed to gRPC
-                if event.finish_reason is not None:
-                    return
+            async for chunk in generation.chunks():
+                yield chunk_to_pb(chunk, self.scheduler)
+        except GenerationError as exc:
+            await context.abort(grpc.StatusCode[exc.code], exc.message)
         finally:
-            self.scheduler.engine.cancel(req)  # no-op once finished
-            telemetry.request_ended(req, _outcome(req, failed))
+            generation.close()  # cancels what is unfinished (the client went away): its state is freed
 
     async def GenerateUnary(self, request, context):
-        req = await self._submit(request, context)
-        token_ids: list[int] = []
-        text: list[str] = []
-        failed = False
+        generation = await self._start(request, context)
+        n = generation.n
+        completions = [generation_pb2.Completion(index=i) for i in range(n)]
+        texts: list[list[str]] = [[] for _ in range(n)]
         try:
-            while True:
-                event = await req.events.get()
-                if isinstance(event, RequestFailed):
-                    failed = True
-                    await context.abort(grpc.StatusCode[event.code], event.message)
-                token_ids.extend(event.token_ids)
-                text.append(event.text)
-                if event.finish_reason is not None:
-                    self.scheduler.telemetry.tokens_sent(len(token_ids))
-                    return generation_pb2.GenerateResult(
-                        text="".join(text), token_ids=token_ids, finish_reason=event.finish_reason.value,
-                        stats=stats_to_pb(event.stats),
-                    )
+            async for chunk in generation.chunks():
+                completion = completions[chunk.index]
+                completion.token_ids.extend(chunk.token_ids)
+                texts[chunk.index].append(chunk.text)
+                if chunk.logprobs:
+                    completion.logprobs.extend(logprobs_to_pb(self.scheduler, chunk.logprobs))
+                if chunk.finish_reason is not None:
+                    completion.finish_reason = chunk.finish_reason.value
+                    completion.stats.CopyFrom(stats_to_pb(chunk.stats))
+        except GenerationError as exc:
+            await context.abort(grpc.StatusCode[exc.code], exc.message)
         finally:
-            self.scheduler.engine.cancel(req)
-            self.scheduler.telemetry.request_ended(req, _outcome(req, failed))
+            generation.close()
+        for completion, text in zip(completions, texts):
+            completion.text = "".join(text)
+        first = completions[0]
+        return generation_pb2.GenerateResult(
+            text=first.text, token_ids=first.token_ids, finish_reason=first.finish_reason, stats=first.stats,
+            logprobs=first.logprobs, completions=completions)
 
-    async def _submit(self, request: generation_pb2.GenerateRequest, context) -> Request:
-        scheduler = self.scheduler
-        if not scheduler.ready.is_set():
+    async def ModelInfo(self, request, context):
+        if not self.scheduler.ready.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "the scheduler is starting: it waits for its verifier and proposers; retry shortly")
-        if not scheduler.verifier_up:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"the verifier at {scheduler.config.verifier} is unreachable; retry shortly")
-        try:
-            if len(request.prompt) > TOKENIZE_IN_THREAD_CHARS:
-                params = await asyncio.to_thread(validate_request, request, scheduler.limits, scheduler.tokenize)
-            else:
-                params = validate_request(request, scheduler.limits, scheduler.tokenize)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)[:MAX_STATUS_MESSAGE_CHARS])
-        req = scheduler.new_request(params)
-        scheduler.telemetry.request_started(req)
-        try:
-            scheduler.engine.submit(req)
-        except QueueFull as exc:
-            scheduler.telemetry.request_ended(req, "rejected")
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        return req
+        return self.scheduler.model_info()
 
-
-def _outcome(request: Request, failed: bool) -> str:
-    """The `finish_reason` label of an ended request: length / eos / stop, failed, or cancelled."""
-    if request.finish_reason is not None:
-        return request.finish_reason.name.lower()
-    return "failed" if failed else "cancelled"
+    async def _start(self, request: generation_pb2.GenerateRequest, context):
+        try:
+            return await start_generation(self.scheduler, request)
+        except GenerationError as exc:
+            await context.abort(grpc.StatusCode[exc.code], exc.message)
 
 
 @dataclass
@@ -313,12 +341,21 @@ class SchedulerServer:
     scheduler: Scheduler
     health: health.aio.HealthServicer
     connect_task: asyncio.Task
+    http: HttpServer | None = None  # the OpenAI-compatible HTTP API, when --http-port is set
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Graceful shutdown: NOT_SERVING, finish in-flight calls within the grace time, close clients."""
+        grace_s = grace_s if grace_s is not None else self.scheduler.config.grace_s
         await self.health.enter_graceful_shutdown()
         self.connect_task.cancel()
-        await self.server.stop(grace_s if grace_s is not None else self.scheduler.config.grace_s)
+        if self.http is not None:
+            await asyncio.gather(self.server.stop(grace_s), self.http.stop(grace_s))
+        else:
+            await self.server.stop(grace_s)
         await self.scheduler.close()
 
 
@@ -338,6 +375,16 @@ async def start_server(config: SchedulerConfig, tokenizer: Any = None) -> Schedu
     )
     port = bind(server, f"{config.host}:{config.port}", config.tls)
     await server.start()
+    http = None
+    if config.http_port:
+        # Imported here: a scheduler without the HTTP API does not load FastAPI.
+        from scheduler_svc.http_api import start_http_server
+
+        try:
+            http = await start_http_server(scheduler, config.host, config.http_port, config.tls, config.grace_s)
+        except BaseException:
+            await server.stop(0)
+            raise
 
     async def set_health(up: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -351,4 +398,4 @@ async def start_server(config: SchedulerConfig, tokenizer: Any = None) -> Schedu
         log.info("scheduler ready on %s:%d", config.host, port)
 
     task = asyncio.create_task(connect(), name="scheduler-connect")
-    return SchedulerServer(server, port, scheduler, health_servicer, task)
+    return SchedulerServer(server, port, scheduler, health_servicer, task, http)

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import grpc
 
-from scheduler_svc.request import SamplingParams
+from scheduler_svc.request import SamplingParams, TokenLogprobs
 from specdec.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
 from specdec.security import ClientTLS, aio_channel
 from specdec.tracing import client_interceptors
@@ -75,7 +75,7 @@ class VerifierInfo:
     device: str
     dtype: str
     vocab_size: int
-    eos_token_id: int
+    eos_token_ids: tuple[int, ...]  # every id that ends generation
     max_seq_len: int
     max_slots: int
     free_slots: int
@@ -100,6 +100,8 @@ class PrefillItem:
     request_id: str
     token_ids: Sequence[int]  # every committed token of the request
     sampling: SamplingParams
+    logprobs: bool = False  # the verifier reports TokenLogprobs of every token it emits for the request
+    top_logprobs: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,11 @@ class VerifyOutput:
     bonus_token_id: int  # sampled after the accepted path; the new pending token
     accepted_indices: tuple[int, ...] = ()  # their node indices in the candidates (the path in a tree)
     hidden_state: bytes = b""  # the target's hidden state the bonus was sampled from, when asked
+    logprobs: tuple[TokenLogprobs, ...] = ()  # accepted then bonus, when the request asked at Prefill
+
+
+def logprobs_from_pb(msg: verifier_pb2.TargetLogprobs) -> TokenLogprobs:
+    return TokenLogprobs(msg.token_id, msg.logprob, tuple(zip(msg.top_token_ids, msg.top_logprobs)))
 
 
 def sampling_to_pb(sampling: SamplingParams) -> common_pb2.SamplingParams:
@@ -138,6 +145,7 @@ class VerifierClient:
         # Calls inside an engine step's span are traced and carry its context to the verifier.
         self._channel = aio_channel(address, tls, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
         self._stub = verifier_pb2_grpc.VerifierStub(self._channel)
+        self._seen_state = grpc.ChannelConnectivity.IDLE  # the state reachable() last read
 
     async def close(self) -> None:
         await self._channel.close()
@@ -145,7 +153,7 @@ class VerifierClient:
     def reachable(self, try_to_connect: bool = False) -> bool | None:
         """True when the channel is connected, False when its last attempt failed, None while unknown
         (idle or connecting)."""
-        state = self._channel.get_state(try_to_connect)
+        state = self._seen_state = self._channel.get_state(try_to_connect)
         if state == grpc.ChannelConnectivity.READY:
             return True
         if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
@@ -153,8 +161,12 @@ class VerifierClient:
         return None
 
     async def wait_for_state_change(self) -> None:
-        """Return once the channel's connectivity state changes (for a watcher of readiness)."""
-        await self._channel.wait_for_state_change(self._channel.get_state(True))
+        """Return once the channel's connectivity state differs from the one reachable() last saw (at once if it
+        already does), for a watcher of readiness. Reading the state again here instead would miss a change
+        that came in between: a refused connection turns CONNECTING into TRANSIENT_FAILURE within
+        microseconds, and a watcher that always saw the first and waited on the second never noticed a
+        verifier that was down."""
+        await self._channel.wait_for_state_change(self._seen_state)
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """Wait until the channel is connected (at once if it is), at most timeout_s; returns whether it is."""
@@ -171,7 +183,8 @@ class VerifierClient:
             device=msg.device,
             dtype=msg.dtype,
             vocab_size=msg.vocab_size,
-            eos_token_id=msg.eos_token_id,
+            # A verifier from before the list reports its one id (-1: none).
+            eos_token_ids=tuple(msg.eos_token_ids) or ((msg.eos_token_id,) if msg.eos_token_id >= 0 else ()),
             max_seq_len=msg.max_seq_len,
             max_slots=msg.max_slots,
             free_slots=msg.free_slots,
@@ -183,14 +196,16 @@ class VerifierClient:
     async def prefill(
         self, items: Sequence[PrefillItem], return_hidden: bool = False,
         while_waiting: Callable[[], None] | None = None,
-    ) -> tuple[dict[str, int], Timing, dict[str, bytes]]:
+    ) -> tuple[dict[str, int], Timing, dict[str, bytes], dict[str, TokenLogprobs]]:
         """Admit requests; returns each one's first sampled token (its pending token) by id, the timing,
-        and (with return_hidden) each one's hidden state at its last token by id. `while_waiting` (which
-        must not raise) runs once the request is sent, while the verifier works."""
+        (with return_hidden) each one's hidden state at its last token by id, and the first token's logprobs
+        by id for the items that asked. `while_waiting` (which must not raise) runs once the request is sent,
+        while the verifier works."""
         request = verifier_pb2.PrefillRequest(
             items=[
                 verifier_pb2.PrefillItem(
-                    request_id=i.request_id, token_ids=i.token_ids, sampling=sampling_to_pb(i.sampling)
+                    request_id=i.request_id, token_ids=i.token_ids, sampling=sampling_to_pb(i.sampling),
+                    logprobs=i.logprobs, top_logprobs=i.top_logprobs,
                 )
                 for i in items
             ],
@@ -200,7 +215,8 @@ class VerifierClient:
         first = {r.request_id: r.next_token_id for r in msg.results}
         self._check_covered("Prefill", [i.request_id for i in items], first)
         hidden = {r.request_id: r.hidden_state for r in msg.results if r.hidden_state}
-        return first, _timing(msg.timing), hidden
+        logprobs = {r.request_id: logprobs_from_pb(r.logprobs) for r in msg.results if r.HasField("logprobs")}
+        return first, _timing(msg.timing), hidden, logprobs
 
     async def verify(
         self, items: Sequence[VerifyItem], return_hidden: bool = False,
@@ -216,7 +232,7 @@ class VerifierClient:
         msg = await self._call(self._stub.Verify, request, while_waiting=while_waiting)
         outputs = {
             r.request_id: VerifyOutput(list(r.accepted_token_ids), r.bonus_token_id, tuple(r.accepted_indices),
-                                       r.hidden_state)
+                                       r.hidden_state, tuple(logprobs_from_pb(lp) for lp in r.logprobs))
             for r in msg.results
         }
         self._check_covered("Verify", [i.request_id for i in items], outputs)

@@ -1,4 +1,5 @@
-"""The `specdec` command: `specdec up` runs the stack locally, `specdec generate` streams a completion.
+"""The `specdec` command: `specdec up` runs the stack locally, `specdec generate` streams a completion,
+`specdec chat` talks to a chat model (one message, or a conversation on stdin).
 
 Expected failures (bad arguments, server unreachable, deadline, server full) print one clear line to stderr
 and exit with 2 (the request or the flags are wrong) or 1 (anything else), never a traceback.
@@ -11,7 +12,7 @@ import json
 import signal
 import sys
 import threading
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from typing import TYPE_CHECKING
 
 from specdec_client.types import GenerationResult
@@ -80,6 +81,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.port and not port_is_free(args.host, args.port):
         _error(f"port {args.port} on {args.host} is in use (another `specdec up`?); pick one with --port")
         return EXIT_USAGE
+    if args.http_port and (args.http_port == args.port or not port_is_free(args.host, args.http_port)):
+        _error(f"--http-port {args.http_port} on {args.host} is in use; pick another")
+        return EXIT_USAGE
     try:
         scheduler_args, probe_tls, keys_required = _public_security(args)
     except ValueError as exc:
@@ -89,7 +93,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         specs = local_specs(args.port, proposers, policy=args.policy, k=args.k, model=model,
                             draft_model=draft_model, medusa_model=medusa_model, host=args.host, device=args.device,
                             dtype=args.dtype, log_level=args.log_level, metrics=not args.no_metrics,
-                            extra_args={"scheduler": scheduler_args})
+                            extra_args={"scheduler": scheduler_args}, http_port=args.http_port)
         # The launcher's readiness probe must speak TLS to a TLS port.
         specs = [replace(spec, tls=probe_tls) if spec.name == "scheduler" else spec for spec in specs]
         stack = Stack(specs, log_dir=args.log_dir, startup_timeout_s=args.startup_timeout, grace_s=args.grace,
@@ -114,6 +118,10 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"Ctrl-C to stop", flush=True)
         print(f"public port: {'TLS' if probe_tls else 'plaintext'}, API key "
               f"{'required' if keys_required else 'not required'}", flush=True)
+        if args.http_port:
+            host = scheduler.address.rsplit(":", 1)[0]
+            print(f"OpenAI-compatible HTTP API: {'https' if probe_tls else 'http'}://{host}:{args.http_port}/v1",
+                  flush=True)
         endpoints = [f"{s.name} http://{s.address.rsplit(':', 1)[0]}:{metrics_port(s)}/metrics"
                      for s in stack.specs if metrics_port(s)]
         if endpoints:
@@ -211,81 +219,167 @@ def format_stats(result: GenerationResult) -> str:
 
 
 def result_to_dict(result: GenerationResult) -> dict:
-    """A completion as JSON-ready data, acceptance rates included."""
-    data = asdict(result)
-    data["stats"]["acceptance_rate"] = result.stats.acceptance_rate
-    data["stats"]["proposers"] = {
-        name: p._asdict() | {"acceptance_rate": p.acceptance_rate} for name, p in result.stats.proposers.items()
-    }
+    """A generation as JSON-ready data, acceptance rates included: completion 0's fields, and every completion
+    in `completions`."""
+    data = _completion_to_dict(result)
+    data["completions"] = [_completion_to_dict(c) for c in result.completions]
     return data
+
+
+def _completion_to_dict(completion) -> dict:
+    data = {f.name: getattr(completion, f.name) for f in fields(completion) if f.name != "completions"}
+    data["stats"] = asdict(completion.stats)
+    data["stats"]["acceptance_rate"] = completion.stats.acceptance_rate
+    data["stats"]["proposers"] = {
+        name: p._asdict() | {"acceptance_rate": p.acceptance_rate} for name, p in completion.stats.proposers.items()
+    }
+    if completion.logprobs is not None:
+        data["logprobs"] = [asdict(lp) | {"top_logprobs": [t._asdict() for t in lp.top_logprobs]}
+                            for lp in completion.logprobs]
+    return data
+
+
+def _client(args: argparse.Namespace):
+    """The SDK client of `specdec generate` / `specdec chat`'s connection flags; ValueError for a bad TLS file."""
+    from specdec_client import Client
+
+    return Client(args.target, timeout=args.timeout, retries=args.retries, api_key=args.api_key, tls=args.tls,
+                  tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+
+
+def _client_error(exc: Exception, args: argparse.Namespace, wrote_text: bool) -> int:
+    """One line for an SDK error, and the exit code."""
+    from specdec_client import (
+        Cancelled,
+        DeadlineExceeded,
+        InvalidArgument,
+        ResourceExhausted,
+        Unauthenticated,
+        Unavailable,
+    )
+
+    if isinstance(exc, InvalidArgument):
+        _error(f"invalid request: {exc}")
+        return EXIT_USAGE
+    if isinstance(exc, Unauthenticated):
+        _error(f"the server at {args.target} refused the call: {exc} (pass --api-key or set SPECDEC_API_KEY)")
+        return EXIT_USAGE
+    _end_line(wrote_text)
+    if isinstance(exc, Unavailable):
+        hint = "" if (args.tls or args.tls_ca) else "; if it serves TLS, pass --tls-ca or --tls"
+        _error(f"the server at {args.target} is unavailable: {exc} (is `specdec up` running there{hint}?)")
+    elif isinstance(exc, DeadlineExceeded):
+        _error(f"deadline exceeded: {exc}")
+    elif isinstance(exc, ResourceExhausted):
+        _error(f"the server is full, try again later: {exc}")
+    elif isinstance(exc, Cancelled):
+        _error(f"cancelled: {exc}")
+    else:
+        _error(f"{exc.code.name}: {exc}")
+    return EXIT_FAILED
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Stream a completion to stdout as it arrives, then its stats to stderr."""
-    from specdec_client import (
-        Cancelled,
-        Client,
-        DeadlineExceeded,
-        InvalidArgument,
-        ResourceExhausted,
-        SpecdecError,
-        Unauthenticated,
-        Unavailable,
-    )
+    from specdec_client import SpecdecError
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   seed=args.seed, stop=args.stop, proposer=args.proposer, ignore_eos=args.ignore_eos)
     wrote_text = False
     try:
-        client = Client(args.target, timeout=args.timeout, retries=args.retries, api_key=args.api_key,
-                        tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+        client = _client(args)
     except ValueError as exc:  # a TLS file that cannot be read, a malformed key
         _error(str(exc))
         return EXIT_USAGE
     try:
         with client:
             if args.json:
-                result = client.generate(prompt, **params)
+                result = client.generate(prompt, **params, n=args.n, top_logprobs=args.top_logprobs,
+                                         logprobs=args.logprobs)
                 print(json.dumps(result_to_dict(result)))
                 return EXIT_OK
+            if args.n != 1:
+                _error("--n needs --json (the completions would interleave on stdout)")
+                return EXIT_USAGE
             stream = client.stream(prompt, **params)
             for chunk in stream:
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
                 wrote_text = wrote_text or bool(chunk.text)
             result = stream.collect()
-    except InvalidArgument as exc:
-        _error(f"invalid request: {exc}")
-        return EXIT_USAGE
-    except Unauthenticated as exc:
-        _error(f"the server at {args.target} refused the call: {exc} (pass --api-key or set SPECDEC_API_KEY)")
-        return EXIT_USAGE
-    except Unavailable as exc:
-        _end_line(wrote_text)
-        hint = "" if (args.tls or args.tls_ca) else "; if it serves TLS, pass --tls-ca or --tls"
-        _error(f"the server at {args.target} is unavailable: {exc} (is `specdec up` running there{hint}?)")
-        return EXIT_FAILED
-    except DeadlineExceeded as exc:
-        _end_line(wrote_text)
-        _error(f"deadline exceeded: {exc}")
-        return EXIT_FAILED
-    except ResourceExhausted as exc:
-        _error(f"the server is full, try again later: {exc}")
-        return EXIT_FAILED
-    except Cancelled as exc:
-        _end_line(wrote_text)
-        _error(f"cancelled: {exc}")
-        return EXIT_FAILED
     except SpecdecError as exc:
-        _end_line(wrote_text)
-        _error(f"{exc.code.name}: {exc}")
-        return EXIT_FAILED
+        return _client_error(exc, args, wrote_text)
     _end_line(wrote_text and not result.text.endswith("\n"))
     if not args.no_stats:
         print("---", file=sys.stderr)
         print(format_stats(result), file=sys.stderr, flush=True)
     return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------
+# specdec chat
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Chat with the model through its chat template: one reply to MESSAGE, or, without one, a conversation
+    read from stdin line by line (each line a user turn; the history goes with every turn) until end of input."""
+    from specdec_client import SpecdecError
+
+    params = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                  stop=args.stop, proposer=args.proposer)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = args.message is None
+    tty = sys.stdin.isatty()
+    try:
+        client = _client(args)
+    except ValueError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    with client:
+        try:
+            info = client.model_info()
+        except SpecdecError as exc:
+            return _client_error(exc, args, False)
+        if not info.has_chat_template:
+            _error(f"the model {info.model} has no chat template: use `specdec generate` for plain completions")
+            return EXIT_USAGE
+        if interactive and tty:
+            print(f"chatting with {info.model}; an empty line is skipped, Ctrl-D ends", file=sys.stderr, flush=True)
+        while True:
+            if interactive:
+                if tty:
+                    print("> ", end="", file=sys.stderr, flush=True)
+                line = sys.stdin.readline()
+                if not line:
+                    _end_line(tty)
+                    return EXIT_OK
+                text = line.rstrip("\n")
+                if not text.strip():
+                    continue
+            else:
+                text = args.message
+            messages.append({"role": "user", "content": text})
+            wrote_text = False
+            try:
+                stream = client.chat_stream(messages, max_tokens=args.max_tokens, **params)
+                for chunk in stream:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                    wrote_text = wrote_text or bool(chunk.text)
+                result = stream.collect()
+            except SpecdecError as exc:
+                code = _client_error(exc, args, wrote_text)
+                if not interactive:
+                    return code
+                messages.pop()  # the turn did not happen: the user may try again
+                continue
+            _end_line(True)
+            if args.stats:
+                print(format_stats(result), file=sys.stderr, flush=True)
+            messages.append({"role": "assistant", "content": result.text})
+            if not interactive:
+                return EXIT_OK
 
 
 def _end_line(needed: bool) -> None:
@@ -340,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="run the whole stack as local processes until Ctrl-C")
     up.add_argument("--port", type=int, default=50051, help="public port of the scheduler (default 50051)")
     up.add_argument("--host", default="127.0.0.1", help="address the scheduler binds (default 127.0.0.1)")
+    up.add_argument("--http-port", type=int, default=0,
+                    help="also serve the OpenAI-compatible HTTP API (/v1/...) on this port (default 0: none)")
     up.add_argument("--proposers", default="ngram,draft",
                     help="comma-separated proposer kinds (ngram, draft, medusa), or 'none' (default ngram,draft)")
     up.add_argument("--policy", default="smartspec", help="speculation policy of the scheduler (default smartspec)")
@@ -399,7 +495,34 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tls-ca", help="use TLS, trusting this PEM CA (a private CA or a self-signed certificate)")
     gen.add_argument("--tls-cert", help="PEM client certificate, for a server that requires one (mutual TLS)")
     gen.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    gen.add_argument("--n", type=int, default=1, help="completions of the prompt (with --json)")
+    gen.add_argument("--logprobs", action="store_true", help="with --json: each token's log-probability")
+    gen.add_argument("--top-logprobs", type=int, default=0,
+                     help="with --json: the most likely tokens at each position, 0..20")
     gen.set_defaults(run=cmd_generate)
+
+    chat = commands.add_parser("chat", help="chat with the model (its chat template): one reply, or a conversation "
+                                            "on stdin")
+    chat.add_argument("message", nargs="?", help="one user message: print the reply and exit (without it: read "
+                                                 "user turns from stdin, one a line, until end of input)")
+    chat.add_argument("--system", help="a system message opening the conversation")
+    chat.add_argument("--target", default="127.0.0.1:50051", help="scheduler address (default 127.0.0.1:50051)")
+    chat.add_argument("--max-tokens", type=int, default=256, help="most tokens of one reply (default 256)")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    chat.add_argument("--top-p", type=float)
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--seed", type=int)
+    chat.add_argument("--stop", action="append", help="stop string (repeatable)")
+    chat.add_argument("--proposer", default="", help="proposer name, 'none', or empty for the server's choice")
+    chat.add_argument("--stats", action="store_true", help="print each reply's stats to stderr")
+    chat.add_argument("--timeout", type=float, help="deadline of each reply in seconds")
+    chat.add_argument("--retries", type=int, default=3, help="retries while the server is unavailable")
+    chat.add_argument("--api-key", help="API key (default: SPECDEC_API_KEY)")
+    chat.add_argument("--tls", action="store_true", help="use TLS, trusting the system's default CAs")
+    chat.add_argument("--tls-ca", help="use TLS, trusting this PEM CA")
+    chat.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    chat.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    chat.set_defaults(run=cmd_chat)
 
     bench = commands.add_parser(
         "bench", help="serving benchmark: latency and goodput per policy, proposer, rate and workload, "

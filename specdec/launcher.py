@@ -92,6 +92,7 @@ def stack_specs(
     extra_args: Mapping[str, Sequence[str]] | None = None,
     env: Mapping[str, str] | None = None,
     metrics_ports: Mapping[str, int] | None = None,
+    http_port: int = 0,
 ) -> list[ServiceSpec]:
     """The services of a stack whose scheduler serves the public API on `host:port`.
 
@@ -106,6 +107,7 @@ def stack_specs(
     extra_args: more flags per service name; env: more environment for every service.
     metrics_ports: the Prometheus metrics port of each service by name (--metrics-port); services not
         named serve no metrics.
+    http_port: the scheduler also serves the OpenAI-compatible HTTP API on host:http_port (0 = no HTTP API).
     """
     from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_MEDUSA, DEFAULT_TARGET  # imports torch: only when needed
 
@@ -173,6 +175,8 @@ def stack_specs(
                       "--policy", policy, "--k", str(k)]
     for kind in proposers:
         scheduler_args += ["--proposer", f"{kind}={reach(proposer_service_name(kind))}"]
+    if http_port:
+        scheduler_args += ["--http-port", str(http_port)]
     specs.append(spec("scheduler", SERVICE_MODULES["scheduler"], scheduler_args, port, host, internal))
     return specs
 

@@ -76,6 +76,27 @@ def target_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0, t
     return probs
 
 
+MAX_TOP_LOGPROBS = 20  # most alternatives a request may ask for at each position (OpenAI's limit)
+
+
+def raw_logprobs(
+    logits: torch.Tensor, token_ids: list[int], top: int = 0
+) -> tuple[list[float], list[list[int]], list[list[float]]]:
+    """Log-probabilities of `token_ids` under the raw logits: log-softmax at temperature 1, no top-k / top-p.
+
+    logits: [n, V], row i the position token_ids[i] was emitted at. Returns (logprob of each token,
+    the `top` most likely ids at each row, their logprobs), most likely first; one device sync.
+    These are the model's own probabilities, not the request's sampling distribution (vLLM's default
+    "raw logprobs"): a greedy request still learns how sure the model was.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+    chosen = logp.gather(-1, torch.tensor(token_ids, device=logp.device).unsqueeze(-1)).squeeze(-1)  # [n]
+    if top > 0:
+        values, indices = logp.topk(min(top, logp.shape[-1]), dim=-1)  # [n, top]
+        return chosen.tolist(), indices.tolist(), values.tolist()
+    return chosen.tolist(), [[] for _ in token_ids], [[] for _ in token_ids]
+
+
 def _splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64

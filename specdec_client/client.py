@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 
 import grpc
 import tenacity
@@ -32,11 +32,18 @@ from specdec_client.types import (
     FINISH_EOS,
     FINISH_LENGTH,
     FINISH_STOP,
+    Completion,
     GenerationChunk,
     GenerationResult,
     GenerationStats,
+    LogprobCandidate,
+    ModelInfo,
     ProposerStats,
+    TokenLogprob,
 )
+
+# Chat messages: {"role": ..., "content": ...} mappings, or (role, content) pairs.
+Messages = Sequence[Mapping[str, str] | tuple[str, str]]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -60,7 +67,7 @@ _FINISH_REASONS = {
 
 
 def build_request(
-    prompt: str | Sequence[int],
+    prompt: str | Sequence[int] | None,
     max_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float | None = None,
@@ -69,15 +76,24 @@ def build_request(
     stop: str | Sequence[str] | None = None,
     proposer: str = "",
     ignore_eos: bool = False,
+    n: int = 1,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
+    messages: Messages | None = None,
 ) -> generation_pb2.GenerateRequest:
-    """The GenerateRequest for these arguments; a prompt given as a sequence of ints is sent as token ids."""
+    """The GenerateRequest for these arguments; a prompt given as a sequence of ints is sent as token ids,
+    chat `messages` (with prompt None) go through the server's chat template."""
     request = generation_pb2.GenerateRequest(
-        max_tokens=max_tokens, temperature=temperature, top_k=top_k, proposer=proposer, ignore_eos=ignore_eos
+        max_tokens=max_tokens, temperature=temperature, top_k=top_k, proposer=proposer, ignore_eos=ignore_eos,
+        n=n, logprobs=logprobs or top_logprobs > 0, top_logprobs=top_logprobs,
     )
     if isinstance(prompt, str):
         request.prompt = prompt
-    else:
+    elif prompt is not None:
         request.prompt_token_ids.extend(int(t) for t in prompt)
+    for message in messages or ():
+        role, content = (message["role"], message["content"]) if isinstance(message, Mapping) else message
+        request.messages.add(role=role, content=content)
     # Optional fields stay unset (not 0) when not given: unset top_p means 1, unset seed means random.
     if top_p is not None:
         request.top_p = top_p
@@ -104,49 +120,86 @@ def stats_from_proto(message: generation_pb2.GenerationStats) -> GenerationStats
     )
 
 
+def logprobs_from_proto(messages) -> list[TokenLogprob]:
+    return [TokenLogprob(lp.token_id, lp.token, lp.logprob,
+                         [LogprobCandidate(t.token_id, t.token, t.logprob) for t in lp.top_logprobs])
+            for lp in messages]
+
+
 def chunk_from_proto(message: generation_pb2.GenerateResponse) -> GenerationChunk:
-    """One streamed message as a chunk; finish_reason and stats only on the last one."""
+    """One streamed message as a chunk; finish_reason and stats only on a completion's last one."""
     finish_reason = _FINISH_REASONS.get(message.finish_reason)
     return GenerationChunk(
         token_ids=list(message.token_ids),
         text=message.text,
         finish_reason=finish_reason,
         stats=stats_from_proto(message.stats) if finish_reason is not None else None,
+        index=message.index,
+        logprobs=logprobs_from_proto(message.logprobs) if message.logprobs else None,
     )
 
 
-def result_from_proto(message: generation_pb2.GenerateResult) -> GenerationResult:
-    """A unary GenerateResult as a plain result."""
+def _completion_from_proto(message, logprobs: bool) -> Completion:
     finish_reason = _FINISH_REASONS.get(message.finish_reason)
     if finish_reason is None:
         raise SpecdecError(f"the server returned a result without a finish reason ({message.finish_reason})")
-    return GenerationResult(
-        text=message.text,
-        token_ids=list(message.token_ids),
-        finish_reason=finish_reason,
-        stats=stats_from_proto(message.stats),
-    )
+    return Completion(text=message.text, token_ids=list(message.token_ids), finish_reason=finish_reason,
+                      stats=stats_from_proto(message.stats),
+                      logprobs=logprobs_from_proto(message.logprobs) if logprobs else None,
+                      index=getattr(message, "index", 0))
+
+
+def result_from_proto(message: generation_pb2.GenerateResult, logprobs: bool = False) -> GenerationResult:
+    """A unary GenerateResult as a plain result (logprobs: whether they were asked for)."""
+    # A server from before `completions` sends completion 0's fields only.
+    completions = [_completion_from_proto(c, logprobs) for c in message.completions] or [
+        _completion_from_proto(message, logprobs)]
+    first = completions[0]
+    return GenerationResult(first.text, first.token_ids, first.finish_reason, first.stats, first.logprobs, 0,
+                            completions)
+
+
+def model_info_from_proto(message: generation_pb2.ModelInfoResponse) -> ModelInfo:
+    return ModelInfo(model=message.model, context_length=message.context_length, vocab_size=message.vocab_size,
+                     has_chat_template=message.has_chat_template, max_tokens_limit=message.max_tokens_limit,
+                     eos_token_ids=list(message.eos_token_ids), proposers=list(message.proposers))
 
 
 class _Assembler:
-    """Joins streamed chunks into the whole result, which exists once the last chunk arrived."""
+    """Joins streamed chunks into the whole result, which exists once every completion's last chunk arrived."""
 
-    def __init__(self) -> None:
-        self._text: list[str] = []
-        self._token_ids: list[int] = []
+    def __init__(self, n: int = 1, logprobs: bool = False) -> None:
+        self._text: list[list[str]] = [[] for _ in range(n)]
+        self._token_ids: list[list[int]] = [[] for _ in range(n)]
+        self._logprobs: list[list[TokenLogprob]] | None = [[] for _ in range(n)] if logprobs else None
+        self._done: list[Completion | None] = [None] * n
         self.result: GenerationResult | None = None
 
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self._token_ids)
+
     def add(self, chunk: GenerationChunk) -> None:
-        self._text.append(chunk.text)
-        self._token_ids.extend(chunk.token_ids)
+        i = chunk.index
+        if not 0 <= i < len(self._done):
+            raise SpecdecError(f"the server sent a chunk of completion {i} of {len(self._done)}")
+        self._text[i].append(chunk.text)
+        self._token_ids[i].extend(chunk.token_ids)
+        if self._logprobs is not None and chunk.logprobs:
+            self._logprobs[i].extend(chunk.logprobs)
         if chunk.is_last:
             assert chunk.finish_reason is not None and chunk.stats is not None
-            self.result = GenerationResult("".join(self._text), list(self._token_ids), chunk.finish_reason,
-                                           chunk.stats)
+            self._done[i] = Completion("".join(self._text[i]), list(self._token_ids[i]), chunk.finish_reason,
+                                       chunk.stats, None if self._logprobs is None else self._logprobs[i], i)
+            if all(c is not None for c in self._done):
+                first = self._done[0]
+                self.result = GenerationResult(first.text, first.token_ids, first.finish_reason, first.stats,
+                                               first.logprobs, 0, list(self._done))
 
     def finish(self) -> GenerationResult:
         if self.result is None:
-            raise SpecdecError("the server ended the stream without its last message (no finish reason)")
+            raise SpecdecError("the server ended the stream without the last message of every completion "
+                               "(no finish reason)")
         return self.result
 
 
@@ -236,11 +289,11 @@ class GenerationStream:
     """
 
     def __init__(self, options: _Options, open_call: Callable[[float | None, Sequence[tuple[str, str]]], grpc.Call],
-                 deadline: _Deadline):
+                 deadline: _Deadline, n: int = 1, logprobs: bool = False):
         self._options = options
         self._open_call = open_call
         self._deadline = deadline
-        self._assembler = _Assembler()
+        self._assembler = _Assembler(n, logprobs)
         self._call: grpc.Call | None = None
         self._span = CallSpan("Generate")
         self._chunks = self._iterate()
@@ -285,7 +338,7 @@ class GenerationStream:
             self._span.fail(exc)
             raise
         finally:
-            self._span.end(len(self._assembler._token_ids))
+            self._span.end(self._assembler.tokens)
 
     def _chunks_of_call(self) -> Iterator[GenerationChunk]:
         metadata = self._options.call_metadata(self._span.start())
@@ -360,29 +413,26 @@ class Client:
         proposer: str = "",
         ignore_eos: bool = False,
         timeout: float | None = None,
+        *,
+        n: int = 1,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
     ) -> GenerationResult:
-        """Generate a completion and return it whole. Raises a SpecdecError subclass on failure."""
-        request = build_request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, proposer, ignore_eos)
-        deadline = self._options.deadline(timeout)
-        span = CallSpan("GenerateUnary")
-        metadata = self._options.call_metadata(span.start())
-        tokens = None
-        try:
-            for attempt in self._options.retrying(deadline):
-                with attempt:
-                    response = self._stub.GenerateUnary(request, timeout=deadline.remaining(), metadata=metadata)
-            result = result_from_proto(response)
-            tokens = len(result.token_ids)
-        except grpc.RpcError as exc:
-            error = from_rpc_error(exc)
-            span.fail(error)
-            raise error from exc
-        except Exception as exc:
-            span.fail(exc)
-            raise
-        finally:
-            span.end(tokens)
-        return result
+        """Generate a completion and return it whole. Raises a SpecdecError subclass on failure.
+
+        n: independent completions (result.completions; with a seed, completion i samples with seed + i).
+        logprobs: each token's log-probability under the target (result.logprobs); top_logprobs: also the
+        most likely tokens at each position, 0..20 (implies logprobs)."""
+        request = build_request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, proposer, ignore_eos,
+                                n, logprobs, top_logprobs)
+        return self._unary(request, timeout)
+
+    def chat(self, messages: Messages, max_tokens: int = 64, timeout: float | None = None,
+             **options) -> GenerationResult:
+        """The assistant's reply to chat `messages` ({"role", "content"} mappings or (role, content) pairs),
+        rendered by the server with the model's chat template; options as for generate."""
+        request = build_request(None, max_tokens, messages=messages, **options)
+        return self._unary(request, timeout)
 
     def stream(
         self,
@@ -396,16 +446,64 @@ class Client:
         proposer: str = "",
         ignore_eos: bool = False,
         timeout: float | None = None,
+        *,
+        n: int = 1,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
     ) -> GenerationStream:
         """Generate a completion, yielding the tokens of each engine step as they are accepted.
 
-        The call starts when iteration starts. The last chunk carries finish_reason and stats; the
-        returned stream's `.result` then holds the whole completion.
+        The call starts when iteration starts. Each completion's last chunk carries finish_reason and stats
+        (with n > 1 chunks interleave, `chunk.index` says whose); the returned stream's `.result` then holds
+        the whole generation.
         """
-        request = build_request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, proposer, ignore_eos)
+        request = build_request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, proposer, ignore_eos,
+                                n, logprobs, top_logprobs)
+        return self._stream(request, timeout)
+
+    def chat_stream(self, messages: Messages, max_tokens: int = 64, timeout: float | None = None,
+                    **options) -> GenerationStream:
+        """The assistant's reply to chat `messages`, streamed; see chat and stream."""
+        return self._stream(build_request(None, max_tokens, messages=messages, **options), timeout)
+
+    def model_info(self, timeout: float | None = None) -> ModelInfo:
+        """The served model: name, context length, vocabulary, whether it has a chat template."""
+        deadline = self._options.deadline(timeout)
+        try:
+            for attempt in self._options.retrying(deadline):
+                with attempt:
+                    response = self._stub.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=deadline.remaining(),
+                                                    metadata=self._options.metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return model_info_from_proto(response)
+
+    def _unary(self, request: generation_pb2.GenerateRequest, timeout: float | None) -> GenerationResult:
+        deadline = self._options.deadline(timeout)
+        span = CallSpan("GenerateUnary")
+        metadata = self._options.call_metadata(span.start())
+        tokens = None
+        try:
+            for attempt in self._options.retrying(deadline):
+                with attempt:
+                    response = self._stub.GenerateUnary(request, timeout=deadline.remaining(), metadata=metadata)
+            result = result_from_proto(response, request.logprobs)
+            tokens = sum(len(c.token_ids) for c in result.completions)
+        except grpc.RpcError as exc:
+            error = from_rpc_error(exc)
+            span.fail(error)
+            raise error from exc
+        except Exception as exc:
+            span.fail(exc)
+            raise
+        finally:
+            span.end(tokens)
+        return result
+
+    def _stream(self, request: generation_pb2.GenerateRequest, timeout: float | None) -> GenerationStream:
         return GenerationStream(
             self._options, lambda t, md: self._stub.Generate(request, timeout=t, metadata=md),
-            self._options.deadline(timeout),
+            self._options.deadline(timeout), max(request.n, 1), request.logprobs,
         )
 
     def wait_ready(self, timeout: float = 30.0, service: str = "") -> None:
@@ -445,11 +543,12 @@ class AsyncGenerationStream:
     """Async iterator over the chunks of one streamed generation; see GenerationStream."""
 
     def __init__(self, options: _Options,
-                 open_call: Callable[[float | None, Sequence[tuple[str, str]]], grpc.aio.Call], deadline: _Deadline):
+                 open_call: Callable[[float | None, Sequence[tuple[str, str]]], grpc.aio.Call], deadline: _Deadline,
+                 n: int = 1, logprobs: bool = False):
         self._options = options
         self._open_call = open_call
         self._deadline = deadline
-        self._assembler = _Assembler()
+        self._assembler = _Assembler(n, logprobs)
         self._call: grpc.aio.Call | None = None
         self._span = CallSpan("Generate")
         self._chunks = self._iterate()
@@ -491,7 +590,7 @@ class AsyncGenerationStream:
             self._span.fail(exc)
             raise
         finally:
-            self._span.end(len(self._assembler._token_ids))
+            self._span.end(self._assembler.tokens)
 
     async def _chunks_of_call(self) -> AsyncIterator[GenerationChunk]:
         metadata = self._options.call_metadata(self._span.start())
@@ -566,30 +665,20 @@ class AsyncClient:
         proposer: str = "",
         ignore_eos: bool = False,
         timeout: float | None = None,
+        *,
+        n: int = 1,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
     ) -> GenerationResult:
-        """Generate a completion and return it whole. Raises a SpecdecError subclass on failure."""
-        request = build_request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, proposer, ignore_eos)
-        stub = generation_pb2_grpc.GenerationStub(self._open())
-        deadline = self._options.deadline(timeout)
-        span = CallSpan("GenerateUnary")
-        metadata = self._options.call_metadata(span.start())
-        tokens = None
-        try:
-            async for attempt in self._options.async_retrying(deadline):
-                with attempt:
-                    response = await stub.GenerateUnary(request, timeout=deadline.remaining(), metadata=metadata)
-            result = result_from_proto(response)
-            tokens = len(result.token_ids)
-        except grpc.RpcError as exc:
-            error = from_rpc_error(exc)
-            span.fail(error)
-            raise error from exc
-        except Exception as exc:
-            span.fail(exc)
-            raise
-        finally:
-            span.end(tokens)
-        return result
+        """Generate a completion and return it whole; see Client.generate."""
+        request = build_request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, proposer, ignore_eos,
+                                n, logprobs, top_logprobs)
+        return await self._unary(request, timeout)
+
+    async def chat(self, messages: Messages, max_tokens: int = 64, timeout: float | None = None,
+                   **options) -> GenerationResult:
+        """The assistant's reply to chat `messages`; see Client.chat."""
+        return await self._unary(build_request(None, max_tokens, messages=messages, **options), timeout)
 
     def stream(
         self,
@@ -603,14 +692,63 @@ class AsyncClient:
         proposer: str = "",
         ignore_eos: bool = False,
         timeout: float | None = None,
+        *,
+        n: int = 1,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
     ) -> AsyncGenerationStream:
         """Generate a completion as an async iterator of chunks (`async for chunk in client.stream(...)`)."""
-        request = build_request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, proposer, ignore_eos)
+        request = build_request(prompt, max_tokens, temperature, top_p, top_k, seed, stop, proposer, ignore_eos,
+                                n, logprobs, top_logprobs)
+        return self._stream(request, timeout)
 
+    def chat_stream(self, messages: Messages, max_tokens: int = 64, timeout: float | None = None,
+                    **options) -> AsyncGenerationStream:
+        """The assistant's reply to chat `messages`, as an async iterator of chunks."""
+        return self._stream(build_request(None, max_tokens, messages=messages, **options), timeout)
+
+    async def model_info(self, timeout: float | None = None) -> ModelInfo:
+        """The served model; see Client.model_info."""
+        stub = generation_pb2_grpc.GenerationStub(self._open())
+        deadline = self._options.deadline(timeout)
+        try:
+            async for attempt in self._options.async_retrying(deadline):
+                with attempt:
+                    response = await stub.ModelInfo(generation_pb2.ModelInfoRequest(), timeout=deadline.remaining(),
+                                                    metadata=self._options.metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return model_info_from_proto(response)
+
+    async def _unary(self, request: generation_pb2.GenerateRequest, timeout: float | None) -> GenerationResult:
+        stub = generation_pb2_grpc.GenerationStub(self._open())
+        deadline = self._options.deadline(timeout)
+        span = CallSpan("GenerateUnary")
+        metadata = self._options.call_metadata(span.start())
+        tokens = None
+        try:
+            async for attempt in self._options.async_retrying(deadline):
+                with attempt:
+                    response = await stub.GenerateUnary(request, timeout=deadline.remaining(), metadata=metadata)
+            result = result_from_proto(response, request.logprobs)
+            tokens = sum(len(c.token_ids) for c in result.completions)
+        except grpc.RpcError as exc:
+            error = from_rpc_error(exc)
+            span.fail(error)
+            raise error from exc
+        except Exception as exc:
+            span.fail(exc)
+            raise
+        finally:
+            span.end(tokens)
+        return result
+
+    def _stream(self, request: generation_pb2.GenerateRequest, timeout: float | None) -> AsyncGenerationStream:
         def open_call(t: float | None, metadata: Sequence[tuple[str, str]]) -> grpc.aio.Call:
             return generation_pb2_grpc.GenerationStub(self._open()).Generate(request, timeout=t, metadata=metadata)
 
-        return AsyncGenerationStream(self._options, open_call, self._options.deadline(timeout))
+        return AsyncGenerationStream(self._options, open_call, self._options.deadline(timeout), max(request.n, 1),
+                                     request.logprobs)
 
     async def wait_ready(self, timeout: float = 30.0, service: str = "") -> None:
         """Wait until the server's standard health check says SERVING; DeadlineExceeded after `timeout` s."""

@@ -67,13 +67,21 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_stack(tiny_models, tmp_path_factory):
     """The whole stack as processes on the tiny models: verifier, prompt-lookup, draft and tree proposers,
-    scheduler (fixed policy, k = 3), under the launcher's supervisor (which the fault tests use to restart
-    what they kill). Tests must leave it as they found it: every service up, no request held."""
-    from specdec.launcher import Stack, local_specs
+    scheduler (fixed policy, k = 3; also serving the OpenAI-compatible HTTP API, see http_url), under the
+    launcher's supervisor (which the fault tests use to restart what they kill). Tests must leave it as they
+    found it: every service up, no request held."""
+    from specdec.launcher import Stack, free_ports, local_specs
 
     target, draft, heads = tiny_models
     specs = local_specs(0, ("ngram", "draft", "medusa"), policy="fixed", k=3, model=target, draft_model=draft,
-                        medusa_model=heads, env={"SPECDEC_TORCH_THREADS": "1"}, metrics=False)
+                        medusa_model=heads, env={"SPECDEC_TORCH_THREADS": "1"}, metrics=False,
+                        http_port=free_ports(1)[0])
     with Stack(specs, log_dir=tmp_path_factory.mktemp("tiny-stack-logs"), startup_timeout_s=180, grace_s=5,
                echo=None, max_restarts=2) as stack:
         yield stack
+
+
+def http_url(stack) -> str:
+    """The base URL of the HTTP API of a stack's scheduler (started with --http-port)."""
+    spec = stack.spec("scheduler")
+    return f"http://{spec.address.rsplit(':', 1)[0]}:{spec.args[spec.args.index('--http-port') + 1]}"

@@ -50,6 +50,16 @@ def reference(prompt: list[int], max_tokens: int, eos: int | None = EOS) -> tupl
     return out, "FINISH_REASON_LENGTH"
 
 
+def fake_logprob(token: int) -> float:
+    """The fake verifier's log-probability of a token: a fixed function of it, so tests know what to expect."""
+    return -0.5 - (token % 5) / 10
+
+
+def fake_top(token: int, k: int) -> list[tuple[int, float]]:
+    """The fake verifier's top-k alternatives at the position of `token`."""
+    return [((token + j) % VOCAB, -0.1 * (j + 1)) for j in range(k)]
+
+
 def token_before(t: int) -> int:
     """The token whose successor is t (7 is invertible mod 4096)."""
     return ((t - 3) * pow(7, -1, VOCAB)) % VOCAB
@@ -61,8 +71,8 @@ class FastTokenizer:
     def __init__(self, path: Path = TOKENIZER_DIR / "tokenizer.json") -> None:
         self.backend_tokenizer = tokenizers.Tokenizer.from_file(str(path))
 
-    def encode(self, text: str) -> list[int]:
-        return self.backend_tokenizer.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids) -> str:
         return self.backend_tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -78,9 +88,11 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
     """Implements the verifier protocol over the fake model, with knobs to make it fail."""
 
     def __init__(self, *, max_seq_len: int = 128, max_slots: int = 8, max_batch_size: int = 8,
-                 model: str = "", verify_delay_s: float = 0.0) -> None:
+                 model: str = "", verify_delay_s: float = 0.0, eos_token_ids: tuple[int, ...] = (EOS,)) -> None:
         self.max_seq_len, self.max_slots, self.max_batch_size = max_seq_len, max_slots, max_batch_size
         self.model = model
+        self.eos_token_ids = eos_token_ids
+        self.top_logprobs: dict[str, int] = {}  # requests that asked for logprobs -> their top-k
         self.verify_delay_s = verify_delay_s
         self.seqs: dict[str, list[int]] = {}  # committed tokens; the last one is pending (not cached)
         self.prefilled: list[str] = []
@@ -120,8 +132,11 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
             self.seqs[item.request_id] = tokens + [next_token(tokens[-1])]
             self.prefilled.append(item.request_id)
             self.sampling[item.request_id] = item.sampling
-            results.append(verifier_pb2.PrefillResult(request_id=item.request_id,
-                                                      next_token_id=self.seqs[item.request_id][-1]))
+            result = verifier_pb2.PrefillResult(request_id=item.request_id, next_token_id=self.seqs[item.request_id][-1])
+            if item.logprobs:
+                self.top_logprobs[item.request_id] = item.top_logprobs
+                result.logprobs.CopyFrom(self._logprobs(result.next_token_id, item.top_logprobs))
+            results.append(result)
         return verifier_pb2.PrefillResponse(results=results, timing=verifier_pb2.Timing(forward_ms=1.0, total_ms=1.5))
 
     async def Verify(self, request, context):
@@ -158,21 +173,34 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
             accepted, indices = accept_path(seq[-1], item.candidates)
             bonus = next_token(accepted[-1] if accepted else seq[-1])
             seq.extend(accepted + [bonus])
-            results.append(verifier_pb2.VerifyResult(request_id=item.request_id, accepted_token_ids=accepted,
-                                                     accepted_indices=indices, bonus_token_id=bonus))
+            result = verifier_pb2.VerifyResult(request_id=item.request_id, accepted_token_ids=accepted,
+                                               accepted_indices=indices, bonus_token_id=bonus)
+            if item.request_id in self.top_logprobs:
+                top = self.top_logprobs[item.request_id]
+                result.logprobs.extend(self._logprobs(t, top) for t in [*accepted, bonus])
+            results.append(result)
         timing = verifier_pb2.Timing(forward_ms=2.0, total_ms=2.5, batch_size=len(request.items))
         return verifier_pb2.VerifyResponse(results=results, timing=timing)
+
+    @staticmethod
+    def _logprobs(token: int, top: int) -> verifier_pb2.TargetLogprobs:
+        alternatives = fake_top(token, top)
+        return verifier_pb2.TargetLogprobs(token_id=token, logprob=fake_logprob(token),
+                                           top_token_ids=[t for t, _ in alternatives],
+                                           top_logprobs=[v for _, v in alternatives])
 
     async def Release(self, request, context):
         n = 0
         for rid in request.request_ids:
             self.released.append(rid)
+            self.top_logprobs.pop(rid, None)
             n += self.seqs.pop(rid, None) is not None
         return verifier_pb2.ReleaseResponse(released=n)
 
     async def Info(self, request, context):
         return verifier_pb2.VerifierInfo(
-            model=self.model, device="cpu", dtype="float32", vocab_size=VOCAB, eos_token_id=EOS,
+            model=self.model, device="cpu", dtype="float32", vocab_size=VOCAB,
+            eos_token_id=self.eos_token_ids[0] if self.eos_token_ids else -1, eos_token_ids=self.eos_token_ids,
             max_seq_len=self.max_seq_len, max_slots=self.max_slots, free_slots=self.max_slots - len(self.seqs),
             max_batch_size=self.max_batch_size, active_request_ids=list(self.seqs), hidden_size=8,
         )
@@ -285,6 +313,7 @@ class Cluster:
     scheduler: SchedulerServer
     stub: generation_pb2_grpc.GenerationStub
     channel: grpc.aio.Channel
+    verifier_server: grpc.aio.Server
 
     @property
     def engine(self):
@@ -298,7 +327,7 @@ async def cluster(verifier: FakeVerifier | None = None, proposers: dict[str, Fak
     verifier = verifier or FakeVerifier()
     proposers = {"fake": FakeProposer()} if proposers is None else proposers
     async with contextlib.AsyncExitStack() as stack:
-        _, vaddr = await stack.enter_async_context(
+        verifier_server, vaddr = await stack.enter_async_context(
             serve_fake(verifier, verifier_pb2_grpc.add_VerifierServicer_to_server))
         servers, addresses = {}, []
         for name, fake in proposers.items():
@@ -316,7 +345,8 @@ async def cluster(verifier: FakeVerifier | None = None, proposers: dict[str, Fak
             await asyncio.wait_for(sched.scheduler.ready.wait(), 10)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{sched.port}")
         stack.push_async_callback(channel.close)
-        yield Cluster(verifier, proposers, servers, sched, generation_pb2_grpc.GenerationStub(channel), channel)
+        yield Cluster(verifier, proposers, servers, sched, generation_pb2_grpc.GenerationStub(channel), channel,
+                      verifier_server)
 
 
 async def generate(stub, **fields) -> tuple[list[int], str, str, generation_pb2.GenerationStats, int]:

@@ -386,3 +386,80 @@ def test_process_serves_and_stops_on_sigterm(checkpoint, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=TIMEOUT_S)
+
+
+def test_logprobs_of_every_emitted_token_are_the_targets_raw_log_softmax(stub, reference_runner):
+    """Asked at Prefill, every emitted token (first, accepted candidates, bonus) comes with the log-softmax of
+    the target's raw logits at its position, and the top-k alternatives, even when sampling with a temperature
+    and top-k filter; a request that did not ask gets none."""
+    prompt, top = [5, 17, 3, 88, 42, 9], 3
+    truth, _ = reference_generate(reference_runner, prompt, 14, SamplingParams())
+    # The reference: each position's logits from a plain one-token-at-a-time loop.
+    slot = reference_runner.allocate()
+    try:
+        rows, feed = [], list(prompt)
+        for token in truth:
+            rows.append(reference_runner.forward([SeqInput(slot, feed, last_logits_only=True)])[0].logits[0])
+            feed = [token]
+    finally:
+        reference_runner.release(slot)
+    want = torch.log_softmax(torch.stack(rows).float(), -1)  # [14, V]
+
+    items = [verifier_pb2.PrefillItem(request_id="lp", token_ids=prompt, sampling=sampling_pb(SamplingParams()),
+                                      logprobs=True, top_logprobs=top),
+             verifier_pb2.PrefillItem(request_id="plain", token_ids=prompt, sampling=sampling_pb(SamplingParams()))]
+    response = stub.Prefill(verifier_pb2.PrefillRequest(items=items), timeout=TIMEOUT_S)
+    by_id = {r.request_id: r for r in response.results}
+    assert not by_id["plain"].HasField("logprobs")
+    emitted = [by_id["lp"].logprobs]
+    out = [by_id["lp"].next_token_id]
+    # A right chain of 3, then a tree whose second branch is right, then a plain decode step.
+    steps = [(truth[1:4], [-1, 0, 1]), ([(truth[5] + 1) % VOCAB, truth[5], truth[6]], [-1, -1, 1]), ([], [])]
+    for tokens, parents in steps:
+        response = stub.Verify(verifier_pb2.VerifyRequest(items=[verify_item("lp", tokens, parents),
+                                                                 verify_item("plain")]), timeout=TIMEOUT_S)
+        result, plain = response.results
+        assert list(plain.logprobs) == []
+        step = [*result.accepted_token_ids, result.bonus_token_id]
+        assert [lp.token_id for lp in result.logprobs] == step
+        out += step
+        emitted += list(result.logprobs)
+    stub.Release(verifier_pb2.ReleaseRequest(request_ids=["lp", "plain"]), timeout=TIMEOUT_S)
+    assert out == truth[: len(out)] and len(out) == 9
+    for i, lp in enumerate(emitted):
+        assert lp.token_id == out[i]
+        assert lp.logprob == pytest.approx(float(want[i, out[i]]), abs=1e-4)
+        values, ids = want[i].topk(top)
+        assert list(lp.top_token_ids) == ids.tolist()
+        assert list(lp.top_logprobs) == pytest.approx(values.tolist(), abs=1e-4)
+
+    # Raw logprobs: the same numbers when the request samples with a temperature and a top-k cut.
+    params = SamplingParams(temperature=0.7, top_k=2)
+    item = verifier_pb2.PrefillItem(request_id="hot", token_ids=prompt, sampling=sampling_pb(params, 3),
+                                    logprobs=True)
+    (first,) = stub.Prefill(verifier_pb2.PrefillRequest(items=[item]), timeout=TIMEOUT_S).results
+    stub.Release(verifier_pb2.ReleaseRequest(request_ids=["hot"]), timeout=TIMEOUT_S)
+    assert first.logprobs.logprob == pytest.approx(float(want[0, first.next_token_id]), abs=1e-4)
+    assert list(first.logprobs.top_token_ids) == []
+    bad = verifier_pb2.PrefillItem(request_id="bad", token_ids=prompt, logprobs=True, top_logprobs=21)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Prefill(verifier_pb2.PrefillRequest(items=[bad]), timeout=TIMEOUT_S)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_logprobs" in err.value.details()
+
+
+def test_every_eos_id_the_checkpoint_declares(tmp_path):
+    """tokenizer_config's eos token, config.json's and generation_config.json's eos_token_id (ids or lists),
+    first seen first, without repeats."""
+    import json
+    import shutil
+
+    from specdec.checkpoint import EMBEDDED_MODELS, load_config
+    from verifier_svc.core import checkpoint_eos_token_ids
+
+    folder = make_tiny_checkpoint(tmp_path / "ckpt", "llama", vocab_size=4096, eos_token_id=[7, 0])
+    assert checkpoint_eos_token_ids(folder, load_config(folder)) == [7, 0]
+    for f in (EMBEDDED_MODELS / "tokenizer").iterdir():
+        shutil.copy(f, folder / f.name)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 11, 12]}))
+    # <|endoftext|> (id 0) is the tokenizer's eos token: it comes first.
+    assert checkpoint_eos_token_ids(folder, load_config(folder)) == [0, 7, 11, 12]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from specdec.runner import ModelRunner, SeqInput
-from specdec.sampling import SamplingParams
+from specdec.sampling import MAX_TOP_LOGPROBS, SamplingParams, raw_logprobs
 from specdec.verification import Verdict, is_chain, verify_step
 
 _MAX_SEED = (1 << 64) - 1
@@ -48,6 +48,18 @@ class PrefillItem:
     token_ids: Sequence[int]  # every committed token of the request
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None  # None: a random seed is picked for the request
+    logprobs: bool = False  # report TokenLogprobs of every token the request emits, until Release
+    top_logprobs: int = 0  # with logprobs: this many most likely tokens at each emitted position
+
+
+@dataclass
+class TokenLogprobs:
+    """The target's raw log-probabilities at one emitted position (see specdec.sampling.raw_logprobs)."""
+
+    token_id: int
+    logprob: float
+    top_token_ids: list[int] = field(default_factory=list)  # most likely first
+    top_logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -55,6 +67,7 @@ class PrefillResult:
     request_id: str
     next_token_id: int  # the new pending token
     hidden_state: bytes = b""  # float32 little-endian [hidden_size] at the last prompt token, when asked
+    logprobs: TokenLogprobs | None = None  # of next_token_id, when the item asked
 
 
 @dataclass
@@ -76,6 +89,7 @@ class VerifyResult:
     accepted_indices: list[int]
     bonus_token_id: int
     hidden_state: bytes = b""  # float32 little-endian [hidden_size] at the last kept node, when asked
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # accepted then bonus, when the request asked
 
 
 @dataclass
@@ -105,13 +119,14 @@ class VerifierInfo:
     device: str
     dtype: str
     vocab_size: int
-    eos_token_id: int
+    eos_token_id: int  # the first of eos_token_ids, -1 when none
     max_seq_len: int
     max_slots: int
     free_slots: int
     max_batch_size: int
     active_request_ids: list[str]
     hidden_size: int
+    eos_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -121,6 +136,7 @@ class _Request:
     sampling: SamplingParams
     seed: int
     position: int  # index of the pending token in the request's sequence == cached tokens
+    top_logprobs: int | None = None  # None: no logprobs; else how many alternatives per emitted token
 
 
 @dataclass
@@ -137,11 +153,12 @@ class _Planned:
 class VerifierCore:
     """Request state over a ModelRunner. Not thread-safe: the server serialises calls."""
 
-    def __init__(self, runner: ModelRunner, *, model: str, max_batch_size: int, eos_token_id: int = -1) -> None:
+    def __init__(self, runner: ModelRunner, *, model: str, max_batch_size: int,
+                 eos_token_ids: Sequence[int] = ()) -> None:
         self.runner = runner
         self.model = model
         self.max_batch_size = max_batch_size
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = list(eos_token_ids)
         self._requests: dict[str, _Request] = {}
 
     @classmethod
@@ -165,7 +182,7 @@ class VerifierCore:
         )
         folder = Path(checkpoint).expanduser().resolve()
         return cls(runner, model=str(folder), max_batch_size=max_batch_size,
-                   eos_token_id=checkpoint_eos_token_id(folder, runner.weights.config))
+                   eos_token_ids=checkpoint_eos_token_ids(folder, runner.weights.config))
 
     # -- Prefill -------------------------------------------------------------------------------
 
@@ -193,9 +210,11 @@ class VerifierCore:
                 position = len(item.token_ids)
                 # A plain decode is a verification step without candidates: one code path for sampling.
                 first = verify_step(out.logits, [], [], item.sampling, seed, position).bonus_token
-                self._requests[item.request_id] = _Request(slot, first, item.sampling, seed, position)
+                top = item.top_logprobs if item.logprobs else None
+                self._requests[item.request_id] = _Request(slot, first, item.sampling, seed, position, top)
                 hidden = _hidden_bytes(out.hidden[-1]) if return_hidden else b""
-                results.append(PrefillResult(item.request_id, first, hidden))
+                logprobs = _logprobs(out.logits[-1:], [first], top)
+                results.append(PrefillResult(item.request_id, first, hidden, logprobs[0] if logprobs else None))
         except BaseException:
             for item in items:
                 self._requests.pop(item.request_id, None)
@@ -234,6 +253,9 @@ class VerifierCore:
                 raise InvalidRequest(f"request {rid!r}: {exc}") from None
             if item.seed is not None and not 0 <= item.seed <= _MAX_SEED:
                 raise InvalidRequest(f"request {rid!r}: seed {item.seed} is not a 64-bit unsigned integer")
+            if not 0 <= item.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise InvalidRequest(f"request {rid!r}: top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, "
+                                     f"got {item.top_logprobs}")
 
     # -- Verify --------------------------------------------------------------------------------
 
@@ -257,14 +279,17 @@ class VerifierCore:
         outputs, forward_ms = self._timed_forward(batch, return_hidden)
         try:
             verdicts = [self._judge(p, out.logits) for p, out in zip(plans, outputs)]
+            # The rows each emitted token was chosen from: the root's, then each accepted node's.
+            kept_rows = [[0] + [j + 1 for j in v.accepted_indices] for v in verdicts]
+            logprobs = [_logprobs(out.logits[rows], v.emitted, p.request.top_logprobs)
+                        for p, out, v, rows in zip(plans, outputs, verdicts, kept_rows)]
         except BaseException:
             for p in plans:  # drop the forward's tokens: the batch leaves no trace
                 runner.truncate(p.request.slot, p.request.position)
             raise
         results = []
-        for p, out, verdict in zip(plans, outputs, verdicts):
+        for p, out, verdict, kept, emitted_logprobs in zip(plans, outputs, verdicts, kept_rows, logprobs):
             request = p.request
-            kept = [0] + [j + 1 for j in verdict.accepted_indices]
             runner.accept(request.slot, kept)
             hidden = b""
             if return_hidden:
@@ -272,7 +297,8 @@ class VerifierCore:
             request.position += len(kept)
             request.pending = verdict.bonus_token
             results.append(VerifyResult(
-                p.request_id, verdict.accepted_tokens, verdict.accepted_indices, verdict.bonus_token, hidden
+                p.request_id, verdict.accepted_tokens, verdict.accepted_indices, verdict.bonus_token, hidden,
+                emitted_logprobs,
             ))
         timing = Timing(forward_ms, _ms_since(started), sum(len(s.tokens) for s in batch), context, len(plans))
         return VerifyOutput(results, timing)
@@ -366,13 +392,14 @@ class VerifierCore:
             device=str(runner.device),
             dtype=str(runner.dtype).removeprefix("torch."),
             vocab_size=runner.vocab_size,
-            eos_token_id=self.eos_token_id,
+            eos_token_id=self.eos_token_ids[0] if self.eos_token_ids else -1,
             max_seq_len=runner.max_seq_len,
             max_slots=runner.max_slots,
             free_slots=runner.free_slots,
             max_batch_size=self.max_batch_size,
             active_request_ids=list(self._requests),
             hidden_size=runner.weights.hidden_size,
+            eos_token_ids=list(self.eos_token_ids),
         )
 
     # -- helpers -------------------------------------------------------------------------------
@@ -392,8 +419,17 @@ def _ms_since(started: float) -> float:
     return (time.perf_counter() - started) * 1000.0
 
 
-def checkpoint_eos_token_id(folder: Path, config) -> int:
-    """The end-of-sequence id: the tokenizer's eos token if the folder has one, else the model config's, else -1."""
+def checkpoint_eos_token_ids(folder: Path, config) -> list[int]:
+    """Every end-of-sequence / end-of-turn id the folder declares, first seen first: the tokenizer's eos token
+    (tokenizer_config.json), then config.json's eos_token_id, then generation_config.json's (each an id or a
+    list of ids; chat models list their end-of-turn token there)."""
+    ids: list[int] = []
+
+    def add(value) -> None:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 0 and v not in ids:
+                ids.append(v)
+
     try:
         eos = json.loads((folder / "tokenizer_config.json").read_text()).get("eos_token")
         if isinstance(eos, dict):
@@ -401,15 +437,24 @@ def checkpoint_eos_token_id(folder: Path, config) -> int:
         if isinstance(eos, str) and (folder / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
 
-            token_id = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(eos)
-            if token_id is not None:
-                return int(token_id)
-    except Exception:  # a missing or unreadable tokenizer only loses this source of the id
+            add(Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(eos))
+    except Exception:  # a missing or unreadable tokenizer only loses this source of the ids
         pass
-    eos_id = getattr(config, "eos_token_id", None)
-    if isinstance(eos_id, (list, tuple)):
-        eos_id = eos_id[0] if eos_id else None
-    return int(eos_id) if isinstance(eos_id, int) and not isinstance(eos_id, bool) else -1
+    add(getattr(config, "eos_token_id", None))
+    try:
+        add(json.loads((folder / "generation_config.json").read_text()).get("eos_token_id"))
+    except (OSError, ValueError, AttributeError):  # none, or not a JSON object: no ids from it
+        pass
+    return ids
+
+
+def _logprobs(logits: torch.Tensor, token_ids: list[int], top: int | None) -> list[TokenLogprobs]:
+    """TokenLogprobs of the emitted `token_ids`, each chosen from its row of logits [n, V]; [] when top is None
+    (the request did not ask: nothing is computed)."""
+    if top is None:
+        return []
+    chosen, top_ids, top_values = raw_logprobs(logits, token_ids, top)
+    return [TokenLogprobs(t, lp, ids, values) for t, lp, ids, values in zip(token_ids, chosen, top_ids, top_values)]
 
 
 def _hidden_bytes(row: torch.Tensor) -> bytes:

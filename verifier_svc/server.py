@@ -26,7 +26,15 @@ from specdec.signals import stop_event
 from specdec.status import StatusInterceptor
 from specdec.tracing import server_interceptors, setup_tracing
 from verifier_svc.config import VerifierConfig
-from verifier_svc.core import CapacityError, PrefillItem, Timing, UnknownRequest, VerifierCore, VerifyItem
+from verifier_svc.core import (
+    CapacityError,
+    PrefillItem,
+    Timing,
+    TokenLogprobs,
+    UnknownRequest,
+    VerifierCore,
+    VerifyItem,
+)
 
 log = logging.getLogger("verifier_svc")
 
@@ -42,6 +50,11 @@ def sampling_from_pb(pb: common_pb2.SamplingParams) -> tuple[SamplingParams, int
         top_k=pb.top_k,
     )
     return params, (pb.seed if pb.HasField("seed") else None)
+
+
+def logprobs_to_pb(lp: TokenLogprobs) -> verifier_pb2.TargetLogprobs:
+    return verifier_pb2.TargetLogprobs(token_id=lp.token_id, logprob=lp.logprob, top_token_ids=lp.top_token_ids,
+                                       top_logprobs=lp.top_logprobs)
 
 
 def timing_to_pb(timing: Timing, total_ms: float) -> verifier_pb2.Timing:
@@ -95,12 +108,14 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         items = []
         for item in request.items:
             params, seed = sampling_from_pb(item.sampling)
-            items.append(PrefillItem(item.request_id, list(item.token_ids), params, seed))
+            items.append(PrefillItem(item.request_id, list(item.token_ids), params, seed, item.logprobs,
+                                     item.top_logprobs))
         out = await self._call(context, self.core.prefill, items, request.return_hidden)
         observe_call(self.metrics, "Prefill", out.timing)
         return verifier_pb2.PrefillResponse(
             results=[verifier_pb2.PrefillResult(request_id=r.request_id, next_token_id=r.next_token_id,
-                                                 hidden_state=r.hidden_state)
+                                                 hidden_state=r.hidden_state,
+                                                 logprobs=logprobs_to_pb(r.logprobs) if r.logprobs else None)
                      for r in out.results],
             timing=timing_to_pb(out.timing, (time.perf_counter() - started) * 1000.0),
         )
@@ -132,6 +147,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                     accepted_indices=r.accepted_indices,
                     bonus_token_id=r.bonus_token_id,
                     hidden_state=r.hidden_state,
+                    logprobs=[logprobs_to_pb(lp) for lp in r.logprobs],
                 )
                 for r in out.results
             ],
@@ -209,9 +225,9 @@ async def serve(config: VerifierConfig) -> None:
         max_batch_size=config.max_batch_size,
     )
     info = core.info()
-    log.info("loaded %s on %s (%s%s, vocab %d, eos %d, context %d) in %.1f s", info.model, info.device, info.dtype,
+    log.info("loaded %s on %s (%s%s, vocab %d, eos %s, context %d) in %.1f s", info.model, info.device, info.dtype,
              ", oneDNN-prepacked projections" if core.runner.weights.prepacked else "", info.vocab_size,
-             info.eos_token_id, info.max_seq_len, time.perf_counter() - started)
+             info.eos_token_ids, info.max_seq_len, time.perf_counter() - started)
     if config.warmup_tokens:
         started = time.perf_counter()
         count = core.runner.warm_up(config.warmup_tokens)
