@@ -105,11 +105,9 @@ def compose_specs(
         PORT, proposers, policy, k, model=TARGET_DIR, draft_model=DRAFT_DIR, medusa_model=MEDUSA_DIR,
         host="0.0.0.0", peer_host=None,
         device=device, dtype=dtype, log_level=log_level, metrics_ports={name: METRICS_PORT for name in names},
-        env={"OTEL_EXPORTER_OTLP_ENDPOINT": OTLP_ENDPOINT},
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": OTLP_ENDPOINT}, http_port=HTTP_PORT,
     )
-    # The HTTP API is configured by its variable here (the scheduler reads SPECDEC_HTTP_PORT).
-    return [replace(spec, env={**spec.env, "SPECDEC_HTTP_PORT": str(HTTP_PORT)}) if spec.name == "scheduler"
-            else spec for spec in specs]
+    return specs
 
 
 def service_environment(spec: ServiceSpec) -> dict[str, str]:

@@ -196,7 +196,7 @@ def test_environment_configures_each_service_as_its_flags_do(specs, monkeypatch)
 
 def _without_location(config) -> dict:
     values = dataclasses.asdict(config)
-    for key in ("port", "host", "model", "target_model", "metrics_port", "verifier"):
+    for key in ("port", "host", "model", "target_model", "metrics_port", "http_port", "verifier"):
         values.pop(key, None)
     if "proposers" in values:
         values["proposers"] = [p["name"] for p in values["proposers"]]
