@@ -74,7 +74,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if any(PROPOSER_KINDS.get(kind) == "draft" for kind in proposers):
             validate_checkpoint(draft_model)
         if any(PROPOSER_KINDS.get(kind) == "medusa" for kind in proposers):
-            load_medusa_heads(medusa_model)
+            load_medusa_heads(medusa_model, target=model)  # heads may read through the target's lm_head
     except (CheckpointError, MedusaError) as exc:
         _error(f"{exc} (pass --model / --draft-model / --medusa-model)")
         return EXIT_USAGE

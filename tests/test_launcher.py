@@ -337,6 +337,30 @@ def test_cli_up_rejects_a_missing_model(tmp_path, capsys):
     assert "does not exist" in err and "Traceback" not in err
 
 
+def test_cli_up_checks_heads_that_read_the_targets_lm_head_against_that_target(tmp_path, capsys):
+    """Heads without their own projection load only with the target's lm_head: `specdec up` checks them with
+    --model. A port in use stops it right after the model checks, before anything starts."""
+    import socket
+
+    from specdec.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
+    from specdec.testing import make_tiny_checkpoint
+
+    target = make_tiny_checkpoint(tmp_path / "target", "llama")
+    (target / "tokenizer.json").write_text("{}")
+    config = json.loads((target / "config.json").read_text())
+    save_medusa_heads(MedusaHeads(MedusaConfig(hidden_size=config["hidden_size"], vocab_size=config["vocab_size"],
+                                               num_heads=2, lm_head="target")), tmp_path / "heads")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = cli.main(["up", "--model", str(target), "--medusa-model", str(tmp_path / "heads"),
+                         "--proposers", "medusa", "--port", str(port), "--log-dir", str(tmp_path / "logs")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"port {port} on 127.0.0.1 is in use" in err, err
+    assert "Medusa" not in err
+
+
 def test_cli_up_runs_until_sigterm_then_stops_the_stack(standin_dir, tmp_path):
     """`specdec up` with the three service modules replaced by the stand-in."""
     model = fake_checkpoint(tmp_path / "model")
