@@ -45,6 +45,9 @@ class SchedulerConfig:
     tokenizer: str | None = None  # default: the verifier's model folder, from its Info
     max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
     max_waiting: int = 256  # queued (not yet admitted) requests before RESOURCE_EXHAUSTED
+    # Largest public request in bytes: gRPC refuses a larger one before Python parses it (a megabyte message
+    # holds the event loop for milliseconds). 1 MiB is 16x a 1024-token context of 64-byte tokens.
+    max_request_bytes: int = 1 << 20
     proposer_timeout_s: float = 5.0  # one Propose step; a late proposer only loses its speculation
     proposer_backoff_s: float = 1.0  # how long a failed proposer is left out before it is tried again
     verifier_timeout_s: float = 120.0  # one Prefill/Verify call
@@ -92,6 +95,8 @@ class SchedulerConfig:
             raise ValueError(f"--max-tokens-limit must be >= 1, got {self.max_tokens_limit}")
         if self.max_waiting < 0:
             raise ValueError(f"--max-waiting must be >= 0, got {self.max_waiting}")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
         if not 0 <= self.http_port <= 65535:
             raise ValueError(f"--http-port must be a port number (0 = no HTTP API), got {self.http_port}")
         if self.http_port and self.http_port == self.port:
@@ -194,6 +199,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="tokenizer folder (default: the verifier's model folder)")
     parser.add_argument("--max-tokens-limit", type=int, default=int(_env("MAX_TOKENS_LIMIT", 1024)))
     parser.add_argument("--max-waiting", type=int, default=int(_env("MAX_WAITING", 256)))
+    parser.add_argument("--max-request-bytes", type=int, default=int(_env("MAX_REQUEST_BYTES", 1 << 20)),
+                        help="largest public gRPC request; larger ones get RESOURCE_EXHAUSTED unread (default 1 MiB)")
     parser.add_argument("--proposer-timeout-s", type=float, default=float(_env("PROPOSER_TIMEOUT_S", 5.0)))
     parser.add_argument("--proposer-backoff-s", type=float, default=float(_env("PROPOSER_BACKOFF_S", 1.0)),
                         help="how long a proposer that failed a step is left out")
@@ -263,6 +270,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> SchedulerConfig:
             tokenizer=args.tokenizer,
             max_tokens_limit=args.max_tokens_limit,
             max_waiting=args.max_waiting,
+            max_request_bytes=args.max_request_bytes,
             proposer_timeout_s=args.proposer_timeout_s,
             proposer_backoff_s=args.proposer_backoff_s,
             verifier_timeout_s=args.verifier_timeout_s,

@@ -364,7 +364,8 @@ async def start_server(config: SchedulerConfig, tokenizer: Any = None) -> Schedu
     scheduler = Scheduler(config, tokenizer)
     # The key check comes first: a refused call does no work, traced or otherwise.
     server = grpc.aio.server(interceptors=[*api_key_interceptors(config.accepted_api_keys()), *server_interceptors(),
-                                           StatusInterceptor()])
+                                           StatusInterceptor()],
+                             options=[("grpc.max_receive_message_length", config.max_request_bytes)])
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(scheduler), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
