@@ -19,6 +19,7 @@ from scheduler_svc.engine import QueueFull
 from scheduler_svc.request import GenerationParams, Request, RequestFailed, StreamChunk
 from scheduler_svc.validation import prompt_chars, validate_request
 from specdec.pb import generation_pb2
+from specdec.status import MAX_MESSAGE_CHARS
 
 if TYPE_CHECKING:
     from scheduler_svc.server import Scheduler
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
 # Prompts longer than this are tokenised on a worker thread, so that the event loop (every other request's
 # stream) does not wait for them; shorter ones are tokenised in place, which costs less than the hop.
 TOKENIZE_IN_THREAD_CHARS = 4096
-# Longest error message sent (a gRPC status message travels in metadata, whose size gRPC limits).
-MAX_STATUS_MESSAGE_CHARS = 1024
 _SEED_MASK = (1 << 64) - 1
 
 
@@ -38,7 +37,7 @@ class GenerationError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-        self.message = message[:MAX_STATUS_MESSAGE_CHARS]
+        self.message = message[:MAX_MESSAGE_CHARS]
 
 
 class Generation:

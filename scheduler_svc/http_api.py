@@ -57,6 +57,7 @@ from scheduler_svc.openai_schema import (
 )
 from scheduler_svc.request import StreamChunk
 from specdec.security import AUTH_METADATA_KEY, ApiKeyInterceptor, ServerTLS
+from specdec.status import MAX_MESSAGE_CHARS
 
 if TYPE_CHECKING:
     from scheduler_svc.server import Scheduler
@@ -429,7 +430,7 @@ def validation_error(errors) -> ApiError:
         message = f"{param} is required"
     else:
         message = f"{param}: {error.get('msg')}" if param else str(error.get("msg"))
-    return ApiError(400, "invalid_request_error", message[:1024], param=param)
+    return ApiError(400, "invalid_request_error", message[:MAX_MESSAGE_CHARS], param=param)
 
 
 class _EmbeddedServer(uvicorn.Server):

@@ -19,6 +19,9 @@ from google.protobuf.message import DecodeError
 log = logging.getLogger(__name__)
 
 MAX_DETAIL_CHARS = 200  # of an exception's text quoted in an INTERNAL status
+# Longest status message a service sends: it travels in metadata, whose size gRPC limits, and messages quote
+# request ids and other input.
+MAX_MESSAGE_CHARS = 1024
 OWN_SERVICES = "/specdec."  # method names of the services this interceptor answers for
 
 

@@ -23,7 +23,7 @@ from specdec.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
 from specdec.sampling import SamplingParams
 from specdec.security import ServerTLS, bind, transport
 from specdec.signals import stop_event
-from specdec.status import StatusInterceptor
+from specdec.status import MAX_MESSAGE_CHARS, StatusInterceptor
 from specdec.tracing import server_interceptors, setup_tracing
 from verifier_svc.config import VerifierConfig
 from verifier_svc.core import (
@@ -39,7 +39,6 @@ from verifier_svc.core import (
 log = logging.getLogger("verifier_svc")
 
 SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["Verifier"].full_name  # specdec.v1.Verifier
-MAX_MESSAGE_CHARS = 1024  # of a status message (it travels in metadata, whose size gRPC limits)
 
 
 def sampling_from_pb(pb: common_pb2.SamplingParams) -> tuple[SamplingParams, int | None]:
