@@ -29,9 +29,8 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
 from bench.chain_phase import CONTEXT, COSTS, accepted_run, draft_misses, make_policy, report, step_parts
 from bench.report import made_with
 from bench.serving import poisson_trace
-from scheduler_svc.engine import StepRecord
-from scheduler_svc.policy import RequestOutcome, RequestView
-from scheduler_svc.smartspec import SmartSpecPolicy
+from scheduler_svc.types import StepRecord, RequestOutcome, RequestView
+from scheduler_svc.policy.smartspec import SmartSpecPolicy
 
 # A step that admits a request (the verifier's prefill of its prompt, the stream's set-up) took about this
 # much longer than the cost model's prediction for the step without it: the median excess over steps

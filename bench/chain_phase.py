@@ -5,7 +5,7 @@ continues it (`--max-tokens`, EOS ignored as in the benchmark) and the embedded 
 marks every token it would have missed (its greedy next token differs). A chain started at any token is
 then accepted up to the first miss at or after it: the draft's context is the committed text either way.
 Each workload's prompts are then served one after another at batch 1 by a fresh smartspec policy, with
-its per-request acceptance by distance from the last miss (scheduler_svc/chain_calibration.py) and
+its per-request acceptance by distance from the last miss (scheduler_svc/policy/chain_calibration.py) and
 without it (positions only), and by fixed k, every step timed by a linear cost model (the coefficients
 of each row) that the policy is given as the truth and does not refit. So the times are the cost
 model's, not measured: the replay isolates the choice of k from the machine's noise, on the models'
@@ -28,10 +28,9 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.report import made_with, write_lines
-from scheduler_svc.cost_model import StepShape
-from scheduler_svc.engine import StepRecord
-from scheduler_svc.policy import ProposerSpec, RequestOutcome, RequestView
-from scheduler_svc.smartspec import SmartSpecPolicy
+from scheduler_svc.policy.cost_model import StepShape
+from scheduler_svc.types import StepRecord, ProposerSpec, RequestOutcome, RequestView
+from scheduler_svc.policy.smartspec import SmartSpecPolicy
 
 CONTEXT = 150  # tokens of context the cost model charges (a prompt of 100-200 tokens)
 # (verifier: 1, batch, tokens, context; draft: 1, requests, tokens, passes) in ms. "fitted here": the

@@ -61,6 +61,10 @@ class Proposer(ABC):
     """
 
     kind: str = "base"
+    # Capabilities the scheduler reads from Info: proposing costs next to nothing (so it may propose for
+    # everyone before the plan), and it answers trees (its budget counts nodes).
+    free: bool = False
+    tree: bool = False
     # Size of the target hidden state the proposer reads from each item (0: it reads none).
     hidden_size: int = 0
 

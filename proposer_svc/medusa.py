@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 class MedusaProposer(Proposer):
     kind = "medusa"
+    free = True  # a few small matrix products on a hidden state the verifier computed anyway
+    tree = True
 
     def __init__(self, heads: MedusaHeads, *, max_budget: int = 8, top_k: int = 4, name: str = "") -> None:
         super().__init__(max_budget=max_budget, vocab_size=heads.config.vocab_size)

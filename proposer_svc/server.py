@@ -131,7 +131,7 @@ class ProposerService(proposer_pb2_grpc.ProposerServicer):
         active = proposer.active_request_ids()
         return proposer_pb2.ProposerInfo(
             kind=proposer.kind, config=proposer.describe(), active_request_ids=active, max_budget=proposer.max_budget,
-            hidden_size=proposer.hidden_size,
+            hidden_size=proposer.hidden_size, free=proposer.free, tree=proposer.tree,
         )
 
 

@@ -88,7 +88,7 @@ class SchedulerConfig:
             raise ValueError("--cost-window must be >= 1, --profile-s and --disable-batch-size >= 0")
         if self.arrival_window_s < 0:
             raise ValueError(f"--arrival-window-s must be >= 0, got {self.arrival_window_s}")
-        from scheduler_svc.batch_size_policies import parse_batch_size_table  # here: it imports this module
+        from scheduler_svc.policy.batch_size import parse_batch_size_table  # here: it imports this module
 
         parse_batch_size_table(self.batch_size_table)
         if self.max_tokens_limit < 1:

@@ -30,19 +30,12 @@ from typing import Callable, Mapping, Sequence
 
 import grpc
 
-from scheduler_svc.policy import (
-    FREE_PROPOSER_KINDS,
-    NO_SPECULATION,
-    TREE_PROPOSER_KINDS,
-    Policy,
-    ProposerSpec,
-    RequestOutcome,
-    RequestView,
-)
-from scheduler_svc.proposer_client import ProposeResult, ProposerClient, ProposeWork
+from scheduler_svc.policy.base import Policy
+from scheduler_svc.clients.proposer import ProposeResult, ProposerClient, ProposeWork
 from scheduler_svc.request import FinishReason, Request, RequestFailed, RequestState, StreamChunk, TokenLogprobs
 from scheduler_svc.telemetry import SchedulerTelemetry
-from scheduler_svc.verifier_client import (
+from scheduler_svc.types import NO_SPECULATION, RequestOutcome, RequestView, StepRecord
+from scheduler_svc.clients.verifier import (
     PrefillItem,
     Timing,
     VerifierClient,
@@ -72,43 +65,6 @@ class ModelLimits:
     max_batch_size: int
 
 
-@dataclass
-class StepRecord:
-    """Timings and counts of one engine step, for benchmarks (Engine.step_records)."""
-
-    step_id: int
-    start_s: float  # time.perf_counter() at the start of the step
-    wall_ms: float = 0.0  # the whole step, admission to commit
-    batch_size: int = 0  # requests in the Verify call
-    admitted: int = 0  # requests prefilled in this step
-    proposed: int = 0  # candidate tokens verified
-    accepted: int = 0  # of those, accepted
-    committed: int = 0  # tokens added to requests (first tokens + accepted + bonus, before truncation)
-    prefill_forward_ms: float = 0.0
-    prefill_total_ms: float = 0.0
-    verify_forward_ms: float = 0.0
-    verify_total_ms: float = 0.0
-    verify_batched_tokens: int = 0
-    verify_context_tokens: int = 0
-    propose_ms: dict[str, float] = field(default_factory=dict)  # per proposer, its own measure
-    propose_forward_ms: dict[str, float] = field(default_factory=dict)
-    propose_new_tokens: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per proposer, see ProposeResult
-    propose_wall_ms: float = 0.0  # the parallel propose phase as the engine saw it
-    free_propose_wall_ms: float = 0.0  # free proposers proposing before the plan, when the policy asks
-    plan_ms: float = 0.0  # the policy's plan() call (part of the overhead)
-    predicted_step_ms: float | None = None  # the policy's prediction of this step, if it makes one
-
-    @property
-    def forward_ms(self) -> float:
-        """Model forward time on the step's critical path (proposers run in parallel: the slowest counts)."""
-        return self.prefill_forward_ms + max(self.propose_forward_ms.values(), default=0.0) + self.verify_forward_ms
-
-    @property
-    def overhead_ms(self) -> float:
-        """Everything that is not a model forward: RPCs, (de)serialisation, scheduling, proposer CPU work."""
-        return self.wall_ms - self.forward_ms
-
-
 class Engine:
     """Runs requests through prefill and speculative steps; see the module docstring."""
 
@@ -127,7 +83,7 @@ class Engine:
         self.verifier = verifier
         self.proposers = dict(proposers)
         self.policy = policy
-        policy.bind_proposers({name: ProposerSpec(p.kind, p.max_budget) for name, p in self.proposers.items()})
+        policy.bind_proposers({name: p.spec for name, p in self.proposers.items()})
         self.limits = limits
         self.max_waiting = max_waiting
         self.backoff_max_s = backoff_max_s
@@ -448,7 +404,7 @@ class Engine:
                 continue
             if proposer is None or not proposer.available():
                 continue
-            k = min(plan.k, self._node_room(request) if proposer.kind in TREE_PROPOSER_KINDS else self._room(request),
+            k = min(plan.k, self._node_room(request) if proposer.tree else self._room(request),
                     proposer.max_budget)
             if k > 0:
                 work[proposer.name].append(self._work(request, proposer, k))
@@ -497,7 +453,7 @@ class Engine:
                 raise VerifierError(f"verifier accepted {accepted} of {n} candidates for {item.request_id}")
 
         # Tree proposers' answers are scored as trees even when one happens to be a chain.
-        tree_offers = {name: c for name, c in offered.items() if self.proposers[name].kind in TREE_PROPOSER_KINDS}
+        tree_offers = {name: c for name, c in offered.items() if self.proposers[name].tree}
         chain_offers = {name: c for name, c in offered.items() if name not in tree_offers}
         outcomes = []
         for request, n in zip(running, proposed):
@@ -563,9 +519,9 @@ class Engine:
         chain_budget, tree_budget = self.policy.free_proposal_budget, self.policy.free_tree_budget
         work: dict[str, list[ProposeWork]] = collections.defaultdict(list)
         for name, proposer in self.proposers.items():
-            if proposer.kind not in FREE_PROPOSER_KINDS or not proposer.available():
+            if not proposer.free or not proposer.available():
                 continue
-            tree = proposer.kind in TREE_PROPOSER_KINDS
+            tree = proposer.tree
             for request in running:
                 room = self._node_room(request) if tree else self._room(request)
                 k = min(tree_budget if tree else chain_budget, room, proposer.max_budget)
@@ -597,10 +553,10 @@ class Engine:
             accepted=request.stats.accepted,
             offered={name: len(c[rid].token_ids) if rid in c else 0 for name, c in offered.items()},
             offered_trees={name: tuple(c[rid].parent_indices) for name, c in offered.items()
-                           if rid in c and self.proposers[name].kind in TREE_PROPOSER_KINDS},
+                           if rid in c and self.proposers[name].tree},
             max_nodes=self._node_room(request),
             unsent={name: p.unsent(rid, len(request.tokens)) for name, p in self.proposers.items()
-                    if p.kind not in FREE_PROPOSER_KINDS},
+                    if not p.free},
         )
 
     def _work(self, request: Request, proposer: ProposerClient, budget: int) -> ProposeWork:

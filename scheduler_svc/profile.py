@@ -22,11 +22,10 @@ from typing import Mapping
 
 import numpy as np
 
-from scheduler_svc.cost_model import MEASURED_PRIOR_STEPS, CostModel, RidgeFit, caught_up_tokens, steady_new_tokens
-from scheduler_svc.policy import FREE_PROPOSER_KINDS
-from scheduler_svc.proposer_client import ProposerClient, ProposeWork
+from scheduler_svc.policy.cost_model import MEASURED_PRIOR_STEPS, CostModel, RidgeFit, caught_up_tokens, steady_new_tokens
+from scheduler_svc.clients.proposer import ProposerClient, ProposeWork
 from scheduler_svc.request import SamplingParams
-from scheduler_svc.verifier_client import PrefillItem, VerifierClient, VerifyItem
+from scheduler_svc.clients.verifier import PrefillItem, VerifierClient, VerifyItem
 from specdec.pb import common_pb2
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,7 @@ async def _profile(cost_model: CostModel, verifier: VerifierClient, proposers: M
     long_prompt = [(5 * i + 2) % max(vocab_size, 1)
                    for i in range(max(1, min(CATCH_UP_PROMPT_TOKENS, max_seq_len // 2)))]
     for name, proposer in proposers.items():
-        if proposer.kind in FREE_PROPOSER_KINDS or not proposer.available():
+        if proposer.free or not proposer.available():
             continue
         fit = cost_model.proposer(name)
         points = []

@@ -24,18 +24,18 @@ from scheduler_svc.engine import Engine, ModelLimits
 from scheduler_svc.generation import GenerationError, start_generation
 from scheduler_svc.policy import policy_from_config
 from scheduler_svc.profile import profile_costs
-from scheduler_svc.proposer_client import ProposerClient
+from scheduler_svc.clients.proposer import ProposerClient
 from scheduler_svc.request import GenerationParams, Request, RequestStats, StreamChunk, TokenLogprobs
 from scheduler_svc.telemetry import SchedulerTelemetry
 from scheduler_svc.validation import Limits
-from scheduler_svc.verifier_client import VerifierClient, VerifierInfo
+from scheduler_svc.clients.verifier import VerifierClient, VerifierInfo
 from specdec.pb import generation_pb2, generation_pb2_grpc
 from specdec.security import api_key_interceptors, bind
 from specdec.status import StatusInterceptor
 from specdec.tracing import server_interceptors
 
 if TYPE_CHECKING:
-    from scheduler_svc.http_api import HttpServer
+    from scheduler_svc.http.app import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class Scheduler:
             telemetry=self.telemetry,
         )
         engine = self.engine
-        cost_model = getattr(engine.policy, "cost_model", None)
+        cost_model = engine.policy.cost_model
         if cost_model is not None:  # goodput policies: seed the step-time model before the first step
             report = await profile_costs(
                 cost_model, self.verifier, self.proposers, max_k=self.config.max_k, vocab_size=info.vocab_size,
@@ -164,7 +164,7 @@ class Scheduler:
             await self.verifier.wait_for_state_change()
 
     def _cost_model_error(self) -> float:
-        cost_model = getattr(self.engine.policy, "cost_model", None)
+        cost_model = self.engine.policy.cost_model
         error = cost_model.relative_error_ema if cost_model is not None else None
         return float("nan") if error is None else error
 
@@ -379,7 +379,7 @@ async def start_server(config: SchedulerConfig, tokenizer: Any = None) -> Schedu
     http = None
     if config.http_port:
         # Imported here: a scheduler without the HTTP API does not load FastAPI.
-        from scheduler_svc.http_api import start_http_server
+        from scheduler_svc.http.app import start_http_server
 
         try:
             http = await start_http_server(scheduler, config.host, config.http_port, config.tls, config.grace_s)

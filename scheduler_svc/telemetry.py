@@ -25,19 +25,13 @@ from specdec.metrics import NO_PROPOSER_LABEL, SchedulerMetrics
 from specdec.tracing import tracer
 
 if TYPE_CHECKING:
-    from scheduler_svc.engine import StepRecord
-    from scheduler_svc.policy import RequestOutcome
+    from scheduler_svc.policy.base import Policy
+    from scheduler_svc.types import RequestOutcome, StepRecord
     from scheduler_svc.request import Request
 
 
 def _number(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def predicted_goodput(policy: object) -> float | None:
-    """The goodput (tokens/s) the policy predicted for its last plan, when it makes such predictions
-    (goodput policies keep it in `predicted_goodput`)."""
-    return _number(getattr(policy, "predicted_goodput", None))
 
 
 def candidate_depth(parents: Sequence[int], proposed: int) -> int:
@@ -168,7 +162,7 @@ class SchedulerTelemetry:
                                             kind=trace.SpanKind.INTERNAL) as span:
             yield span
 
-    def observe_step(self, record: StepRecord, outcomes: Sequence[RequestOutcome], policy: object) -> None:
+    def observe_step(self, record: StepRecord, outcomes: Sequence[RequestOutcome], policy: Policy) -> None:
         """Count one finished step and describe it on the current (step) span."""
         m = self.metrics
         wall_s = record.wall_ms / 1e3
@@ -230,10 +224,10 @@ class SchedulerTelemetry:
             "specdec.goodput.measured": record.committed / wall_s if wall_s > 0 else 0.0,
             **k_summary([o.k for o in outcomes]),
         }
-        predicted = predicted_goodput(policy)
+        predicted = _number(policy.predicted_goodput)
         if predicted is not None:
             attributes["specdec.goodput.predicted"] = predicted
-        predicted_ms = _number(getattr(policy, "predicted_step_ms", None))
+        predicted_ms = _number(policy.predicted_step_ms)
         if predicted_ms is not None:
             attributes["specdec.step_ms.predicted"] = predicted_ms
         arrival_rate = _number(getattr(policy, "arrival_rate", None))

@@ -1,11 +1,11 @@
-"""Online acceptance estimates (scheduler_svc/acceptance.py)."""
+"""Online acceptance estimates (scheduler_svc/policy/acceptance.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from scheduler_svc.acceptance import AcceptanceEstimator, Observation
+from scheduler_svc.policy.acceptance import AcceptanceEstimator, Observation
 
 
 def geometric_steps(rng: np.random.Generator, a: float, k: int, steps: int) -> list[int]:
@@ -145,7 +145,7 @@ def test_a_retry_updates_the_drift_by_its_evidence_and_failed_retries_slow_it():
 def closed_loop(true_rate: float, cost, *, drift: float, steps: int, seed: int = 0) -> list[int]:
     """The policy's loop for one request pinned to a costly draft: advance the clock, plan with the
     chooser, verify what it asked for (iid acceptance true_rate), observe. Returns its k per step."""
-    from scheduler_svc.goodput import choose, survival
+    from scheduler_svc.policy.goodput import choose, survival
 
     rng = np.random.default_rng(seed)
     est = AcceptanceEstimator(5, alpha=0.3, prior_alpha=0.05, drift=drift)
@@ -165,7 +165,7 @@ def closed_loop(true_rate: float, cost, *, drift: float, steps: int, seed: int =
 
 def draft_cost(token_ms: float, pass_ms: float):
     """A 10 ms step, each batched token token_ms, a draft of 1 ms + 0.2 per request + 0.1 per token + passes."""
-    from scheduler_svc.goodput import StepCost
+    from scheduler_svc.policy.goodput import StepCost
 
     return StepCost(10.0, token_ms, np.array([1.0]), np.array([0.2]), np.array([0.1]), np.array([pass_ms]))
 
@@ -193,7 +193,7 @@ def serve_pinned(est: AcceptanceEstimator, cost, true_rate: float, requests: int
                  tokens: int = 32) -> list[int]:
     """Requests of `tokens` tokens one after another, pinned to the draft, planned by the chooser and
     verified with iid acceptance true_rate; returns k per step."""
-    from scheduler_svc.goodput import choose, survival
+    from scheduler_svc.policy.goodput import choose, survival
 
     ks = []
     for r in range(requests):

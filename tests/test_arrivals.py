@@ -1,10 +1,10 @@
-"""The arrival-rate estimate (scheduler_svc/arrivals.py)."""
+"""The arrival-rate estimate (scheduler_svc/policy/arrivals.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from scheduler_svc.arrivals import ArrivalRate
+from scheduler_svc.policy.arrivals import ArrivalRate
 
 
 def test_counts_arrivals_in_the_window_and_falls_back_to_zero_when_they_stop():

@@ -1,4 +1,4 @@
-"""Acceptance by the distance from the last miss (scheduler_svc/chain_calibration.py), alone and in smartspec."""
+"""Acceptance by the distance from the last miss (scheduler_svc/policy/chain_calibration.py), alone and in smartspec."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bench import chain_phase
-from scheduler_svc.chain_calibration import ChainCalibration
+from scheduler_svc.policy.chain_calibration import ChainCalibration
 
 MODEL = np.full((1, 4), 0.6)
 

@@ -1,11 +1,11 @@
-"""The online step-time model (scheduler_svc/cost_model.py)."""
+"""The online step-time model (scheduler_svc/policy/cost_model.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from scheduler_svc.cost_model import (
+from scheduler_svc.policy.cost_model import (
     GUESS_PRIOR_STEPS,
     MEASURED_PRIOR_STEPS,
     CostModel,

@@ -1,4 +1,4 @@
-"""Goodput maths and the chooser (scheduler_svc/goodput.py)."""
+"""Goodput maths and the chooser (scheduler_svc/policy/goodput.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from scheduler_svc.goodput import (
+from scheduler_svc.policy.goodput import (
     StepCost,
     best_uniform_k,
     choose,

@@ -1,4 +1,4 @@
-"""The HTTP API's schemas and their translation (scheduler_svc/openai_schema.py), without servers: OpenAI
+"""The HTTP API's schemas and their translation (scheduler_svc/http/schema.py), without servers: OpenAI
 request bodies become the GenerateRequest a gRPC client would send, what cannot be served is refused naming
 its field, and responses take OpenAI's shape."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from scheduler_svc.http_api import validation_error
-from scheduler_svc.openai_schema import (
+from scheduler_svc.http.app import validation_error
+from scheduler_svc.http.schema import (
     ChatCompletionRequest,
     CompletionRequest,
     InvalidField,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from scheduler_svc import profile
-from scheduler_svc.cost_model import CostModel
+from scheduler_svc.policy.cost_model import CostModel
 from scheduler_svc.profile import PROFILE_PREFIX, profile_costs
-from scheduler_svc.verifier_client import Timing, VerifyOutput
+from scheduler_svc.clients.verifier import Timing, VerifyOutput
 
 
 class Clock:
@@ -45,6 +45,7 @@ class FakeDraft:
     step's (a new request's prompt), plus a lazy start-up cost the first time it sees a batch size."""
 
     kind = "draft"
+    free = False
     max_budget = 8
 
     def __init__(self, clock: Clock, coef, steady: int, warm_up_ms: float = 40.0) -> None:
@@ -82,6 +83,7 @@ class FakeDraft:
 
 class FakeNgram(FakeDraft):
     kind = "ngram"
+    free = True
 
 
 def run_profile(monkeypatch, *, slots: int, max_k: int = 5, coef=(1.5, 0.3, 0.15, 0.8, 0.05)):

@@ -1,4 +1,4 @@
-"""The acceptance model's rates against what the chains did (scheduler_svc/rate_calibration.py), alone and in
+"""The acceptance model's rates against what the chains did (scheduler_svc/policy/rate_calibration.py), alone and in
 smartspec."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scheduler_svc.acceptance import MAX_RATE
+from scheduler_svc.policy.acceptance import MAX_RATE
 from scheduler_svc.config import config_from_args
-from scheduler_svc.engine import StepRecord
-from scheduler_svc.policy import ProposerSpec, RequestOutcome, RequestView, policy_from_config
-from scheduler_svc.rate_calibration import RateCalibration
-from scheduler_svc.smartspec import BatchUniformPolicy, SmartSpecPolicy
+from scheduler_svc.policy import policy_from_config
+from scheduler_svc.types import ProposerSpec, RequestOutcome, RequestView, StepRecord
+from scheduler_svc.policy.rate_calibration import RateCalibration
+from scheduler_svc.policy.smartspec import BatchUniformPolicy, SmartSpecPolicy
 
 
 def test_a_proposer_never_observed_keeps_the_model_s_rates():

@@ -1,10 +1,12 @@
-"""Speculation policies (scheduler_svc/policy.py)."""
+"""Speculation policies (scheduler_svc/policy/base.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from scheduler_svc.policy import NO_SPECULATION, FixedPolicy, NoSpeculationPolicy, Plan, RequestView, make_policy
+from scheduler_svc.policy import make_policy
+from scheduler_svc.policy.base import FixedPolicy, NoSpeculationPolicy
+from scheduler_svc.types import NO_SPECULATION, Plan, RequestView
 
 
 def view(rid: str, proposer: str = "", max_k: int = 100) -> RequestView:

@@ -1,4 +1,4 @@
-"""The Propose stream client (scheduler_svc/proposer_client.py) against a fake proposer on loopback."""
+"""The Propose stream client (scheduler_svc/clients/proposer.py) against a fake proposer on loopback."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from scheduler_svc.proposer_client import ProposerClient, ProposerFault, ProposeWork, check_candidates
+from scheduler_svc.clients.proposer import ProposerClient, ProposerFault, ProposeWork, check_candidates
 from specdec.pb import common_pb2, proposer_pb2_grpc
 from test_scheduler_fakes import VOCAB, FakeProposer, next_token, run, serve_fake
 

@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from scheduler_svc.config import ProposerAddress
-from scheduler_svc.policy import FixedPolicy
+from scheduler_svc.policy.base import FixedPolicy
 from specdec.pb import generation_pb2, proposer_pb2_grpc
 from test_scheduler_fakes import (
     EOS,

@@ -7,7 +7,8 @@ import asyncio
 from test_scheduler_fakes import FakeProposer, cluster, generate, reference, run
 
 from scheduler_svc.config import config_from_args
-from scheduler_svc.policy import Plan, Policy
+from scheduler_svc.policy.base import Policy
+from scheduler_svc.types import Plan
 from scheduler_svc.profile import PROFILE_PREFIX
 from specdec.pb import common_pb2, proposer_pb2
 
@@ -15,10 +16,10 @@ PROMPTS = [[11, 12, 13], [20, 5], [31, 40, 41, 42], [8]]  # odd first token: pro
 
 
 class FakeNgram(FakeProposer):
-    """Reports kind ngram (a free proposer); has no match for prompts that start with an even token."""
+    """A free proposer (as prompt lookup is); has no match for prompts that start with an even token."""
 
     async def Info(self, request, context):
-        return proposer_pb2.ProposerInfo(kind="ngram", config=self.mode, max_budget=self.max_budget)
+        return proposer_pb2.ProposerInfo(kind="ngram", config=self.mode, max_budget=self.max_budget, free=True)
 
     def _propose(self, rid: str, budget: int) -> common_pb2.Candidates:
         if self.history[rid][0] % 2 == 0:

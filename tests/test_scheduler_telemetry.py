@@ -8,10 +8,9 @@ from types import SimpleNamespace
 import pytest
 from opentelemetry import trace
 
-from scheduler_svc.engine import StepRecord
-from scheduler_svc.policy import RequestOutcome
+from scheduler_svc.types import RequestOutcome, StepRecord
 from scheduler_svc.request import FinishReason, GenerationParams, Request
-from scheduler_svc.telemetry import SchedulerTelemetry, candidate_depth, k_summary, predicted_goodput
+from scheduler_svc.telemetry import SchedulerTelemetry, candidate_depth, k_summary
 
 
 def make_request(prompt_len: int = 4) -> Request:
@@ -22,15 +21,12 @@ def sample(telemetry: SchedulerTelemetry, name: str, **labels) -> float:
     return telemetry.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-def test_k_summary_and_predicted_goodput():
+def test_k_summary():
     assert k_summary([]) == {}
     summary = k_summary([0, 3, 3, 5])
     assert summary["specdec.k.mean"] == pytest.approx(11 / 4)
     assert (summary["specdec.k.min"], summary["specdec.k.max"], summary["specdec.k.speculating"]) == (0, 5, 3)
     assert summary["specdec.k.counts"] == "0:1 3:2 5:1"
-    assert predicted_goodput(SimpleNamespace(predicted_goodput=123.5)) == 123.5
-    assert predicted_goodput(SimpleNamespace(predicted_goodput=None)) is None
-    assert predicted_goodput(object()) is None
 
 
 def test_step_span_is_a_child_of_the_oldest_request_and_links_all(span_recorder):

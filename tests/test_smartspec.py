@@ -1,4 +1,4 @@
-"""Goodput policies (scheduler_svc/smartspec.py) and the batch-size baselines (batch_size_policies.py)."""
+"""Goodput policies (scheduler_svc/policy/smartspec.py) and the batch-size baselines (batch_size_policies.py)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ import time
 import numpy as np
 import pytest
 
-from scheduler_svc.batch_size_policies import (
+from scheduler_svc.policy.batch_size import (
     BatchSizeRange,
     BatchSizeTablePolicy,
     DisableByBatchSizePolicy,
     parse_batch_size_table,
 )
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.engine import StepRecord
-from scheduler_svc.policy import NO_SPECULATION, Plan, ProposerSpec, RequestOutcome, RequestView, make_policy, \
-    policy_from_config
-from scheduler_svc.smartspec import BatchUniformPolicy, SmartSpecPolicy
+from scheduler_svc.policy import make_policy, policy_from_config
+from scheduler_svc.policy.acceptance import Observation
+from scheduler_svc.policy.smartspec import BatchUniformPolicy, SmartSpecPolicy
+from scheduler_svc.types import NO_SPECULATION, Plan, ProposerSpec, RequestOutcome, RequestView, StepRecord
 
 
 def view(rid: str, proposer: str = "", max_k: int = 100, offered: dict | None = None, context: int = 50):
@@ -27,7 +27,7 @@ def view(rid: str, proposer: str = "", max_k: int = 100, offered: dict | None = 
 def smartspec(verify=(20.0, 0.1, 0.5, 0.0), draft=(1.0, 0.2, 0.5), max_k: int = 4) -> SmartSpecPolicy:
     """A policy over ngram (free) + draft with a known cost model (no data: the seeds are the model)."""
     policy = SmartSpecPolicy(["ngram", "draft"], max_k=max_k)
-    policy.bind_proposers({"ngram": ProposerSpec("ngram", 8), "draft": ProposerSpec("draft", 8)})
+    policy.bind_proposers({"ngram": ProposerSpec("ngram", 8, free=True), "draft": ProposerSpec("draft", 8)})
     policy.cost_model.verify.reseed(verify)
     policy.cost_model.overhead.reseed((0.0, 0.0, 0.0))
     policy.cost_model.proposer("draft").reseed(draft)
@@ -36,7 +36,7 @@ def smartspec(verify=(20.0, 0.1, 0.5, 0.0), draft=(1.0, 0.2, 0.5), max_k: int = 
 
 def teach(policy, proposer: str, tested: int, accepted: int, steps: int = 60) -> None:
     """Feed outcomes of many requests to set a proposer's prior."""
-    from scheduler_svc.acceptance import Observation
+    from scheduler_svc.policy.acceptance import Observation
 
     for i in range(steps):
         policy.acceptance.observe(f"teach{i}", Observation(proposer, tested, accepted))
@@ -128,7 +128,7 @@ def test_batch_uniform_gives_everyone_the_same_k():
     policy = BatchUniformPolicy(["draft"], max_k=4)
     policy.bind_proposers({"draft": ProposerSpec("draft", 8)})
     teach(policy, "draft", 4, 3)
-    policy.acceptance.observe("low", __import__("scheduler_svc.acceptance").acceptance.Observation("draft", 3, 0))
+    policy.acceptance.observe("low", Observation("draft", 3, 0))
     plans = policy.plan([view("a"), view("low"), view("c")])
     assert len({p.k for p in plans.values()}) == 1
     assert policy.free_proposal_budget == 0

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from scheduler_svc.engine import fit_candidates
-from scheduler_svc.policy import ProposerSpec, RequestView
-from scheduler_svc.smartspec import SmartSpecPolicy
-from scheduler_svc.tree_acceptance import TreeAcceptance, depths_and_ranks, matched_nodes
+from scheduler_svc.types import ProposerSpec, RequestView
+from scheduler_svc.policy.smartspec import SmartSpecPolicy
+from scheduler_svc.policy.tree_acceptance import TreeAcceptance, depths_and_ranks, matched_nodes
 from specdec.pb import common_pb2
 
 # A tree: roots 0 (a) and 1 (b); 0's children 2 (c) and 3 (d); 2's child 4 (e).
@@ -97,7 +97,7 @@ def test_fit_candidates_cuts_nodes_and_depth():
 
 def tree_policy(rate: float) -> SmartSpecPolicy:
     policy = SmartSpecPolicy(["medusa"], max_k=5, max_tree_nodes=8)
-    policy.bind_proposers({"medusa": ProposerSpec("medusa", 16)})
+    policy.bind_proposers({"medusa": ProposerSpec("medusa", 16, free=True, tree=True)})
     policy.trees.rates("medusa")[:] = rate
     return policy
 

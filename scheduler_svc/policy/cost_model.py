@@ -33,7 +33,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from scheduler_svc.goodput import StepCost
+from scheduler_svc.policy.goodput import StepCost
 
 DEFAULT_WINDOW = 256
 # The seed weighs like this many steps' worth of data, in every coefficient's own scale. A measured seed

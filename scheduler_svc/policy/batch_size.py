@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from scheduler_svc.policy import FixedPolicy, Plan, Policy, RequestView
+from scheduler_svc.policy.base import FixedPolicy, Policy
+from scheduler_svc.types import Plan, RequestView
 
 DEFAULT_BATCH_SIZE_TABLE = "1-4:5,5-16:3,17-:0"
 

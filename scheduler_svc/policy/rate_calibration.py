@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from scheduler_svc.acceptance import MAX_RATE, MIN_RATE
+from scheduler_svc.policy.acceptance import MAX_RATE, MIN_RATE
 
 # A position's factor stays at 1 until its sums outweigh this many hits predicted and seen alike.
 PRIOR_HITS = 20.0

@@ -20,7 +20,8 @@ import grpc
 import numpy as np
 from opentelemetry import trace
 
-from scheduler_svc.verifier_client import CHANNEL_OPTIONS  # its reconnect backoff too: a proposer is back in 1 s
+from scheduler_svc.clients.verifier import CHANNEL_OPTIONS  # its reconnect backoff too: a proposer is back in 1 s
+from scheduler_svc.types import ProposerSpec
 from specdec.pb import common_pb2, proposer_pb2, proposer_pb2_grpc
 from specdec.security import ClientTLS, aio_channel
 from specdec.tracing import inject_context, tracer
@@ -63,6 +64,9 @@ class ProposerInfo:
     max_budget: int
     active_request_ids: tuple[str, ...]
     hidden_size: int = 0  # size of the target hidden state it reads (0: none)
+    free: bool = False  # proposing costs next to nothing (types.ProposerSpec)
+    tree: bool = False  # it answers trees
+
 
 
 class ProposerClient:
@@ -80,6 +84,8 @@ class ProposerClient:
         self.max_budget = 1 << 30  # from Info; until then no cap
         self.kind = ""  # from Info (ngram, draft, ...); "" until known
         self.hidden_size = 0  # from Info: > 0 when it reads the target's hidden state (tree heads)
+        self.free = False  # from Info: proposing costs next to nothing
+        self.tree = False  # from Info: it answers trees
         self._channel = aio_channel(address, tls, options=CHANNEL_OPTIONS)
         self._stub = proposer_pb2_grpc.ProposerStub(self._channel)
         self._call: grpc.aio.StreamStreamCall | None = None
@@ -100,7 +106,14 @@ class ProposerClient:
             self.max_budget = msg.max_budget
         self.kind = msg.kind
         self.hidden_size = msg.hidden_size
-        return ProposerInfo(msg.kind, msg.config, msg.max_budget, tuple(msg.active_request_ids), msg.hidden_size)
+        self.free, self.tree = msg.free, msg.tree
+        return ProposerInfo(msg.kind, msg.config, msg.max_budget, tuple(msg.active_request_ids), msg.hidden_size,
+                            msg.free, msg.tree)
+
+    @property
+    def spec(self) -> ProposerSpec:
+        """What the policy may know of this proposer (from its Info)."""
+        return ProposerSpec(self.kind, self.max_budget, free=self.free, tree=self.tree)
 
     # -- bookkeeping between steps -----------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler_svc.generation import Generation, GenerationError, start_generation
-from scheduler_svc.openai_schema import (
+from scheduler_svc.http.schema import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
