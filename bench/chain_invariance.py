@@ -23,8 +23,8 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
 
 from bench.report import made_with, write_lines
 from bench.serving import WORKLOADS, _tokenizer
-from specdec.checkpoint import CODE_TARGET
-from specdec.runner import ModelRunner, default_device
+from specdec.model.checkpoint import CODE_TARGET
+from specdec.model.runner import ModelRunner, default_device
 from specdec.testing import logits_alone_and_in_chains
 
 

@@ -121,7 +121,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from bench.serving import WORKLOADS, _tokenizer
-    from specdec.checkpoint import CODE_DRAFT, CODE_TARGET
+    from specdec.model.checkpoint import CODE_DRAFT, CODE_TARGET
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20)

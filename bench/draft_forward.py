@@ -1,4 +1,4 @@
-"""The draft's forward in torch against NumPy (specdec/numpy_forward.py), measured side by side.
+"""The draft's forward in torch against NumPy (specdec/model/numpy_forward.py), measured side by side.
 
 Two runners of the same checkpoint, one whose `next_tokens` runs the torch forward and one the NumPy
 path, take turns in blocks of `BLOCK` forwards (which goes first alternates; in blocks, so that each path
@@ -30,8 +30,8 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
 
 from bench.report import made_with, write_lines
 from bench.runner_cost import prefilled_slots
-from specdec.checkpoint import CODE_DRAFT
-from specdec.runner import ModelRunner, SeqInput
+from specdec.model.checkpoint import CODE_DRAFT
+from specdec.model.runner import ModelRunner, SeqInput
 
 PATHS = ("torch", "numpy")
 BLOCK = 10  # forwards of one path in a row

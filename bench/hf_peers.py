@@ -60,7 +60,7 @@ def load_peer_models(target: str | Path, draft: str | Path | None = None, device
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from specdec.runner import default_device, parse_dtype
+    from specdec.model.runner import default_device, parse_dtype
 
     the_device = torch.device(device) if device else default_device()
     the_dtype = parse_dtype(dtype, the_device)

@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
 
-    from specdec.checkpoint import DEFAULT_TARGET
-    from specdec.launcher import Stack, free_ports, local_specs
+    from specdec.model.checkpoint import DEFAULT_TARGET
+    from specdec.ops.launcher import Stack, free_ports, local_specs
 
     with tempfile.TemporaryDirectory(prefix="http-overhead-") as tmp:
         target = tiny_target(Path(tmp)) if args.model == "tiny" else DEFAULT_TARGET

@@ -76,7 +76,7 @@ def greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
 def main() -> int:
     from transformers import AutoModelForCausalLM
 
-    from specdec.checkpoint import CODE_TARGET
+    from specdec.model.checkpoint import CODE_TARGET
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(CODE_TARGET))

@@ -27,7 +27,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
 
 from bench.report import made_with, write_lines
 from bench.serving import percentile
-from specdec.checkpoint import CODE_TARGET
+from specdec.model.checkpoint import CODE_TARGET
 
 LAGS_S = (2, 10, 30, 60, 120)
 
@@ -67,7 +67,7 @@ def main() -> int:
     p.add_argument("--out", type=Path)
     args = p.parse_args()
 
-    from specdec.runner import ModelRunner, SeqInput
+    from specdec.model.runner import ModelRunner, SeqInput
 
     runner = ModelRunner(args.model, max_slots=1)
     slot = runner.allocate()

@@ -36,8 +36,8 @@ if str(REPO_ROOT) not in sys.path:
 from bench.serving import TOKENIZER_FILE, code_completion_prompts  # noqa: E402
 from proposer_svc.base import ProposalRequest  # noqa: E402
 from proposer_svc.draft import DraftProposer  # noqa: E402
-from specdec.checkpoint import CODE_DRAFT, CODE_MEDUSA, CODE_TARGET  # noqa: E402
-from specdec.medusa import MedusaHeads, build_tree, load_medusa_heads  # noqa: E402
+from specdec.model.checkpoint import CODE_DRAFT, CODE_MEDUSA, CODE_TARGET  # noqa: E402
+from specdec.model.medusa import MedusaHeads, build_tree, load_medusa_heads  # noqa: E402
 from verifier_svc.core import PrefillItem, VerifierCore, VerifyItem  # noqa: E402
 
 COMMAND = ".venv/bin/python bench/medusa_trees.py --out docs/medusa_trees"

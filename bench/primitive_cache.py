@@ -1,4 +1,4 @@
-"""oneDNN's kernel cache against the row counts serving produces (specdec/linear.py).
+"""oneDNN's kernel cache against the row counts serving produces (specdec/model/linear.py).
 
 A projection's compiled oneDNN kernel is cached per shape, and a verifier's projections see as many
 shapes as a batch has token counts. This runs the embedded target on one request, cycling a few times
@@ -21,8 +21,8 @@ from pathlib import Path
 
 WORKER = r"""
 import json, sys, time
-from specdec.checkpoint import CODE_TARGET
-from specdec.runner import ModelRunner, SeqInput
+from specdec.model.checkpoint import CODE_TARGET
+from specdec.model.runner import ModelRunner, SeqInput
 
 max_rows = int(sys.argv[1])
 runner = ModelRunner(CODE_TARGET, max_slots=1, max_seq_len=max_rows + 8)

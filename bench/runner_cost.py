@@ -5,7 +5,7 @@ Every request holds `--context` cached tokens; one step runs `new` tokens (a cha
 interleaved order, repeated `--repeats` times, and the median is reported, so that the machine's
 drift spreads over the whole table instead of biasing one corner of it.
 
-Where the runner prepacks its projection weights for oneDNN (CPU, fp32: specdec/linear.py), a second
+Where the runner prepacks its projection weights for oneDNN (CPU, fp32: specdec/model/linear.py), a second
 runner with plain `F.linear` projections is measured in the same loop, point by point, and the report
 adds its table and the ratio of the two.
 
@@ -30,8 +30,8 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.report import made_with
-from specdec.checkpoint import CODE_TARGET
-from specdec.runner import ModelRunner, SeqInput
+from specdec.model.checkpoint import CODE_TARGET
+from specdec.model.runner import ModelRunner, SeqInput
 
 
 def prefilled_slots(runner: ModelRunner, count: int, context: int, rng: random.Random) -> list[int]:

@@ -30,8 +30,8 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of th
 
 from bench.report import made_with, write_lines
 from bench.runner_cost import measure, prefilled_slots
-from specdec.checkpoint import CODE_TARGET
-from specdec.runner import ModelRunner
+from specdec.model.checkpoint import CODE_TARGET
+from specdec.model.runner import ModelRunner
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 

@@ -419,7 +419,7 @@ def plan(args: argparse.Namespace) -> list[RunConfig]:
 
 
 def _scheduler_stack(scheduler_spec, run: RunConfig, startup_timeout: float, port: int):
-    from specdec.launcher import Stack
+    from specdec.ops.launcher import Stack
 
     args = list(scheduler_spec.args)
     args[args.index("--policy") + 1] = run.policy
@@ -548,7 +548,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     their start-up profiles do not overlap), replay every run `--repeats` times in the interleaved order;
     then stop the stack and run the Hugging Face peers in this process. Returns one row per (run, proposer
     label), pooled over the repeats."""
-    from specdec.launcher import Stack, free_ports, local_specs
+    from specdec.ops.launcher import Stack, free_ports, local_specs
 
     runs = plan(args)
     repeats = repeats_per_rate(args)
@@ -620,7 +620,7 @@ def run_peers(runs: list[RunConfig], prompts: dict[str, list[str]], args: argpar
     import torch
 
     from bench import hf_peers
-    from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_TARGET
+    from specdec.model.checkpoint import DEFAULT_DRAFT, DEFAULT_TARGET
 
     threads, previous = peer_threads(args), torch.get_num_threads()
     if threads:

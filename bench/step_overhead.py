@@ -24,8 +24,8 @@ from pathlib import Path
 
 from scheduler_svc.config import ProposerAddress, SchedulerConfig
 from scheduler_svc.server import start_server
-from specdec.checkpoint import CODE_DRAFT, CODE_TARGET
-from specdec.launcher import Stack, free_ports, local_specs
+from specdec.model.checkpoint import CODE_DRAFT, CODE_TARGET
+from specdec.ops.launcher import Stack, free_ports, local_specs
 from specdec_client import AsyncClient
 
 PROMPT = (

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         from threadpoolctl import threadpool_limits
 
         torch.set_num_threads(threads)
-        # NumPy's BLAS too: the draft's forwards run in NumPy (specdec/numpy_forward.py), and OpenBLAS's own
+        # NumPy's BLAS too: the draft's forwards run in NumPy (specdec/model/numpy_forward.py), and OpenBLAS's own
         # threads would spin on the core the verifier computes on.
         threadpool_limits(threads, user_api="blas")
     from proposer_svc.server import serve

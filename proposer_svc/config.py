@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from specdec import security
-from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_MEDUSA
+from specdec.rpc import security
+from specdec.model.checkpoint import DEFAULT_DRAFT, DEFAULT_MEDUSA
 
 KINDS = ("ngram", "draft", "medusa")
 # A draft model's passes run over a few tokens per request: more threads gain next to nothing there, and
@@ -73,7 +73,7 @@ class ProposerConfig:
             raise ValueError(f"--vocab-size must be >= 1, got {self.vocab_size}")
         _ = self.tls  # reads the files: a wrong path is reported before a model loads
         if self.kind == "draft":
-            from specdec.runner import check_device  # torch: only once the flags are read
+            from specdec.model.runner import check_device  # torch: only once the flags are read
 
             check_device(self.device)
         if self.kind == "draft" and self.model is None:

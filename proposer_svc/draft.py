@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from proposer_svc.base import Proposer, ProposalRequest
-from specdec.runner import ModelRunner, SeqInput
+from specdec.model.runner import ModelRunner, SeqInput
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class DraftProposer(Proposer):
         numpy_chains: bool = True,
     ) -> "DraftProposer":
         """Load the draft model from a local checkpoint folder into a fresh runner, whose forwards run in NumPy on
-        CPU in float32 unless numpy_chains is False (specdec/numpy_forward.py: a small model's torch forward is
+        CPU in float32 unless numpy_chains is False (specdec/model/numpy_forward.py: a small model's torch forward is
         mostly operator overhead)."""
         runner = ModelRunner(checkpoint, device=device, dtype=dtype, max_slots=max_slots, max_seq_len=max_seq_len,
                              numpy_chains=numpy_chains)

@@ -2,7 +2,7 @@
 
 Each step the scheduler sends, per request, the target's final hidden state at the position its pending
 token was sampled from (the verifier returns it). Head i guesses the token i + 1 places after the
-pending one; `specdec.medusa.build_tree` turns the heads' top candidates into a best-first tree (the
+pending one; `specdec.model.medusa.build_tree` turns the heads' top candidates into a best-first tree (the
 first n nodes are the best n-node tree), so the scheduler can cut it to any node budget.
 
 The proposer keeps no model state per request, only which requests it has seen (for Info and
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from proposer_svc.base import Proposal, ProposalRequest, Proposer
-from specdec.medusa import MedusaHeads, build_tree, load_medusa_heads
+from specdec.model.medusa import MedusaHeads, build_tree, load_medusa_heads
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from opentelemetry import trace
 
 from proposer_svc.base import Proposal, ProposalRequest, Proposer
 from proposer_svc.config import ProposerConfig
-from specdec.metrics import ProposerMetrics, start_metrics_server
+from specdec.telemetry.metrics import ProposerMetrics, start_metrics_server
 from specdec.pb import common_pb2, proposer_pb2, proposer_pb2_grpc
-from specdec.security import ServerTLS, bind, transport
-from specdec.signals import stop_event
-from specdec.status import StatusInterceptor
-from specdec.tracing import extract_context, server_interceptors, setup_tracing, tracer
+from specdec.rpc.security import ServerTLS, bind, transport
+from specdec.rpc.signals import stop_event
+from specdec.rpc.status import StatusInterceptor
+from specdec.telemetry.tracing import extract_context, server_interceptors, setup_tracing, tracer
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def build_proposer(config: ProposerConfig) -> Proposer:
                              vocab_size=vocab_size)
     if config.kind == "draft":
         from proposer_svc.draft import DraftProposer
-        from specdec.checkpoint import validate_checkpoint
+        from specdec.model.checkpoint import validate_checkpoint
 
         folder = validate_checkpoint(config.model, need_tokenizer=False)
         return DraftProposer.from_checkpoint(
@@ -210,7 +210,7 @@ def build_proposer(config: ProposerConfig) -> Proposer:
 
 
 def _config_vocab_size(folder: Path) -> int:
-    from specdec.checkpoint import validate_checkpoint
+    from specdec.model.checkpoint import validate_checkpoint
 
     folder = validate_checkpoint(folder, need_tokenizer=False)
     return int(json.loads((folder / "config.json").read_text())["vocab_size"])

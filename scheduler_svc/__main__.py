@@ -8,10 +8,10 @@ import sys
 
 from scheduler_svc.config import SchedulerConfig, config_from_args
 from scheduler_svc.server import start_server
-from specdec.metrics import start_metrics_server
-from specdec.security import transport
-from specdec.signals import stop_event
-from specdec.tracing import setup_tracing
+from specdec.telemetry.metrics import start_metrics_server
+from specdec.rpc.security import transport
+from specdec.rpc.signals import stop_event
+from specdec.telemetry.tracing import setup_tracing
 
 log = logging.getLogger("scheduler_svc")
 

@@ -7,12 +7,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from specdec import security
+from scheduler_svc.types import NO_PROPOSER
+from specdec.rpc import security
 
 POLICIES = ("smartspec", "none", "fixed", "batch-uniform", "disable-by-batch-size", "batch-size-table")
 DEFAULT_POLICY = "smartspec"
-# A request's `proposer` field uses this name to turn speculation off, so no proposer may be called so.
-NO_PROPOSER = "none"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from scheduler_svc.engine import QueueFull
 from scheduler_svc.request import GenerationParams, Request, RequestFailed, StreamChunk
 from scheduler_svc.validation import prompt_chars, validate_request
 from specdec.pb import generation_pb2
-from specdec.status import MAX_MESSAGE_CHARS
+from specdec.rpc.status import MAX_MESSAGE_CHARS
 
 if TYPE_CHECKING:
     from scheduler_svc.server import Scheduler

@@ -30,9 +30,9 @@ from scheduler_svc.telemetry import SchedulerTelemetry
 from scheduler_svc.validation import Limits
 from scheduler_svc.clients.verifier import VerifierClient, VerifierInfo
 from specdec.pb import generation_pb2, generation_pb2_grpc
-from specdec.security import api_key_interceptors, bind
-from specdec.status import StatusInterceptor
-from specdec.tracing import server_interceptors
+from specdec.rpc.security import api_key_interceptors, bind
+from specdec.rpc.status import StatusInterceptor
+from specdec.telemetry.tracing import server_interceptors
 
 if TYPE_CHECKING:
     from scheduler_svc.http.app import HttpServer
@@ -45,7 +45,7 @@ RETRY_CONNECT_S = 0.5
 
 def load_tokenizer(path: str):
     """The Hugging Face tokenizer in a local folder (never fetched from a hub)."""
-    from specdec.checkpoint import load_tokenizer as load
+    from specdec.model.checkpoint import load_tokenizer as load
 
     return load(path)
 

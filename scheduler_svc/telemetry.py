@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 
-from specdec.metrics import NO_PROPOSER_LABEL, SchedulerMetrics
-from specdec.tracing import tracer
+from specdec.telemetry.metrics import NO_PROPOSER_LABEL, SchedulerMetrics
+from specdec.telemetry.tracing import tracer
 
 if TYPE_CHECKING:
     from scheduler_svc.policy.base import Policy

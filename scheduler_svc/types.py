@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
+# A request's `proposer` field uses this name to turn speculation off, so no proposer may be called so.
+NO_PROPOSER = "none"
+
 
 @dataclass(frozen=True)
 class ProposerSpec:

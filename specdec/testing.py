@@ -55,7 +55,7 @@ def make_tiny_stack_checkpoints(root: Path, eos_token_id: int = 0) -> tuple[Path
 
     from safetensors.torch import load_file, save_file
 
-    from specdec.checkpoint import EMBEDDED_MODELS
+    from specdec.model.checkpoint import EMBEDDED_MODELS
 
     target = make_tiny_checkpoint(root / "target", "llama", vocab_size=4096, max_position_embeddings=512,
                                   eos_token_id=eos_token_id, bos_token_id=eos_token_id)
@@ -194,9 +194,9 @@ def make_tiny_medusa_heads(target_folder: Path, out: Path, num_heads: int = 3, s
     saved into `out`: trained for a few seconds on the target's own greedy continuations (40 tokens) of
     random prompts (`tiny_medusa_prompts(vocab_size, seed)`), so that their guesses are often accepted
     and end-to-end tests exercise tree acceptance. steps=0 leaves the lm_head-copy initialisation."""
-    from specdec.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
-    from specdec.medusa_train import fit_heads, greedy_rollouts, head_examples
-    from specdec.runner import ModelRunner
+    from specdec.model.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
+    from specdec.training.medusa_train import fit_heads, greedy_rollouts, head_examples
+    from specdec.model.runner import ModelRunner
 
     runner = ModelRunner(target_folder, device="cpu", dtype=torch.float32, max_slots=32,
                          max_seq_len=TINY_MEDUSA_PROMPT[1] + TINY_MEDUSA_NEW_TOKENS)
@@ -229,7 +229,7 @@ def logits_alone_and_in_chains(runner, prompt: list[int], max_tokens: int, chain
     the same tokens from the same context in chains of each length in `chains` (a verifier step's shape).
     Returns (the decoded tokens, their one-at-a-time logits, {chain: the chained logits}); logits row j
     is scored after token j, so its argmax is token j + 1 (the slot is released at the end)."""
-    from specdec.runner import SeqInput
+    from specdec.model.runner import SeqInput
 
     slot = runner.allocate()
     try:
@@ -250,7 +250,7 @@ def logits_alone_and_in_chains(runner, prompt: list[int], max_tokens: int, chain
         runner.release(slot)
 
 
-# A tiny Llama GGUF written the way llama.cpp's converter writes one (specdec/gguf_convert.py's tests and the
+# A tiny Llama GGUF written the way llama.cpp's converter writes one (specdec/model/gguf_convert.py's tests and the
 # default model's install step are tested on it).
 TINY_GGUF_DIMS = dict(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, context=128, rope_theta=50000.0)
 TINY_GGUF_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -268,7 +268,7 @@ TINY_BPE_CORPUS = [
 
 def llama_cpp_permute(weight, n_heads: int):
     """What llama.cpp's convert_hf_to_gguf does to q_proj/k_proj rows [n_heads * head_dim, in]
-    (the inverse of specdec.gguf_convert.unpermute_rows)."""
+    (the inverse of specdec.model.gguf_convert.unpermute_rows)."""
     rows = weight.shape[0]
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 

@@ -1,7 +1,7 @@
 """How the SDK presents itself to a server that asks for it: TLS channel credentials and the API key.
 
 Kept inside the SDK (grpcio only), so that a client installs without the services. The server side of
-the same conventions is specdec/security.py: the key travels as the metadata `authorization: Bearer <key>`
+the same conventions is specdec/rpc/security.py: the key travels as the metadata `authorization: Bearer <key>`
 on every call.
 """
 

@@ -13,7 +13,7 @@ def observed_stack(tmp_path_factory):
     """The whole stack (verifier, ngram and draft proposers, scheduler) as processes on tiny models,
     exporting spans to an in-test OTLP collector and serving Prometheus metrics; shared by the tracing
     and metrics tests. Yields (stack, collector)."""
-    from specdec.launcher import Stack, local_specs
+    from specdec.ops.launcher import Stack, local_specs
     from specdec.testing import OtlpCollector, make_tiny_stack_checkpoints
 
     target, draft = make_tiny_stack_checkpoints(tmp_path_factory.mktemp("observed-models"))
@@ -70,7 +70,7 @@ def tiny_stack(tiny_models, tmp_path_factory):
     scheduler (fixed policy, k = 3; also serving the OpenAI-compatible HTTP API, see http_url), under the
     launcher's supervisor (which the fault tests use to restart what they kill). Tests must leave it as they
     found it: every service up, no request held."""
-    from specdec.launcher import Stack, free_ports, local_specs
+    from specdec.ops.launcher import Stack, free_ports, local_specs
 
     target, draft, heads = tiny_models
     specs = local_specs(0, ("ngram", "draft", "medusa"), policy="fixed", k=3, model=target, draft_model=draft,

@@ -33,7 +33,7 @@ from bench.serving import (
     stack_rows,
     summarize,
 )
-from specdec.cli import main
+from specdec.ops.cli import main
 
 
 def test_poisson_trace_is_seeded_and_has_the_rate():
@@ -419,7 +419,7 @@ def tiny_peers(tmp_path_factory):
     first prompt (so the peers must run through EOS), and a draft made the same way with another seed."""
     import torch
 
-    from specdec.checkpoint import EMBEDDED_MODELS
+    from specdec.model.checkpoint import EMBEDDED_MODELS
     from specdec.testing import make_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("peer-models")

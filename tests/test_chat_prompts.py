@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from specdec.chat_prompts import CATEGORIES, DEFAULT_PATH, ChatPrompt, Message, load_chat_prompts
+from specdec.ops.chat_prompts import CATEGORIES, DEFAULT_PATH, ChatPrompt, Message, load_chat_prompts
 
 PASSAGE_CATEGORIES = ("summarization", "rewriting", "extraction")
 

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from specdec import checkpoint
-from specdec.checkpoint import CODE_DRAFT, CODE_TARGET, CheckpointError, load_tokenizer, validate_checkpoint
-from specdec.llama import CheckpointLayoutError
-from specdec.runner import ModelRunner, SeqInput
+from specdec.model import checkpoint
+from specdec.model.checkpoint import CODE_DRAFT, CODE_TARGET, CheckpointError, load_tokenizer, validate_checkpoint
+from specdec.model.llama import CheckpointLayoutError
+from specdec.model.runner import ModelRunner, SeqInput
 from specdec.testing import TINY_BPE_CORPUS, make_tiny_checkpoint
 
 

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from specdec import cli
+from specdec.ops import cli
 from specdec.pb import generation_pb2, generation_pb2_grpc
 from specdec_client import (
     AsyncClient,
@@ -287,7 +287,7 @@ def test_deadline_exceeded(fake):
 
 
 def test_unreachable_server_is_unavailable_after_bounded_retries():
-    from specdec.launcher import free_ports
+    from specdec.ops.launcher import free_ports
 
     (port,) = free_ports(1)
     with Client(f"127.0.0.1:{port}", retries=2, backoff_s=0.01, backoff_max_s=0.02) as client:

@@ -1,6 +1,6 @@
 """The compose deployment stays true without a container engine: compose.yaml, its GPU override
 (compose.gpu.yaml) and Prometheus's scrape configuration (deploy/prometheus.yml) are generated from the
-launcher's service definitions (specdec.compose over launcher.stack_specs), and everything checkable
+launcher's service definitions (specdec.ops.compose over launcher.stack_specs), and everything checkable
 statically is checked as an operator's tools would: the committed files are exactly the generated ones;
 compose.yaml, the override and their merge validate against the compose-spec schema (check-jsonschema);
 they run every service `specdec up` runs, every proposer kind among them, with the same module and the
@@ -27,7 +27,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from specdec.compose import (
+from specdec.ops.compose import (
     GPU_OVERRIDE,
     HEALTHCHECK_MODULE,
     HTTP_PORT,
@@ -44,7 +44,7 @@ from specdec.compose import (
     resolve_defaults,
     service_environment,
 )
-from specdec.launcher import PROPOSER_KINDS, StackError, local_specs, service_names
+from specdec.ops.launcher import PROPOSER_KINDS, StackError, local_specs, service_names
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
@@ -81,7 +81,7 @@ def test_committed_files_are_the_generated_ones():
 
 
 def test_cli_writes_every_file(tmp_path):
-    from specdec.cli import main
+    from specdec.ops.cli import main
 
     assert main(["compose", "-o", str(tmp_path / "compose.yaml")]) == 0
     for name, text in deployment_files().items():
@@ -206,7 +206,7 @@ def _without_location(config) -> dict:
 def test_specdec_up_defaults_configure_each_service_as_compose_does(compose, monkeypatch):
     """Plain `specdec up --proposers ngram,draft,medusa` passes no --device/--dtype/--log-level: each
     service's own defaults must then be what compose.yaml sets by default."""
-    from specdec.cli import build_parser
+    from specdec.ops.cli import build_parser
 
     args = build_parser().parse_args(["up", "--proposers", "ngram,draft,medusa"])
     local = local_specs(0, PROPOSERS, metrics=True, device=args.device, dtype=args.dtype, log_level=args.log_level)
@@ -308,7 +308,8 @@ def env_names_read_by_the_services() -> set[str]:
     SPECDEC_<FLAG>), the health check's, and the variables read directly."""
     from proposer_svc.config import build_parser as proposer_parser
     from scheduler_svc.config import build_arg_parser as scheduler_parser
-    from specdec import healthcheck, security
+    from specdec.ops import healthcheck
+    from specdec.rpc import security
     from specdec_client import credentials
     from verifier_svc.config import _parser as verifier_parser
 
@@ -366,7 +367,7 @@ def test_healthcheck_module(health_server):
 
 
 def test_healthcheck_without_server():
-    from specdec.launcher import free_ports
+    from specdec.ops.launcher import free_ports
 
     result = run_healthcheck(f"127.0.0.1:{free_ports(1)[0]}", "--timeout", "1")
     assert result.returncode == 1 and "UNAVAILABLE" in result.stderr

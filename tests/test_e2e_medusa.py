@@ -25,8 +25,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from specdec.launcher import Stack, StackError, free_ports, local_specs
-from specdec.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
+from specdec.ops.launcher import Stack, StackError, free_ports, local_specs
+from specdec.model.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
 from specdec.testing import (
     chi_square_passes,
     exact_topk_distribution,

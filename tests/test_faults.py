@@ -30,7 +30,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoModelForCausalLM
 
-from specdec.launcher import Stack
+from specdec.ops.launcher import Stack
 from specdec.pb import proposer_pb2, proposer_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from specdec_client import AsyncClient, Unavailable
 from test_e2e import target_alone

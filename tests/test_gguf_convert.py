@@ -1,4 +1,4 @@
-"""specdec/gguf_convert.py on a tiny GGUF this test writes itself, as llama.cpp's converter would.
+"""specdec/model/gguf_convert.py on a tiny GGUF this test writes itself, as llama.cpp's converter would.
 
 A 2-layer Llama with random weights (q/k rows permuted the llama.cpp way, some tensors quantised to Q4_1
 and Q8_0) and a small byte-level BPE tokenizer with a chat template. The converted folder must give
@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from specdec.gguf_convert import PROVENANCE_FILE, GGUFConversionError, convert, main, sha256_of, unpermute_rows
-from specdec.runner import ModelRunner, SeqInput
+from specdec.model.gguf_convert import PROVENANCE_FILE, GGUFConversionError, convert, main, sha256_of, unpermute_rows
+from specdec.model.runner import ModelRunner, SeqInput
 from specdec.testing import (TINY_BPE_CORPUS, TINY_GGUF_DIMS, TINY_GGUF_SPECIALS, llama_cpp_permute, train_tiny_bpe,
                              write_tiny_gguf)
 

@@ -12,7 +12,7 @@ import httpx2
 import openai
 import pytest
 
-from specdec.launcher import free_ports
+from specdec.ops.launcher import free_ports
 from test_scheduler_fakes import (
     EOS,
     TOKENIZER,

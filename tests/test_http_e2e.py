@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from conftest import http_url
-from specdec.launcher import Stack, free_ports, local_specs
+from specdec.ops.launcher import Stack, free_ports, local_specs
 from specdec.pb import proposer_pb2, proposer_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from specdec_client import Client
 
@@ -112,7 +112,7 @@ def prompt_ids(text: str) -> list[int]:
     """The text's token ids under the tiny target's (embedded) tokenizer."""
     from tokenizers import Tokenizer
 
-    from specdec.checkpoint import EMBEDDED_MODELS
+    from specdec.model.checkpoint import EMBEDDED_MODELS
 
     return Tokenizer.from_file(str(EMBEDDED_MODELS / "tokenizer" / "tokenizer.json")).encode(text).ids
 
@@ -262,7 +262,7 @@ def test_specdec_chat_one_message_and_a_conversation_on_stdin(chat_stack, capsys
     import asyncio
     import io
 
-    from specdec import cli
+    from specdec.ops import cli
     from specdec_client import AsyncClient
 
     stack, prompt, reply, _ = chat_stack

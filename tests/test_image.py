@@ -100,7 +100,7 @@ def test_services_import_no_build_test_or_benchmark_tool():
     """With those packages unimportable, as in the image, every service and the CLI still import (grpc itself
     imports grpc_tools when it happens to be installed, so its presence proves nothing)."""
     modules = [f"{m}.{part}" for m in SERVICE_MODULES for part in ("server", "config", "__main__")] + [
-        "specdec.cli", "specdec.healthcheck", "specdec.launcher", "specdec.compose", "specdec_client"]
+        "specdec.ops.cli", "specdec.ops.healthcheck", "specdec.ops.launcher", "specdec.ops.compose", "specdec_client"]
     code = f"""
 import importlib, importlib.abc, sys
 BLOCKED = ('matplotlib', 'grpc_tools', 'pytest', 'check_jsonschema')
@@ -157,6 +157,6 @@ def test_build_stage_replayed_gives_a_complete_wheel(tmp_path):
     for module in SERVICE_MODULES:
         assert f"{module}/__main__.py" in names
     assert {"specdec/pb/__init__.py", "specdec/pb/verifier_pb2.py", "specdec/pb/generation_pb2_grpc.py",
-            "specdec/healthcheck.py", "specdec_client/__init__.py"} <= names
+            "specdec/ops/healthcheck.py", "specdec_client/__init__.py"} <= names
     runtime = sorted(r for r in metadata.get_all("Requires-Dist") if "extra ==" not in r)
     assert runtime == sorted(pyproject()["project"]["dependencies"])

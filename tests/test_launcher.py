@@ -1,4 +1,4 @@
-"""specdec.launcher: the declarative service list, and process management against stand-in services."""
+"""specdec.ops.launcher: the declarative service list, and process management against stand-in services."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from specdec import cli
-from specdec.launcher import (
+from specdec.ops import cli
+from specdec.ops.launcher import (
     SERVICE_MODULES,
     ServiceSpec,
     Stack,
@@ -342,7 +342,7 @@ def test_cli_up_checks_heads_that_read_the_targets_lm_head_against_that_target(t
     --model. A port in use stops it right after the model checks, before anything starts."""
     import socket
 
-    from specdec.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
+    from specdec.model.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
     from specdec.testing import make_tiny_checkpoint
 
     target = make_tiny_checkpoint(tmp_path / "target", "llama")
@@ -366,9 +366,9 @@ def test_cli_up_runs_until_sigterm_then_stops_the_stack(standin_dir, tmp_path):
     model = fake_checkpoint(tmp_path / "model")
     (port,) = free_ports(1)
     program = (
-        "import sys; import specdec.launcher as launcher; "
+        "import sys; import specdec.ops.launcher as launcher; "
         "launcher.SERVICE_MODULES.update(verifier='standin', proposer='standin', scheduler='standin'); "
-        "from specdec.cli import main; sys.exit(main(sys.argv[1:]))"
+        "from specdec.ops.cli import main; sys.exit(main(sys.argv[1:]))"
     )
     command = [sys.executable, "-c", program, "up", "--port", str(port), "--proposers", "ngram,draft",
                "--model", str(model), "--draft-model", str(model), "--log-dir", str(tmp_path / "logs"),

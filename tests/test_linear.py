@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from specdec.checkpoint import CODE_TARGET
-from specdec.linear import Linear, can_prepack
-from specdec.runner import ModelRunner
+from specdec.model.checkpoint import CODE_TARGET
+from specdec.model.linear import Linear, can_prepack
+from specdec.model.runner import ModelRunner
 from specdec.testing import logits_alone_and_in_chains
 
 pytestmark = pytest.mark.skipif(not can_prepack(torch.device("cpu"), torch.float32),
@@ -68,12 +68,12 @@ def test_a_chain_verified_at_once_gets_the_logits_of_one_token_at_a_time():
 
 @pytest.mark.parametrize("given, expected", [(None, "8192"), ("77", "77")])
 def test_loading_the_projections_raises_onednn_kernel_cache_unless_the_operator_set_it(given, expected):
-    """The cache must hold a kernel per row count serving produces (specdec/linear.py); oneDNN reads the
+    """The cache must hold a kernel per row count serving produces (specdec/model/linear.py); oneDNN reads the
     variable once, so it is set when the module loads, in a fresh process, and an explicit setting wins."""
     env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
     if given is not None:
         env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = given
-    code = "import os, specdec.linear; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    code = "import os, specdec.model.linear; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
                          timeout=120, check=True)

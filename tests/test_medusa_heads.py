@@ -1,4 +1,4 @@
-"""specdec.medusa: heads config, save/load and its errors, best-first trees, the hidden-state convention,
+"""specdec.model.medusa: heads config, save/load and its errors, best-first trees, the hidden-state convention,
 and the tiny-target heads of specdec.testing."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from specdec.medusa import MedusaConfig, MedusaError, MedusaHeads, build_tree, load_medusa_heads, save_medusa_heads
+from specdec.model.medusa import MedusaConfig, MedusaError, MedusaHeads, build_tree, load_medusa_heads, save_medusa_heads
 
 CONFIG = MedusaConfig(hidden_size=8, vocab_size=13, num_heads=3, num_layers=2, target="tiny")
 
@@ -238,7 +238,7 @@ def test_runner_hidden_is_final_normed_and_lm_head_gives_logits(tmp_path):
     at t, from which the target's lm_head gives the logits for token t + 1."""
     from transformers import AutoModelForCausalLM
 
-    from specdec.runner import ModelRunner, SeqInput
+    from specdec.model.runner import ModelRunner, SeqInput
     from specdec.testing import make_tiny_checkpoint
 
     folder = make_tiny_checkpoint(tmp_path / "target", "llama")
@@ -260,7 +260,7 @@ def test_runner_hidden_is_final_normed_and_lm_head_gives_logits(tmp_path):
 
 
 def test_head_examples_label_head_i_with_token_t_plus_2_plus_i():
-    from specdec.medusa_train import IGNORE, Rollouts, fit_heads, head_examples
+    from specdec.training.medusa_train import IGNORE, Rollouts, fit_heads, head_examples
 
     hidden = torch.arange(10, dtype=torch.float32).view(2, 5, 1)  # row j: h before continuation token j
     continuation = torch.tensor([[10, 11, 12, 13, 14], [20, 21, 22, 23, 24]])
@@ -276,8 +276,8 @@ def test_head_examples_label_head_i_with_token_t_plus_2_plus_i():
 
 
 def test_tiny_medusa_heads_learn_and_beat_chance(tmp_path):
-    from specdec.medusa_train import greedy_rollouts, head_accuracy, head_examples
-    from specdec.runner import ModelRunner
+    from specdec.training.medusa_train import greedy_rollouts, head_accuracy, head_examples
+    from specdec.model.runner import ModelRunner
     from specdec.testing import make_tiny_checkpoint, make_tiny_medusa_heads, tiny_medusa_prompts
 
     target = make_tiny_checkpoint(tmp_path / "target", "llama")

@@ -10,7 +10,7 @@ from proposer_svc.base import ProposalRequest
 from proposer_svc.medusa import MedusaProposer
 from proposer_svc.server import build_proposer
 from proposer_svc.config import ProposerConfig
-from specdec.medusa import MedusaConfig, MedusaError, MedusaHeads, build_tree, save_medusa_heads
+from specdec.model.medusa import MedusaConfig, MedusaError, MedusaHeads, build_tree, save_medusa_heads
 
 D, V, H = 16, 50, 3
 

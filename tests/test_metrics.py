@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from specdec.launcher import metrics_port
+from specdec.ops.launcher import metrics_port
 from specdec_client import AsyncClient
 
 SCRAPE_TIMEOUT_S = 5.0
@@ -160,7 +160,7 @@ def test_counters_move_consistently(observed_stack):
 
 
 def test_metrics_port_zero_serves_nothing():
-    from specdec.metrics import SchedulerMetrics, start_metrics_server
+    from specdec.telemetry.metrics import SchedulerMetrics, start_metrics_server
 
     assert start_metrics_server(0, SchedulerMetrics().registry) is None
 
@@ -190,7 +190,7 @@ def test_metrics_port_flag_and_env(module, monkeypatch):
 def test_cost_model_error_gauge_reads_the_policy_at_scrape_time():
     from prometheus_client import generate_latest
 
-    from specdec.metrics import SchedulerMetrics
+    from specdec.telemetry.metrics import SchedulerMetrics
 
     error = [float("nan")]
     metrics = SchedulerMetrics()
@@ -205,7 +205,7 @@ def test_cost_model_error_gauge_reads_the_policy_at_scrape_time():
 def test_verifier_kv_cache_and_model_info_gauges():
     from prometheus_client import generate_latest
 
-    from specdec.metrics import VerifierMetrics
+    from specdec.telemetry.metrics import VerifierMetrics
 
     held = [0]
     metrics = VerifierMetrics()
@@ -224,7 +224,7 @@ def test_verifier_kv_cache_and_model_info_gauges():
 def test_process_metrics_on_every_registry_once():
     from prometheus_client import REGISTRY, CollectorRegistry
 
-    from specdec.metrics import ProposerMetrics, SchedulerMetrics, VerifierMetrics, add_process_collectors
+    from specdec.telemetry.metrics import ProposerMetrics, SchedulerMetrics, VerifierMetrics, add_process_collectors
 
     for metrics in (SchedulerMetrics(), VerifierMetrics(), ProposerMetrics("ngram")):
         assert metrics.registry.get_sample_value("process_resident_memory_bytes") > 0

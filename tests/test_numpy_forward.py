@@ -1,4 +1,4 @@
-"""The NumPy forward (specdec/numpy_forward.py) computes what the torch runner computes, on the same KV cache.
+"""The NumPy forward (specdec/model/numpy_forward.py) computes what the torch runner computes, on the same KV cache.
 
 Scenario: ragged batches of chains (a prompt chunk, single decode tokens, short chains) go through two
 runners of the same checkpoint, one in torch and one in NumPy, with rollbacks of random length between
@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 
-from specdec.runner import ModelRunner, SeqInput
+from specdec.model.runner import ModelRunner, SeqInput
 from specdec.testing import TINY_DIMS, make_tiny_checkpoint
 
 VOCAB = TINY_DIMS["vocab_size"]

@@ -17,8 +17,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from specdec.checkpoint import CODE_DRAFT, CODE_TARGET
-from specdec.runner import BatchError, ModelRunner, SeqInput, parse_dtype
+from specdec.model.checkpoint import CODE_DRAFT, CODE_TARGET
+from specdec.model.runner import BatchError, ModelRunner, SeqInput, parse_dtype
 from specdec.testing import make_tiny_checkpoint
 
 ATOL = 1e-4
@@ -169,7 +169,7 @@ def test_the_default_dtype_is_float32_on_every_device():
 
 def test_rope_that_rescales_with_length_runs_the_rotary_module_and_matches_transformers(tmp_path):
     # Dynamic NTK scaling changes cos/sin with the sequence's length past max_position_embeddings, so no
-    # table is made at load and every forward runs transformers' rotary module (specdec/llama.py). The
+    # table is made at load and every forward runs transformers' rotary module (specdec/model/llama.py). The
     # runner holds no more positions than that, so the module's answer is the default one here: what is
     # tested is the path, whose sin the forward signs itself.
     folder = make_tiny_checkpoint(tmp_path / "dynamic", "llama", max_position_embeddings=64,

@@ -1,4 +1,4 @@
-"""specdec.sampling: filtered target distributions and position-seeded draws.
+"""specdec.model.sampling: filtered target distributions and position-seeded draws.
 
 Statistical checks use Pearson's chi-square at significance alpha = 0.001 with critical values from
 the chi-square table (df 4: 18.467, df 24: 51.179). Draws are seeded, so each check is deterministic.
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from specdec.sampling import (
+from specdec.model.sampling import (
     STREAM_ACCEPT,
     STREAM_TARGET,
     SamplingParams,

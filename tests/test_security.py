@@ -1,4 +1,4 @@
-"""TLS and API keys (specdec/security.py, the SDK's credentials, the services' flags), against real servers.
+"""TLS and API keys (specdec/rpc/security.py, the SDK's credentials, the services' flags), against real servers.
 
 Certificates come from the openssl CLI, made once per module: a CA, a server certificate for 127.0.0.1
 and localhost, a client certificate from the same CA, and a second CA with a client certificate of its
@@ -18,10 +18,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from specdec import cli, healthcheck, security
-from specdec.launcher import _Health
+from specdec.ops import cli
+
+from specdec.ops import healthcheck
+
+from specdec.rpc import security
+from specdec.ops.launcher import _Health
 from specdec.pb import generation_pb2, generation_pb2_grpc
-from specdec.security import ClientTLS, ServerTLS
+from specdec.rpc.security import ClientTLS, ServerTLS
 from specdec_client import AsyncClient, Client, InvalidArgument, Unauthenticated, Unavailable
 from test_client import FakeServer, check_result
 

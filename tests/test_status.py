@@ -1,4 +1,4 @@
-"""specdec.status.StatusInterceptor: malformed requests and unexpected exceptions get proper status codes."""
+"""specdec.rpc.status.StatusInterceptor: malformed requests and unexpected exceptions get proper status codes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from specdec.pb import generation_pb2, generation_pb2_grpc
-from specdec.status import StatusInterceptor
+from specdec.rpc.status import StatusInterceptor
 
 UNARY = "/specdec.v1.Generation/GenerateUnary"
 STREAM = "/specdec.v1.Generation/Generate"
@@ -85,9 +85,9 @@ def test_an_unexpected_exception_is_internal_and_logged_once_and_a_handlers_abor
         assert info.value.details() == "the handler's own answer"
         assert [m.text async for m in stub.Generate(generation_pb2.GenerateRequest(max_tokens=2), timeout=5)] == ["a"]
 
-    with caplog.at_level(logging.ERROR, logger="specdec.status"):
+    with caplog.at_level(logging.ERROR, logger="specdec.rpc.status"):
         asyncio.run(with_server(body))
-    logged = [r for r in caplog.records if r.name == "specdec.status"]
+    logged = [r for r in caplog.records if r.name == "specdec.rpc.status"]
     assert [r.getMessage() for r in logged] == [f"{UNARY} failed on an unexpected error",
                                                 f"{STREAM} failed on an unexpected error"]
     assert all(r.exc_info for r in logged)

@@ -1,4 +1,4 @@
-"""specdec.verification: greedy on hand-made logits; the sampled rules are lossless.
+"""specdec.model.verification: greedy on hand-made logits; the sampled rules are lossless.
 
 Losslessness: on a 5-token vocabulary with fixed target distributions per context, each rule drives a
 tiny generation (one verification step, then plain decoding if it emitted a single token) over
@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from specdec.sampling import STREAM_ACCEPT, STREAM_TARGET, SamplingParams, position_generator, sample, target_probs
-from specdec.sampling import uniform
-from specdec.verification import Verdict, children_of, is_chain, verify_greedy, verify_rejection, verify_sampled
-from specdec.verification import verify_step
+from specdec.model.sampling import STREAM_ACCEPT, STREAM_TARGET, SamplingParams, position_generator, sample, target_probs
+from specdec.model.sampling import uniform
+from specdec.model.verification import Verdict, children_of, is_chain, verify_greedy, verify_rejection, verify_sampled
+from specdec.model.verification import verify_step
 from specdec.testing import chi_square_passes
 
 N_TRIALS = 20000

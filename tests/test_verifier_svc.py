@@ -25,10 +25,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specdec.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
-from specdec.runner import ModelRunner, SeqInput
-from specdec.sampling import SamplingParams, position_generator, sample, target_probs
+from specdec.model.runner import ModelRunner, SeqInput
+from specdec.model.sampling import SamplingParams, position_generator, sample, target_probs
 from specdec.testing import TINY_DIMS, make_tiny_checkpoint
-from specdec.verification import verify_rejection
+from specdec.model.verification import verify_rejection
 from verifier_svc.config import VerifierConfig, parse_config
 from verifier_svc.core import VerifierCore
 from verifier_svc.server import SERVICE_NAME, start_server
@@ -453,7 +453,7 @@ def test_every_eos_id_the_checkpoint_declares(tmp_path):
     import json
     import shutil
 
-    from specdec.checkpoint import EMBEDDED_MODELS, load_config
+    from specdec.model.checkpoint import EMBEDDED_MODELS, load_config
     from verifier_svc.core import checkpoint_eos_token_ids
 
     folder = make_tiny_checkpoint(tmp_path / "ckpt", "llama", vocab_size=4096, eos_token_id=[7, 0])

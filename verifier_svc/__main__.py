@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from specdec.checkpoint import CheckpointError
+from specdec.model.checkpoint import CheckpointError
 from verifier_svc.config import parse_config
 from verifier_svc.server import serve
 

@@ -7,8 +7,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
-from specdec import security
-from specdec.checkpoint import DEFAULT_TARGET
+from specdec.rpc import security
+from specdec.model.checkpoint import DEFAULT_TARGET
 
 ENV_PREFIX = "SPECDEC_"
 
@@ -50,7 +50,7 @@ class VerifierConfig:
         if self.warmup_tokens < 0:
             raise ValueError(f"--warmup-tokens must be >= 0, got {self.warmup_tokens}")
         _ = self.tls  # reads the files: a wrong path is reported before the model loads
-        from specdec.runner import check_device  # torch: only once the flags are read
+        from specdec.model.runner import check_device  # torch: only once the flags are read
 
         check_device(self.device)
 

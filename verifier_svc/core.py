@@ -22,9 +22,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from specdec.runner import ModelRunner, SeqInput
-from specdec.sampling import MAX_TOP_LOGPROBS, SamplingParams, raw_logprobs
-from specdec.verification import Verdict, is_chain, verify_step
+from specdec.model.runner import ModelRunner, SeqInput
+from specdec.model.sampling import MAX_TOP_LOGPROBS, SamplingParams, raw_logprobs
+from specdec.model.verification import Verdict, is_chain, verify_step
 
 _MAX_SEED = (1 << 64) - 1
 
@@ -54,7 +54,7 @@ class PrefillItem:
 
 @dataclass
 class TokenLogprobs:
-    """The target's raw log-probabilities at one emitted position (see specdec.sampling.raw_logprobs)."""
+    """The target's raw log-probabilities at one emitted position (see specdec.model.sampling.raw_logprobs)."""
 
     token_id: int
     logprob: float

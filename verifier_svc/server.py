@@ -18,13 +18,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
-from specdec.metrics import VerifierMetrics, start_metrics_server
+from specdec.telemetry.metrics import VerifierMetrics, start_metrics_server
 from specdec.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
-from specdec.sampling import SamplingParams
-from specdec.security import ServerTLS, bind, transport
-from specdec.signals import stop_event
-from specdec.status import MAX_MESSAGE_CHARS, StatusInterceptor
-from specdec.tracing import server_interceptors, setup_tracing
+from specdec.model.sampling import SamplingParams
+from specdec.rpc.security import ServerTLS, bind, transport
+from specdec.rpc.signals import stop_event
+from specdec.rpc.status import MAX_MESSAGE_CHARS, StatusInterceptor
+from specdec.telemetry.tracing import server_interceptors, setup_tracing
 from verifier_svc.config import VerifierConfig
 from verifier_svc.core import (
     CapacityError,

@@ -23,8 +23,8 @@ from opentelemetry import trace
 from scheduler_svc.clients.verifier import CHANNEL_OPTIONS  # its reconnect backoff too: a proposer is back in 1 s
 from scheduler_svc.types import ProposerSpec
 from specdec.pb import common_pb2, proposer_pb2, proposer_pb2_grpc
-from specdec.security import ClientTLS, aio_channel
-from specdec.tracing import inject_context, tracer
+from specdec.rpc.security import ClientTLS, aio_channel
+from specdec.telemetry.tracing import inject_context, tracer
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import grpc
 
 from scheduler_svc.request import SamplingParams, TokenLogprobs
 from specdec.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
-from specdec.security import ClientTLS, aio_channel
-from specdec.tracing import client_interceptors
+from specdec.rpc.security import ClientTLS, aio_channel
+from specdec.telemetry.tracing import client_interceptors
 
 # Draft distributions make Verify requests large (k * vocab floats per request).
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024

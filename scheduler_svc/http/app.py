@@ -56,8 +56,8 @@ from scheduler_svc.http.schema import (
     usage_of,
 )
 from scheduler_svc.request import StreamChunk
-from specdec.security import AUTH_METADATA_KEY, ApiKeyInterceptor, ServerTLS
-from specdec.status import MAX_MESSAGE_CHARS
+from specdec.rpc.security import AUTH_METADATA_KEY, ApiKeyInterceptor, ServerTLS
+from specdec.rpc.status import MAX_MESSAGE_CHARS
 
 if TYPE_CHECKING:
     from scheduler_svc.server import Scheduler

@@ -14,8 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from scheduler_svc.config import NO_PROPOSER
-from scheduler_svc.types import NO_SPECULATION, Plan, ProposerSpec, RequestOutcome, RequestView, StepRecord
+from scheduler_svc.types import NO_PROPOSER, NO_SPECULATION, Plan, ProposerSpec, RequestOutcome, RequestView, StepRecord
 
 if TYPE_CHECKING:
     from scheduler_svc.policy.cost_model import CostModel

@@ -35,13 +35,12 @@ import numpy as np
 from scheduler_svc.policy.acceptance import AcceptanceEstimator, Observation
 from scheduler_svc.policy.arrivals import DEFAULT_WINDOW_S, ArrivalRate
 from scheduler_svc.policy.chain_calibration import ChainCalibration
-from scheduler_svc.config import NO_PROPOSER
 from scheduler_svc.policy.cost_model import DEFAULT_WINDOW, CostModel, StepShape, caught_up_tokens, steady_new_tokens
 from scheduler_svc.policy.goodput import Choice, StepCost, best_uniform_k, choose, survival
 from scheduler_svc.policy.base import Policy
 from scheduler_svc.policy.rate_calibration import RateCalibration
 from scheduler_svc.policy.tree_acceptance import TreeAcceptance
-from scheduler_svc.types import NO_SPECULATION, Plan, ProposerSpec, RequestOutcome, RequestView, StepRecord
+from scheduler_svc.types import NO_PROPOSER, NO_SPECULATION, Plan, ProposerSpec, RequestOutcome, RequestView, StepRecord
 
 DEFAULT_MAX_K = 8
 DEFAULT_MAX_TREE_NODES = 16

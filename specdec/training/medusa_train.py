@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from specdec.medusa import MedusaHeads
-from specdec.runner import ModelRunner, SeqInput
+from specdec.model.medusa import MedusaHeads
+from specdec.model.runner import ModelRunner, SeqInput
 
 IGNORE = -100  # label of a (position, head) whose token falls past the continuation
 

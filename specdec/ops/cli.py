@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from specdec_client.types import GenerationResult
 
 if TYPE_CHECKING:
-    from specdec.security import ClientTLS
+    from specdec.rpc.security import ClientTLS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -38,11 +38,11 @@ def _split_proposers(value: str) -> list[str]:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Start the stack, report where it serves, run until SIGINT/SIGTERM, then stop every process."""
-    from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_MEDUSA, DEFAULT_TARGET, CheckpointError, validate_checkpoint
-    from specdec.launcher import PROPOSER_KINDS, Stack, StackError, local_specs, metrics_port, port_is_free
+    from specdec.model.checkpoint import DEFAULT_DRAFT, DEFAULT_MEDUSA, DEFAULT_TARGET, CheckpointError, validate_checkpoint
+    from specdec.ops.launcher import PROPOSER_KINDS, Stack, StackError, local_specs, metrics_port, port_is_free
     from scheduler_svc.config import POLICIES
-    from specdec.medusa import MedusaError, load_medusa_heads
-    from specdec.runner import check_device
+    from specdec.model.medusa import MedusaError, load_medusa_heads
+    from specdec.model.runner import check_device
 
     proposers = _split_proposers(args.proposers)
     # Every flag is checked before anything starts: a service that refuses one would only say so in its log,
@@ -153,7 +153,7 @@ def _public_security(args: argparse.Namespace) -> tuple[list[str], ClientTLS | N
     import os
     from pathlib import Path
 
-    from specdec.security import API_KEYS_ENV, client_tls, load_api_keys, server_tls
+    from specdec.rpc.security import API_KEYS_ENV, client_tls, load_api_keys, server_tls
 
     tls = server_tls(args.tls_cert, args.tls_key)
     flags: list[str] = []
@@ -179,8 +179,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
     prints compose.yaml alone."""
     from pathlib import Path
 
-    from specdec.compose import compose_specs, deployment_files
-    from specdec.launcher import StackError
+    from specdec.ops.compose import compose_specs, deployment_files
+    from specdec.ops.launcher import StackError
 
     try:
         files = deployment_files(compose_specs(_split_proposers(args.proposers), args.policy, args.k, args.device))
@@ -407,7 +407,7 @@ def _serving_bench():
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the serving benchmark sweep (bench/serving.py): the stack per policy, then the Hugging Face
     peers; write its JSON, markdown table, plots and summary.md (the must-show checks)."""
-    from specdec.launcher import StackError
+    from specdec.ops.launcher import StackError
 
     try:
         return _serving_bench().main(args)

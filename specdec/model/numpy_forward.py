@@ -7,7 +7,7 @@ each oneDNN projection of these small matrices). NumPy's calls cost a few micros
 and the same forward takes about a quarter of the time for one request and 0.5-0.7x for 4-16
 (docs/draft_forward.md): a draft's chain of k candidates is k forwards a step.
 
-It computes what `specdec.llama.forward_packed` computes, for chains only (no trees), in float32,
+It computes what `specdec.model.llama.forward_packed` computes, for chains only (no trees), in float32,
 reading and writing the runner's own KV cache through NumPy views of its tensors, so a slot may be
 filled by one path and continued by the other. The order of floating-point operations differs from
 torch's, so logits agree to about 1e-5, not bit for bit: this path serves proposals, never the target's
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specdec.linear import Linear, can_prepack
-from specdec.llama import LlamaWeights
+from specdec.model.linear import Linear, can_prepack
+from specdec.model.llama import LlamaWeights
 
 
 def supports(weights: LlamaWeights, device: torch.device, dtype: torch.dtype) -> bool:

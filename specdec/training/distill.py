@@ -220,7 +220,7 @@ def teacher_records(runner, tokenizer, prompts: list[dict], eos_ids: set[int], b
                     prefill_chunk: int = 4) -> list[dict]:
     """Greedy replies of the target to `prompts`, `batch` at a time; per sequence the token ids (prompt + reply)
     and the target's top-k log-probabilities for the token after each of them."""
-    from specdec.runner import SeqInput
+    from specdec.model.runner import SeqInput
 
     records = []
     for start in range(0, len(prompts), batch):
@@ -382,7 +382,7 @@ def tokens_per_step(draft_runner, prompt: list[int], reply: list[int], k: int) -
     the engine runs it: (tokens the verify steps generated, steps). reply[0] comes from the prefill; each step
     the draft guesses up to k tokens after the pending one, the matching prefix is accepted, plus the target's
     bonus token."""
-    from specdec.runner import SeqInput
+    from specdec.model.runner import SeqInput
 
     slot = draft_runner.allocate()
     try:
@@ -410,7 +410,7 @@ def tokens_per_step(draft_runner, prompt: list[int], reply: list[int], k: int) -
 
 def forward_ms(runner, context: int = 200, repeats: int = 30) -> float:
     """Median time of a one-token forward at batch 1 after `context` cached tokens."""
-    from specdec.runner import SeqInput
+    from specdec.model.runner import SeqInput
 
     slot = runner.allocate()
     try:
@@ -437,7 +437,7 @@ def head_examples_from_records(runner, records: list[dict], num_heads: int) -> t
     each reply position t (from the last prompt token on: the state its lm_head predicts token t + 1 from),
     Y [M, H] the reply token at t + 2 + i for head i (IGNORE past the reply). The target's replies are its own
     greedy choices, so the labels are what the heads will be asked to guess."""
-    from specdec.runner import SeqInput
+    from specdec.model.runner import SeqInput
 
     xs, ys = [], []
     for record in records:
@@ -468,7 +468,7 @@ def tree_tokens_per_step(heads, hidden: torch.Tensor, reply: list[int], budget: 
     reply[j], reply[j + 1], ...; the longest matching root path is accepted, plus the target's bonus token.
 
     hidden [len(reply), d]."""
-    from specdec.medusa import build_tree
+    from specdec.model.medusa import build_tree
 
     with torch.inference_mode():
         log_probs = torch.log_softmax(heads(hidden.to(next(heads.parameters()).dtype)).float(), dim=-1)

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import torch
 
-from specdec import numpy_forward
-from specdec.llama import LlamaWeights, Segment, forward_packed, load_llama
+from specdec.model import numpy_forward
+from specdec.model.llama import LlamaWeights, Segment, forward_packed, load_llama
 
 
 def default_device() -> torch.device:
@@ -107,8 +107,8 @@ class ModelRunner:
         prepack: bool | None = None,
         numpy_chains: bool = False,
     ) -> None:
-        """prepack: oneDNN-packed projection weights (specdec/linear.py); None = where device and dtype allow.
-        numpy_chains: `next_tokens` runs in NumPy where it can (specdec/numpy_forward.py): for the embedded draft
+        """prepack: oneDNN-packed projection weights (specdec/model/linear.py); None = where device and dtype allow.
+        numpy_chains: `next_tokens` runs in NumPy where it can (specdec/model/numpy_forward.py): for the embedded draft
         0.27x the torch forward's time at batch 1, 0.42-0.67x at 4-16 (docs/draft_forward.md); its logits differ
         from `forward`'s by rounding, so only a proposer asks."""
         self.device = torch.device(device) if device is not None else default_device()
@@ -295,7 +295,7 @@ class ModelRunner:
     def warm_up(self, max_tokens: int) -> int:
         """One throwaway forward per token count 1..max_tokens on a scratch slot, so that the kernels a
         batch of that many tokens needs exist before the first request: oneDNN compiles one per token
-        count (specdec/linear.py), 1-3 ms each on two CPU cores, which the first steps would otherwise
+        count (specdec/model/linear.py), 1-3 ms each on two CPU cores, which the first steps would otherwise
         pay and a scheduler's start-up cost profile would measure. Nothing stays cached; returns the
         forwards run (0 when no slot is free)."""
         count = min(max_tokens, self.max_seq_len)

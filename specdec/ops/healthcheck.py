@@ -1,4 +1,4 @@
-"""`python -m specdec.healthcheck HOST:PORT [SERVICE]`: exit 0 when the gRPC health service says SERVING.
+"""`python -m specdec.ops.healthcheck HOST:PORT [SERVICE]`: exit 0 when the gRPC health service says SERVING.
 
 The container health check of every specdec service (compose.yaml), so images need no separate probe
 binary. Exit 1 with one line on stderr otherwise (not serving, unreachable, or no answer in time).
@@ -17,7 +17,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from specdec.security import ClientTLS, client_tls, sync_channel
+from specdec.rpc.security import ClientTLS, client_tls, sync_channel
 
 ENV_PREFIX = "SPECDEC_HEALTHCHECK_"
 
@@ -33,7 +33,7 @@ def check(address: str, service: str = "", timeout_s: float = 2.0, tls: ClientTL
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m specdec.healthcheck", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m specdec.ops.healthcheck", description=__doc__.splitlines()[0])
     parser.add_argument("address", help="HOST:PORT of the gRPC server")
     parser.add_argument("service", nargs="?", default="", help="service name (default: the whole server)")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer")

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from specdec.checkpoint import CheckpointError, load_config, load_state_dict, validate_checkpoint
-from specdec.linear import Linear, can_prepack
+from specdec.model.checkpoint import CheckpointError, load_config, load_state_dict, validate_checkpoint
+from specdec.model.linear import Linear, can_prepack
 
 
 @dataclass
@@ -57,7 +57,7 @@ class LlamaWeights:
 
     @property
     def prepacked(self) -> bool:
-        """Whether the projections run on oneDNN-prepacked weights (specdec/linear.py)."""
+        """Whether the projections run on oneDNN-prepacked weights (specdec/model/linear.py)."""
         return self.lm_head.packed is not None
 
     @property
@@ -117,7 +117,7 @@ def _signed(sin: torch.Tensor) -> torch.Tensor:
 
 def load_llama(path: str | Path, device: torch.device, dtype: torch.dtype, prepack: bool | None = None) -> LlamaWeights:
     """Read a validated checkpoint folder into fused, device-resident weights. prepack: reorder the
-    projections' weights for oneDNN (specdec/linear.py); None = wherever the device and dtype allow."""
+    projections' weights for oneDNN (specdec/model/linear.py); None = wherever the device and dtype allow."""
     from transformers.activations import ACT2FN
 
     folder = validate_checkpoint(path, need_tokenizer=False)

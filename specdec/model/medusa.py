@@ -148,7 +148,7 @@ class MedusaHeads(torch.nn.Module):
 
 def target_lm_head(folder: str | Path) -> torch.Tensor:
     """The lm_head [V, d] of a target checkpoint folder (its tied embedding when it has no lm_head tensor)."""
-    from specdec.checkpoint import CheckpointError, load_state_dict
+    from specdec.model.checkpoint import CheckpointError, load_state_dict
 
     try:
         state = load_state_dict(Path(folder))

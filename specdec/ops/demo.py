@@ -5,7 +5,7 @@ separate processes on loopback, sends each prompt without speculation, with each
 with the policy's own choice of proposer per step, and prints the completion with its stats. Greedy
 output must be the same token for token in every row: the demo checks it.
 
-    .venv/bin/python -m specdec.demo
+    .venv/bin/python -m specdec.ops.demo
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from specdec.launcher import Stack, free_ports, local_specs
+from specdec.ops.launcher import Stack, free_ports, local_specs
 from specdec_client import Client
 
 PROMPTS = [

@@ -1,6 +1,6 @@
 """Convert a Llama-architecture GGUF file into a Hugging Face checkpoint folder.
 
-    python -m specdec.gguf_convert SRC.gguf OUT_DIR [--dtype bfloat16|float32]
+    python -m specdec.model.gguf_convert SRC.gguf OUT_DIR [--dtype bfloat16|float32]
 
 The folder holds config.json (LlamaForCausalLM), model.safetensors, tokenizer.json, tokenizer_config.json
 (with the GGUF's chat template) and generation_config.json, so that transformers and our runner load it

@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from specdec.security import ClientTLS, sync_channel
+from specdec.rpc.security import ClientTLS, sync_channel
 
 # What each proposer kind needs besides its port: the flag value of its checkpoint, or None.
 PROPOSER_KINDS: dict[str, str | None] = {"ngram": None, "draft": "draft", "medusa": "medusa"}
@@ -109,7 +109,7 @@ def stack_specs(
         named serve no metrics.
     http_port: the scheduler also serves the OpenAI-compatible HTTP API on host:http_port (0 = no HTTP API).
     """
-    from specdec.checkpoint import DEFAULT_DRAFT, DEFAULT_MEDUSA, DEFAULT_TARGET  # imports torch: only when needed
+    from specdec.model.checkpoint import DEFAULT_DRAFT, DEFAULT_MEDUSA, DEFAULT_TARGET  # imports torch: only when needed
 
     proposers = list(proposers)
     unknown = [kind for kind in proposers if kind not in PROPOSER_KINDS]
