@@ -1,4 +1,8 @@
-"""The scheduler's configuration: one typed object, filled from flags with SPECDEC_<NAME> env fallbacks."""
+"""The scheduler's configuration: one typed object, filled from flags with SPECDEC_<NAME> env fallbacks.
+
+It imports nothing of the policies or the engine (they import it): the batch-size table's format is read
+and checked here, where the flag is, and batch_size_policies.py looks k up in the parsed table.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ POLICIES = ("smartspec", "none", "fixed", "batch-uniform", "disable-by-batch-siz
 DEFAULT_POLICY = "smartspec"
 # A request's `proposer` field uses this name to turn speculation off, so no proposer may be called so.
 NO_PROPOSER = "none"
+DEFAULT_BATCH_SIZE_TABLE = "1-4:5,5-16:3,17-:0"
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,48 @@ class ProposerAddress:
 
     name: str
     address: str  # HOST:PORT
+
+
+@dataclass(frozen=True)
+class BatchSizeRange:
+    """Batch sizes lo..hi (hi None: no upper end) speculate k tokens per request."""
+
+    lo: int
+    hi: int | None
+    k: int
+
+    def __contains__(self, batch_size: int) -> bool:
+        return self.lo <= batch_size and (self.hi is None or batch_size <= self.hi)
+
+
+def parse_batch_size_table(spec: str) -> tuple[BatchSizeRange, ...]:
+    """'1-8:4,9-32:2,33-:0' -> ranges; a single size 'N:k' is allowed. Raises ValueError naming the bad part.
+
+    Sizes not covered by any range get k = 0; ranges may not overlap.
+    """
+    ranges = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        try:
+            sizes, k_text = part.split(":")
+            lo_text, dash, hi_text = sizes.partition("-")
+            lo = int(lo_text)
+            hi = (int(hi_text) if hi_text.strip() else None) if dash else lo
+            k = int(k_text)
+        except ValueError:
+            raise ValueError(f"--batch-size-table part {part!r}: expected LO-HI:K, LO-:K or N:K, "
+                             f"e.g. {DEFAULT_BATCH_SIZE_TABLE!r}") from None
+        if lo < 1 or (hi is not None and hi < lo) or k < 0:
+            raise ValueError(f"--batch-size-table part {part!r}: need 1 <= LO <= HI and K >= 0")
+        ranges.append(BatchSizeRange(lo, hi, k))
+    if not ranges:
+        raise ValueError(f"--batch-size-table is empty; e.g. {DEFAULT_BATCH_SIZE_TABLE!r}")
+    ranges.sort(key=lambda r: r.lo)
+    for a, b in zip(ranges, ranges[1:]):
+        if a.hi is None or a.hi >= b.lo:
+            raise ValueError(f"--batch-size-table ranges overlap: {a.lo}-{a.hi or ''} and {b.lo}-{b.hi or ''}")
+    return tuple(ranges)
 
 
 @dataclass(frozen=True)
@@ -41,7 +88,7 @@ class SchedulerConfig:
     # smartspec: scale the draft's acceptance rates per position by how its chains did (rate_calibration.py)
     rate_calibration: bool = True
     disable_batch_size: int = 8  # disable-by-batch-size: no speculation above this many running requests
-    batch_size_table: str = "1-4:5,5-16:3,17-:0"  # batch-size-table: LO-HI:K ranges of running requests
+    batch_size_table: str = DEFAULT_BATCH_SIZE_TABLE  # batch-size-table: LO-HI:K ranges of running requests
     tokenizer: str | None = None  # default: the verifier's model folder, from its Info
     max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
     max_waiting: int = 256  # queued (not yet admitted) requests before RESOURCE_EXHAUSTED
@@ -88,8 +135,6 @@ class SchedulerConfig:
             raise ValueError("--cost-window must be >= 1, --profile-s and --disable-batch-size >= 0")
         if self.arrival_window_s < 0:
             raise ValueError(f"--arrival-window-s must be >= 0, got {self.arrival_window_s}")
-        from scheduler_svc.batch_size_policies import parse_batch_size_table  # here: it imports this module
-
         parse_batch_size_table(self.batch_size_table)
         if self.max_tokens_limit < 1:
             raise ValueError(f"--max-tokens-limit must be >= 1, got {self.max_tokens_limit}")
@@ -193,7 +238,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              "0: use them as estimated (smartspec)")
     parser.add_argument("--disable-batch-size", type=int, default=int(_env("DISABLE_BATCH_SIZE", 8)),
                         help="disable-by-batch-size: no speculation above this many running requests")
-    parser.add_argument("--batch-size-table", default=_env("BATCH_SIZE_TABLE", "1-4:5,5-16:3,17-:0"),
+    parser.add_argument("--batch-size-table", default=_env("BATCH_SIZE_TABLE", DEFAULT_BATCH_SIZE_TABLE),
                         help="batch-size-table: k per range of running requests, LO-HI:K,...,LO-:K")
     parser.add_argument("--tokenizer", default=_env("TOKENIZER", None),
                         help="tokenizer folder (default: the verifier's model folder)")

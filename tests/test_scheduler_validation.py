@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from scheduler_svc.config import ProposerAddress, SchedulerConfig, config_from_args, parse_proposer
@@ -65,6 +69,14 @@ def test_flags_fill_the_config(monkeypatch):
     assert config.proposers == (ProposerAddress("ngram", "h:2"), ProposerAddress("draft", "h:3"))
     assert (config.k, config.policy, config.max_waiting, config.port) == (5, "none", 9, 0)
     assert "max_waiting = 9" in config.describe()
+
+
+def test_the_config_imports_nothing_of_the_policies_or_the_engine():
+    """The policies import the configuration (NO_PROPOSER, the batch-size table), never the other way round."""
+    code = "import sys, scheduler_svc.config; print(sorted(m for m in sys.modules if m.startswith('scheduler_svc.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
+                            cwd=Path(__file__).resolve().parents[1]).stdout
+    assert loaded.strip() == "['scheduler_svc.config']"
 
 
 def test_bad_config_is_refused():

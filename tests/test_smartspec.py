@@ -7,13 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from scheduler_svc.batch_size_policies import (
-    BatchSizeRange,
-    BatchSizeTablePolicy,
-    DisableByBatchSizePolicy,
-    parse_batch_size_table,
-)
-from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.batch_size_policies import BatchSizeTablePolicy, DisableByBatchSizePolicy
+from scheduler_svc.config import BatchSizeRange, SchedulerConfig, parse_batch_size_table
 from scheduler_svc.engine import StepRecord
 from scheduler_svc.policy import NO_SPECULATION, Plan, ProposerSpec, RequestOutcome, RequestView, make_policy, \
     policy_from_config
