@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     logging.basicConfig(stream=sys.stderr, level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger(__name__).info("config: %s", config.describe())
+    logging.getLogger(__name__).info("configuration:\n%s", config.describe())
     threads = config.intra_op_threads()
     if threads > 0:
         import torch

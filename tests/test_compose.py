@@ -171,25 +171,17 @@ def test_same_commands_and_environment(compose, specs):
     assert compose["services"]["scheduler"]["environment"]["SPECDEC_HTTP_PORT"] == str(HTTP_PORT)
 
 
-def _parse(module: str, argv: list[str], env: dict[str, str], monkeypatch):
-    for key in [k for k in __import__("os").environ if k.startswith("SPECDEC_")]:
-        monkeypatch.delenv(key)
-    for key, val in env.items():
-        monkeypatch.setenv(key, val)
+def _parse(module: str, argv: list[str], env: dict[str, str]):
     config = importlib.import_module(f"{module}.config")
-    if module == "verifier_svc":
-        return config.parse_config(argv, env=env)
-    if module == "proposer_svc":
-        return config.parse_config(argv)
-    return config.config_from_args(argv)
+    return (getattr(config, "parse_config", None) or config.config_from_args)(argv, env=env)
 
 
-def test_environment_configures_each_service_as_its_flags_do(specs, monkeypatch):
+def test_environment_configures_each_service_as_its_flags_do(specs):
     """The containers get their configuration as SPECDEC_* variables, the launcher as flags: both must
     give each service the same configuration object."""
     for name, spec in specs.items():
-        from_flags = _parse(spec.module, list(spec.args), {}, monkeypatch)
-        from_env = _parse(spec.module, [], flags_as_env(spec.args), monkeypatch)
+        from_flags = _parse(spec.module, list(spec.args), {})
+        from_env = _parse(spec.module, [], flags_as_env(spec.args))
         assert from_env == from_flags, name
         assert from_flags.metrics_port == 9464
 
@@ -203,7 +195,7 @@ def _without_location(config) -> dict:
     return values
 
 
-def test_specdec_up_defaults_configure_each_service_as_compose_does(compose, monkeypatch):
+def test_specdec_up_defaults_configure_each_service_as_compose_does(compose):
     """Plain `specdec up --proposers ngram,draft,medusa` passes no --device/--dtype/--log-level: each
     service's own defaults must then be what compose.yaml sets by default."""
     from specdec.ops.cli import build_parser
@@ -211,8 +203,8 @@ def test_specdec_up_defaults_configure_each_service_as_compose_does(compose, mon
     args = build_parser().parse_args(["up", "--proposers", "ngram,draft,medusa"])
     local = local_specs(0, PROPOSERS, metrics=True, device=args.device, dtype=args.dtype, log_level=args.log_level)
     for spec in local:
-        from_up = _parse(spec.module, list(spec.args), {}, monkeypatch)
-        from_compose = _parse(spec.module, [], resolved_environment(compose["services"][spec.name]), monkeypatch)
+        from_up = _parse(spec.module, list(spec.args), {})
+        from_compose = _parse(spec.module, [], resolved_environment(compose["services"][spec.name]))
         assert _without_location(from_up) == _without_location(from_compose), spec.name
 
 
@@ -311,7 +303,7 @@ def env_names_read_by_the_services() -> set[str]:
     from specdec.ops import healthcheck
     from specdec.rpc import security
     from specdec_client import credentials
-    from verifier_svc.config import _parser as verifier_parser
+    from verifier_svc.config import build_parser as verifier_parser
 
     names = {security.API_KEYS_ENV, credentials.API_KEY_ENV}
     for parser in (verifier_parser({}), proposer_parser(), scheduler_parser()):

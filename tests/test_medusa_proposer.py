@@ -66,8 +66,8 @@ def test_missing_or_wrong_size_hidden_state_gives_no_candidates(heads):
 
 def test_build_proposer_loads_heads_and_names_a_bad_folder(heads, tmp_path):
     save_medusa_heads(heads, tmp_path / "heads")
-    proposer = build_proposer(ProposerConfig(kind="medusa", model=tmp_path / "heads", top_k=2).validate())
+    proposer = build_proposer(ProposerConfig(kind="medusa", model=tmp_path / "heads", top_k=2))
     assert isinstance(proposer, MedusaProposer) and proposer.hidden_size == D
     assert "num_heads=3" in proposer.describe()
     with pytest.raises(MedusaError, match="missing"):
-        build_proposer(ProposerConfig(kind="medusa", model=tmp_path / "missing").validate())
+        build_proposer(ProposerConfig(kind="medusa", model=tmp_path / "missing"))

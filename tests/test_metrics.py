@@ -166,25 +166,16 @@ def test_metrics_port_zero_serves_nothing():
 
 
 @pytest.mark.parametrize("module", ["verifier_svc.config", "proposer_svc.config", "scheduler_svc.config"])
-def test_metrics_port_flag_and_env(module, monkeypatch):
+def test_metrics_port_flag_and_env(module):
     """--metrics-port, with SPECDEC_METRICS_PORT as fallback and 0 (off) as default, in every service."""
     import importlib
 
     config_module = importlib.import_module(module)
-    if module.startswith("verifier"):
-        def parse(argv):
-            return config_module.parse_config(argv, env={})
-    else:
-        parse = getattr(config_module, "parse_config", None) or config_module.config_from_args
+    parse = getattr(config_module, "parse_config", None) or config_module.config_from_args
     base = ["--verifier", "127.0.0.1:1"] if module.startswith("scheduler") else []
-    monkeypatch.delenv("SPECDEC_METRICS_PORT", raising=False)
-    assert parse(base).metrics_port == 0
-    assert parse([*base, "--metrics-port", "9464"]).metrics_port == 9464
-    if module.startswith("verifier"):
-        assert config_module.parse_config(base, env={"SPECDEC_METRICS_PORT": "9100"}).metrics_port == 9100
-    else:
-        monkeypatch.setenv("SPECDEC_METRICS_PORT", "9100")
-        assert parse(base).metrics_port == 9100
+    assert parse(base, env={}).metrics_port == 0
+    assert parse([*base, "--metrics-port", "9464"], env={"SPECDEC_METRICS_PORT": "9100"}).metrics_port == 9464
+    assert parse(base, env={"SPECDEC_METRICS_PORT": "9100"}).metrics_port == 9100
 
 
 def test_cost_model_error_gauge_reads_the_policy_at_scrape_time():

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from scheduler_svc.config import ProposerAddress, SchedulerConfig, config_from_args, parse_proposer
@@ -64,7 +68,20 @@ def test_flags_fill_the_config(monkeypatch):
                                "--k", "5", "--policy", "none", "--port", "0"])
     assert config.proposers == (ProposerAddress("ngram", "h:2"), ProposerAddress("draft", "h:3"))
     assert (config.k, config.policy, config.max_waiting, config.port) == (5, "none", 9, 0)
-    assert "max_waiting = 9" in config.describe()
+    assert "  max_waiting = 9" in config.describe().splitlines()
+    # The dataclass holds the only defaults: no flag and no variable give exactly them.
+    assert config_from_args(["--verifier", "h:1"], env={}) == SchedulerConfig(verifier="h:1")
+    assert config_from_args([], env={"SPECDEC_VERIFIER": "h:1", "SPECDEC_PROPOSER": "a=h:2,b=h:3"}).proposer_names \
+        == ["a", "b"]
+
+
+def test_the_config_imports_nothing_of_the_policies_or_the_engine():
+    """The configuration and the policies share the contracts (NO_PROPOSER, the batch-size table) in types.py;
+    the configuration imports nothing else of the scheduler."""
+    code = "import sys, scheduler_svc.config; print(sorted(m for m in sys.modules if m.startswith('scheduler_svc.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
+                            cwd=Path(__file__).resolve().parents[1]).stdout
+    assert loaded.strip() == "['scheduler_svc.config', 'scheduler_svc.types']"
 
 
 def test_bad_config_is_refused():

@@ -158,13 +158,13 @@ def _scheduler(**tls):
 def _verifier(**tls):
     from verifier_svc.config import VerifierConfig
 
-    return VerifierConfig(**tls).validate()
+    return VerifierConfig(**tls)
 
 
 def _proposer(**tls):
     from proposer_svc.config import ProposerConfig
 
-    return ProposerConfig(**tls).validate()
+    return ProposerConfig(**tls)
 
 
 @pytest.mark.parametrize("make", [_scheduler, _verifier, _proposer], ids=["scheduler", "verifier", "proposer"])

@@ -7,17 +7,21 @@ import time
 import numpy as np
 import pytest
 
-from scheduler_svc.policy.batch_size import (
-    BatchSizeRange,
-    BatchSizeTablePolicy,
-    DisableByBatchSizePolicy,
-    parse_batch_size_table,
-)
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.policy import make_policy, policy_from_config
 from scheduler_svc.policy.acceptance import Observation
+from scheduler_svc.policy.batch_size import BatchSizeTablePolicy, DisableByBatchSizePolicy
 from scheduler_svc.policy.smartspec import BatchUniformPolicy, SmartSpecPolicy
-from scheduler_svc.types import NO_SPECULATION, Plan, ProposerSpec, RequestOutcome, RequestView, StepRecord
+from scheduler_svc.types import (
+    NO_SPECULATION,
+    BatchSizeRange,
+    Plan,
+    ProposerSpec,
+    RequestOutcome,
+    RequestView,
+    StepRecord,
+    parse_batch_size_table,
+)
 
 
 def view(rid: str, proposer: str = "", max_k: int = 100, offered: dict | None = None, context: int = 50):

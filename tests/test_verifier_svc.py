@@ -345,16 +345,19 @@ def test_health_serving(channel):
         assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_config_flags_override_environment_which_overrides_defaults():
+def test_config_flags_override_environment_which_overrides_defaults(capsys):
     env = {"SPECDEC_MAX_SLOTS": "3", "SPECDEC_MAX_SEQ_LEN": "9"}
     config = parse_config(["--port", "0", "--max-seq-len", "32"], env=env)
     assert (config.port, config.max_slots, config.max_seq_len) == (0, 3, 32)
     assert config.max_batch_size == VerifierConfig().max_batch_size
-    with pytest.raises(ValueError, match="max-slots"):
-        parse_config(["--max-slots", "0"], env={})
+    assert parse_config([], env={}) == VerifierConfig()
     assert parse_config([], env={"SPECDEC_WARMUP_TOKENS": "0"}).warmup_tokens == 0
-    with pytest.raises(ValueError, match="warmup-tokens"):
-        parse_config(["--warmup-tokens", "-1"], env={})
+    for argv, message in ((["--max-slots", "0"], "--max-slots must be >= 1, got 0"),
+                          (["--warmup-tokens", "-1"], "--warmup-tokens must be >= 0, got -1")):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_config(argv, env={})
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"python -m verifier_svc: error: {message}"
 
 
 def test_process_serves_and_stops_on_sigterm(checkpoint, tmp_path):

@@ -11,11 +11,7 @@ from verifier_svc.server import serve
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = parse_config(argv)
-    except ValueError as exc:
-        print(f"verifier_svc: {exc}", file=sys.stderr)
-        return 2
+    config = parse_config(argv)  # exits 2 with the usage on a bad flag
     try:
         asyncio.run(serve(config))
     except CheckpointError as exc:

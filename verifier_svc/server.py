@@ -210,7 +210,7 @@ async def serve(config: VerifierConfig) -> None:
     """Load the model, serve until SIGTERM/SIGINT, then shut down gracefully."""
     logging.basicConfig(stream=sys.stderr, level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(f"verifier_svc config: {config.describe()}", file=sys.stderr, flush=True)
+    print(f"verifier_svc config:\n{config.describe()}", file=sys.stderr, flush=True)
     tracing = setup_tracing("specdec-verifier")
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
