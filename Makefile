@@ -32,9 +32,10 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-## Runner cost surface (step time vs batch size and new tokens) -> docs/runner_cost.md
+## The model runner's step time by batch size and new tokens (the table in docs/benchmarks.md; the other
+## benchmarks: `$(PY) -m bench.serving`, `-m bench.step_overhead`, `-m bench.http_overhead`).
 bench-runner: install
-	$(PY) bench/runner_cost.py --out docs/runner_cost.md
+	$(PY) -m bench.runner_cost
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -15,8 +15,8 @@ openai package's HTTP client) so that the SDKs' own work is not counted.
   gRPC/HTTP (`--rounds` of each, the first door alternating by round); tokens per second of each door, and
   HTTP/gRPC per round and pooled.
 
-    .venv/bin/python -m bench.http_overhead                       # the table for docs/http.md
-    .venv/bin/python -m bench.http_overhead --requests 10 --heavy-s 2 --rounds 1 --model tiny
+    python -m bench.http_overhead --rounds 3                # the table in docs/benchmarks.md
+    python -m bench.http_overhead --requests 10 --heavy-s 2 --rounds 1 --model tiny
 
 Prints a markdown table (and the command) to stdout; progress to stderr.
 """

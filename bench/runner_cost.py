@@ -9,7 +9,8 @@ Where the runner prepacks its projection weights for oneDNN (CPU, fp32: specdec/
 runner with plain `F.linear` projections is measured in the same loop, point by point, and the report
 adds its table and the ratio of the two.
 
-    .venv/bin/python bench/runner_cost.py --out docs/runner_cost.md
+    python -m bench.runner_cost                  # prints the tables (the one in docs/benchmarks.md)
+    python -m bench.runner_cost --out cost.md    # and writes them as markdown, every sample in cost.json
 """
 
 from __future__ import annotations
@@ -25,11 +26,6 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of the repository, not installed
-    sys.path.insert(0, str(REPO_ROOT))
-
-from bench.report import made_with
 from specdec.model.checkpoint import CODE_TARGET
 from specdec.model.runner import ModelRunner, SeqInput
 
@@ -58,7 +54,7 @@ def measure(runner: ModelRunner, slots: list[int], batch: int, new: int, rng: ra
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.runner_cost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(CODE_TARGET))
     p.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     p.add_argument("--new-tokens", default="1,2,3,4,5,6,7,8,9")
@@ -130,7 +126,7 @@ def main() -> None:
             "",
             "Made with:",
             "",
-            made_with("bench/runner_cost.py"),
+            "    " + " ".join(["python -m bench.runner_cost", *sys.argv[1:]]),
             "",
             table,
             "",

@@ -23,7 +23,7 @@ with "measured_with" naming the label it ran under (an asterisk in the table). A
 scheduler flags after "~" (`smartspec~max-k=4`, `smartspec~arrival-window-s=0`): that policy then runs in a
 scheduler of its own with the flags, beside the others and under its own label, to measure one setting.
 
-Peers (`--peers`, bench/hf_peers.py): after the stack is stopped, so that nothing competes for the CPU,
+Peers (`--peers`, bench.hf_peers): after the stack is stopped, so that nothing competes for the CPU,
 this process loads the same target and draft with transformers and serves the same prompts on the same
 traces one request at a time in arrival order, each waiting for the previous one, its latency counted from
 its arrival: `hf-generate` (plain greedy `generate`), `hf-assisted` (`assistant_model` = the draft) and
@@ -33,16 +33,16 @@ the wall clock and the FIFO queueing laid on the trace (hf_peers.fifo_schedule);
 first new token from a streamer, plus the wait. Their rows have proposer `hf` ("peer": true; acceptance and
 mean k null for hf-generate) and are drawn, dashed and grey, in every plot of their workload.
 
-    .venv/bin/specdec bench --out docs/bench                       # the whole sweep (hours on a 2-core CPU)
-    .venv/bin/specdec bench --proposers ngram,draft,both,medusa --policies none,fixed:1,fixed:3,fixed:5,\
-        fixed:8,fixed:16,smartspec,batch-uniform                  # with the Medusa heads and larger trees
-    .venv/bin/python bench/serving.py --rates 2 --policies none,smartspec --requests 8 --peers ''
-    .venv/bin/specdec bench --policies smartspec,smartspec~max-k=4        # a scheduler flag changed
+    python -m bench.serving --out docs/bench                      # the whole sweep (hours on a 2-core CPU)
+    python -m bench.serving --proposers ngram,draft,both,medusa --policies none,fixed:1,fixed:3,fixed:5,\
+        fixed:8,fixed:16,smartspec,batch-uniform                 # with the Medusa heads and larger trees
+    python -m bench.serving --rates 2 --policies none,smartspec --requests 8 --peers '' --out /tmp/bench
+    python -m bench.serving --policies smartspec,smartspec~max-k=4       # a scheduler flag changed
 
 Progress (runs done/total, elapsed, ETA) goes to stderr: one updating line on a terminal, plain lines
 otherwise. Writes serving.json (every row, with the settings), serving.md (a table), one PNG per
 (workload, proposer) of mean latency against arrival rate (one line per policy, plus the peers), and
-summary.md (bench/summary.py: the issue's must-show checks, PASS/FAIL with their numbers), which is also
+summary.md (bench.summary: the policy's targets, PASS/FAIL with their numbers), which is also
 printed to stdout.
 """
 
@@ -61,11 +61,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a script: `bench` is a folder of the repository, not installed
-    sys.path.insert(0, str(REPO_ROOT))
-
 from bench.hf_peers import DEFAULT_LOOKUP_TOKENS, PEERS
+
+PROG = "python -m bench.serving"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TOKENIZER_FILE = REPO_ROOT / "models" / "tokenizer" / "tokenizer.json"
 
@@ -81,7 +80,7 @@ PROPOSER_KINDS_OF_LABEL = {"ngram": ("ngram",), "draft": ("draft",), "both": ("n
 PROPOSER_KINDS = ("ngram", "draft", "medusa")  # in the order the stack starts them
 # The policy that never speculates: the proposer label does not change its run (see plan()).
 NO_SPECULATION = "none"
-# Hugging Face peers (bench/hf_peers.py, PEERS): their rows carry this proposer label.
+# Hugging Face peers (bench.hf_peers.PEERS): their rows carry this proposer label.
 DEFAULT_PEERS = ",".join(PEERS)
 PEER_PROPOSER = "hf"
 PROMPT_TOKENS = (100, 200)  # every prompt's length in tokens lies in this range
@@ -99,11 +98,8 @@ def _tokenizer():
 
 
 def held_out_texts() -> list[tuple[str, str]]:
-    """(relative path, text) of the held-out standard-library files of scripts/train_models.py."""
-    scripts = str(REPO_ROOT / "scripts")
-    if scripts not in sys.path:
-        sys.path.insert(0, scripts)
-    from train_models import HELD_OUT_FILES, stdlib_root
+    """(relative path, text) of the held-out standard-library files (specdec/training/corpus.py)."""
+    from specdec.training.corpus import HELD_OUT_FILES, stdlib_root
 
     root = stdlib_root()
     return [(rel, (root / rel).read_text(encoding="utf-8", errors="replace")) for rel in HELD_OUT_FILES]
@@ -615,7 +611,7 @@ def peer_threads(args: argparse.Namespace) -> int:
 
 def run_peers(runs: list[RunConfig], prompts: dict[str, list[str]], args: argparse.Namespace,
               progress: Progress | None = None) -> list[dict]:
-    """Run the Hugging Face peers of `runs` in this process (bench/hf_peers.py) on the same traces and
+    """Run the Hugging Face peers of `runs` in this process (bench.hf_peers) on the same traces and
     prompts as the stack; one row per run."""
     import torch
 
@@ -714,7 +710,7 @@ def markdown_table(rows: list[dict]) -> str:
         text += (f"\n\\* policy none never speculates: it ran once per workload and rate (with proposer "
                  f"{shared.get('measured_with', '?')}) and that row is repeated for every proposer.\n")
     if any(row.get("peer") for row in rows):
-        text += ("\nProposer `hf`: Hugging Face transformers peers (bench/hf_peers.py), one request at a time in "
+        text += ("\nProposer `hf`: Hugging Face transformers peers (bench.hf_peers), one request at a time in "
                  "arrival order; `–` where a figure does not apply.\n")
     return text
 
@@ -760,14 +756,14 @@ def plot_latency(rows: list[dict], out: Path) -> list[Path]:
 
 
 def write_outputs(rows: list[dict], out: Path, args: argparse.Namespace | None = None) -> list[Path]:
-    """serving.json, serving.md, the plots and summary.md (bench/summary.py's checks) under `out`."""
+    """serving.json, serving.md, the plots and summary.md (bench.summary's checks) under `out`."""
     from bench import summary
 
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("run", "command")} if args is not None else {}
+    settings = dict(vars(args)) if args is not None else {}
     json_path, md_path = out / "serving.json", out / "serving.md"
     json_path.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
-    header = "# Serving benchmark\n\nMade by `specdec bench` (bench/serving.py)"
+    header = "# Serving benchmark\n\nMade by `python -m bench.serving`"
     if settings:
         header += f" with {', '.join(f'{k}={v}' for k, v in settings.items())}"
     md_path.write_text(header + ".\n\n" + markdown_table(rows))
@@ -808,23 +804,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for each service")
 
 
-def main(args: argparse.Namespace) -> int:
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raise ValueError on flags the sweep cannot run with, before anything starts."""
     if args.requests < 1 or args.max_tokens < 1:
         raise ValueError("--requests and --max-tokens must be >= 1")
     if args.peer_lookup_tokens < 1 or args.peer_threads < 0 or args.service_threads < 0:
         raise ValueError("--peer-lookup-tokens must be >= 1, --peer-threads and --service-threads >= 0")
-    plan(args)  # fails on bad flags before anything starts
+    plan(args)
     repeats_per_rate(args)
-    rows = run_sweep(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweep, write its JSON, table, plots and summary.md under --out and print the summary; the exit
+    status: 0, 2 for bad flags, 1 when a service of the stack does not start."""
+    from specdec.ops.launcher import StackError
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        check_arguments(args)
+    except ValueError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        rows = run_sweep(args)
+    except StackError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
     paths = write_outputs(rows, Path(args.out), args)
     for path in paths:
-        print(f"specdec bench: wrote {path}", file=sys.stderr)
+        print(f"{PROG}: wrote {path}", file=sys.stderr)
     summary_md = next(path for path in paths if path.name == "summary.md")
     print(summary_md.read_text(), end="")
     return 0
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Serving benchmark of the specdec stack.")
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
+    sys.exit(main())

@@ -11,7 +11,8 @@ steady-state steps (every request of the batch decoding) are summarised:
 which holds gRPC round trips, (de)serialisation, scheduling, verification rules, detokenization and
 the proposers' own CPU work (prompt lookup has no forward at all).
 
-    .venv/bin/python bench/step_overhead.py --out docs/step_overhead.md
+    python -m bench.step_overhead                    # prints the table (the one in docs/benchmarks.md)
+    python -m bench.step_overhead --out overhead.md  # and writes it as markdown, the rows in overhead.json
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 from pathlib import Path
 
 from scheduler_svc.config import ProposerAddress, SchedulerConfig
@@ -84,7 +86,7 @@ async def run_case(args, addresses: dict[str, str], policy: str, proposer: str, 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.step_overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(CODE_TARGET))
     p.add_argument("--draft-model", default=str(CODE_DRAFT))
     p.add_argument("--k", type=int, default=3, help="the fixed policy's k (smartspec chooses up to 8)")
@@ -134,7 +136,7 @@ def main() -> None:
             "",
             "Made with:",
             "",
-            "    .venv/bin/python bench/step_overhead.py --out docs/step_overhead.md",
+            "    " + " ".join(["python -m bench.step_overhead", *sys.argv[1:]]),
             "",
             *table,
             "",

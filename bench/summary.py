@@ -1,10 +1,10 @@
 """The must-show checks of issue 4 (and issue 6's benchmark rows), computed from a serving benchmark's rows.
 
-Reads serving.json (written by `specdec bench`, bench/serving.py), writes summary.md beside it and prints it:
+Reads serving.json (written by `python -m bench.serving`), writes summary.md beside it and prints it:
 
-    .venv/bin/python bench/summary.py docs/bench/serving.json        # -> docs/bench/summary.md
+    python -m bench.summary docs/bench/serving.json        # -> docs/bench/summary.md
 
-`specdec bench` writes summary.md itself at the end of a sweep. Every check says PASS or FAIL with the numbers
+bench.serving writes summary.md itself at the end of a sweep. Every check says PASS or FAIL with the numbers
 it used, or "not measured" where a row it needs is missing: a missing row is never a pass. A row with failed
 requests makes its check FAIL (its mean is over fewer requests than the others). Latency is each run's mean
 request latency.
@@ -41,7 +41,7 @@ WORKLOADS = ("code", "copy")
 STACK_PROPOSERS = ("ngram", "draft", "both")
 ALL_PROPOSERS = ("ngram", "draft", "both", "medusa")
 HEADLINE_PROPOSER = "both"  # the product's configuration: the scheduler chooses between ngram and draft
-PEER_PROPOSER = "hf"  # the proposer label of the Hugging Face peers' rows (bench/serving.py)
+PEER_PROPOSER = "hf"  # the proposer label of the Hugging Face peers' rows (bench.serving)
 BASELINES = ("none", "fixed:1", "fixed:3", "fixed:5")
 SMARTSPEC_SLACK = 1.05  # (a), (e): smartspec at most this times the best baseline
 LIGHT_SPEEDUP = {"copy": 2.0, "code": 1.3}  # (b): none / smartspec at the lightest rate
@@ -395,12 +395,12 @@ def render(checks: list[Check], source: str = "serving.json", settings: dict | N
            rows: list[dict] | None = None) -> str:
     """summary.md: an overview of the verdicts, then each check's cells."""
     lines = ["# Serving benchmark: the must-show checks", ""]
-    made = f"Computed by bench/summary.py from `{source}`"
+    made = f"Computed by bench.summary from `{source}`"
     if rows is not None:
         rates = sorted({float(r["rate"]) for r in rows})
         made += f" ({len(rows)} rows"
         made += f"; rates {', '.join(f'{r:g}' for r in rates)} req/s)" if rates else ")"
-    lines.append(made + f"; regenerate with `.venv/bin/python bench/summary.py {source}`.")
+    lines.append(made + f"; regenerate with `python -m bench.summary {source}`.")
     if settings:
         keys = ("rates", "policies", "proposers", "workloads", "peers", "requests", "max_tokens", "seed",
                 "service_threads", "peer_threads", "peer_lookup_tokens")
@@ -431,13 +431,13 @@ def write_summary(json_path: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="The must-show checks of a serving benchmark (summary.md).")
-    parser.add_argument("serving_json", help="serving.json written by `specdec bench`")
+    parser = argparse.ArgumentParser(prog="python -m bench.summary", description="The must-show checks of a serving benchmark (summary.md).")
+    parser.add_argument("serving_json", help="serving.json written by `python -m bench.serving`")
     parser.add_argument("-o", "--out", help="summary file to write (default: summary.md beside the JSON)")
     args = parser.parse_args(argv)
     path = write_summary(args.serving_json, args.out)
     print(path.read_text(), end="")
-    print(f"bench/summary.py: wrote {path}", file=sys.stderr)
+    print(f"python -m bench.summary: wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -14,7 +14,7 @@ from specdec.rpc.settings import setting
 KINDS = ("ngram", "draft", "medusa")
 # A draft model's passes run over a few tokens per request: more threads gain next to nothing there, and
 # their spinning takes the cores the verifier computes on (on the 2-core development machine a light-load
-# draft step was 1.2x faster with one draft thread than with two; docs/bench/README.md).
+# draft step was 1.2x faster with one draft thread than with two; docs/bench/README.md in git history).
 DRAFT_TORCH_THREADS = 1
 
 

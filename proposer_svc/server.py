@@ -2,7 +2,7 @@
 
 The proposer's state is not thread-safe and its steps are blocking compute: every call into it runs on
 the event-loop thread, one at a time. A hop to a worker thread cost more per step than it saved (torch
-ran its forward slower there too, docs/step_overhead.md); health checks wait for the step in progress.
+ran its forward slower there too, bench.step_overhead); health checks wait for the step in progress.
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def step_times(target: ModelRunner, draft: ModelRunner, threads: int, iters: int
 
 
 def report(args, tokenizer, held_texts: list[str]) -> dict:
-    from train_models import encode_corpus
+    from specdec.training.corpus import encode_corpus
 
     stream = encode_corpus(tokenizer, held_texts)
     target_dir, draft_dir = args.out / "code-target", args.out / "code-draft"

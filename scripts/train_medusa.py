@@ -21,22 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-
-from specdec.model.checkpoint import CODE_MEDUSA, CODE_TARGET  # noqa: E402
-from specdec.model.medusa import MedusaConfig, MedusaHeads, save_medusa_heads  # noqa: E402
-from specdec.training.medusa_train import fit_heads, greedy_rollouts, head_accuracy, head_examples  # noqa: E402
-from specdec.model.runner import ModelRunner  # noqa: E402
-from train_models import HELD_OUT_FILES, corpus_files, encode_corpus, load_tokenizer, read_text  # noqa: E402
-from train_models import stdlib_root  # noqa: E402
+# Run as a file: its folder is on sys.path (train_models), specdec is installed (`make install`).
+from specdec.model.checkpoint import CODE_MEDUSA, CODE_TARGET
+from specdec.model.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
+from specdec.training.medusa_train import fit_heads, greedy_rollouts, head_accuracy, head_examples
+from specdec.model.runner import ModelRunner
+from specdec.training.corpus import HELD_OUT_FILES, corpus_files, encode_corpus, read_text, stdlib_root
+from train_models import load_tokenizer
 
 COMMAND = ".venv/bin/python scripts/train_medusa.py --out models/code-medusa --seed 0 --docs docs"
 
@@ -104,8 +100,6 @@ def render_markdown(figures: dict) -> str:
         f"{figures['weights_bytes'] / 1e6:.1f} MB (bf16).",
         f"- Wall time {t['total']:.0f} s: corpus {t['corpus']:.0f} s, target rollouts {t['rollouts']:.0f} s, "
         f"fit {t['fit']:.0f} s, evaluation {t['eval']:.0f} s.",
-        "",
-        "Trees against chains with these heads: docs/medusa_trees.md.",
         "",
     ]
     return "\n".join(lines)

@@ -25,7 +25,6 @@ import json
 import math
 import random
 import shutil
-import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,22 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# Relative to the stdlib folder. Fixed so that every rerun evaluates on the same files.
-HELD_OUT_FILES = (
-    "textwrap.py",
-    "shlex.py",
-    "fractions.py",
-    "heapq.py",
-    "bisect.py",
-    "csv.py",
-    "json/encoder.py",
-    "json/decoder.py",
-    "string.py",
-    "colorsys.py",
-    "graphlib.py",
-    "statistics.py",
-)
-EXCLUDED_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__", "lib2to3"}
+from specdec.training.corpus import HELD_OUT_FILES, corpus_files, encode_corpus, read_text, stdlib_root  # noqa: F401
+
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 4096
 
@@ -65,28 +50,6 @@ class ModelShape:
 TARGET_SHAPE = ModelShape(hidden_size=256, num_layers=12, intermediate_size=768, num_heads=4, num_kv_heads=4)
 DRAFT_SHAPE = ModelShape(hidden_size=128, num_layers=2, intermediate_size=384, num_heads=2, num_kv_heads=2)
 MAX_POSITIONS = 2048
-
-
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def corpus_files(root: Path) -> tuple[list[Path], list[Path]]:
-    """Split the stdlib .py files into (train, held_out), both sorted for determinism."""
-    train, held = [], []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if any(part in EXCLUDED_DIRS for part in rel.parts[:-1]):
-            continue
-        (held if rel.as_posix() in HELD_OUT_FILES else train).append(path)
-    missing = set(HELD_OUT_FILES) - {p.relative_to(root).as_posix() for p in held}
-    if missing:
-        raise SystemExit(f"held-out files not found under {root}: {sorted(missing)}")
-    return train, held
-
-
-def read_text(paths: list[Path]) -> list[str]:
-    return [p.read_text(encoding="utf-8", errors="replace") for p in paths]
 
 
 def train_tokenizer(texts: list[str], out: Path) -> None:
@@ -113,16 +76,6 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
-
-
-def encode_corpus(tokenizer, texts: list[str]) -> torch.Tensor:
-    """One long token stream: files joined by the end-of-text token."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text)["input_ids"])
-        ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def make_config(shape: ModelShape, tokenizer):

@@ -1,5 +1,5 @@
-"""The serving benchmark (bench/serving.py, `specdec bench`): traces, summaries, workloads, the sweep plan,
-the Hugging Face peers (bench/hf_peers.py), the must-show checks (bench/summary.py), one tiny sweep."""
+"""The serving benchmark (`python -m bench.serving`): traces, summaries, workloads, the sweep plan, the Hugging
+Face peers (bench.hf_peers), the must-show checks (bench.summary), one tiny sweep."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import io
 import itertools
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +24,7 @@ from bench.serving import (
     _count,
     _tokenizer,
     add_arguments,
+    main,
     code_completion_prompts,
     interleave,
     copy_heavy_prompts,
@@ -33,7 +37,6 @@ from bench.serving import (
     stack_rows,
     summarize,
 )
-from specdec.ops.cli import main
 
 
 def test_poisson_trace_is_seeded_and_has_the_rate():
@@ -233,7 +236,7 @@ def test_progress_lines_count_time_and_eta():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# bench/summary.py
+# bench.summary
 
 
 def _row(workload, proposer, policy, rate, latency, **extra):
@@ -402,7 +405,7 @@ def test_summary_missing_rows_are_never_a_pass(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# bench/hf_peers.py
+# bench.hf_peers
 
 
 def test_fifo_schedule_queues_behind_the_previous_request():
@@ -481,7 +484,7 @@ def test_bench_command_writes_json_markdown_and_plots(tmp_path):
 
     target, draft = make_tiny_stack_checkpoints(tmp_path / "models")
     out = tmp_path / "bench"
-    code = main(["bench", "--rates", "4", "--policies", "none,fixed:2,fixed:2~max-k=4", "--proposers", "draft",
+    code = main(["--rates", "4", "--policies", "none,fixed:2,fixed:2~max-k=4", "--proposers", "draft",
                  "--workloads", "copy", "--requests", "4", "--max-tokens", "8", "--out", str(out),
                  "--model", str(target), "--draft-model", str(draft), "--service-threads", "1",
                  "--peers", "hf-generate", "--startup-timeout", "120", "--timeout", "60", "--repeats", "2"])
@@ -508,49 +511,19 @@ def test_bench_command_writes_json_markdown_and_plots(tmp_path):
 
 
 def test_bench_rejects_bad_flags(capsys):
-    assert main(["bench", "--proposers", "magic"]) == 2
+    assert main(["--proposers", "magic"]) == 2
     assert "unknown proposer" in capsys.readouterr().err
-    assert main(["bench", "--peers", "hf-magic"]) == 2
+    assert main(["--peers", "hf-magic"]) == 2
     assert "unknown peer" in capsys.readouterr().err
-    assert main(["bench", "--peer-lookup-tokens", "0"]) == 2
-    assert main(["bench", "--repeats", "0"]) == 2
+    assert main(["--peer-lookup-tokens", "0"]) == 2
+    assert main(["--repeats", "0"]) == 2
 
 
-def test_lookup_ceiling_replays_prompt_lookup_on_a_known_output():
-    from bench.lookup_ceiling import lookup_steps
-    from proposer_svc.ngram import NgramProposer
-
-    prompt, output = [5, 1, 2, 3, 4, 9, 1, 2], [3, 4, 9, 1, 2, 3]
-    # The output repeats the prompt: 5 candidates accepted and the bonus token in one step.
-    assert lookup_steps(NgramProposer(max_budget=8), prompt, output, 8) == (1, 5)
-    assert lookup_steps(NgramProposer(max_budget=8), prompt, output, 2) == (2, 4)
-    # Nothing to look up: one token per step.
-    assert lookup_steps(NgramProposer(max_budget=8), [1], [7, 8, 9], 8) == (3, 0)
-
-
-def test_machine_drift_lag_ratios_pair_windows_that_far_apart():
-    from bench.machine_drift import lag_ratios
-
-    medians = [10.0, 10.0, 20.0, 10.0, 15.0]  # 2 s windows
-    ratios = lag_ratios(medians, 2.0, lags_s=(2, 4, 20))
-    assert ratios[2] == [1.0, 2.0, 2.0, 1.5]
-    assert ratios[4] == pytest.approx([2.0, 1.0, 20.0 / 15.0])
-    assert 20 not in ratios  # no two windows 20 s apart
-
-
-def test_noise_control_judges_the_twin_by_rule_a_against_the_best_baseline():
-    from bench.noise_control import control_rows, report
-
-    rows = [_row("code", "draft", "fixed:3", 1.0, 100.0),
-            _row("code", "draft", "fixed:5", 1.0, 110.0, repeat_mean_latency_ms=[100.0, 122.0]),
-            _row("code", "draft", "fixed:5~max-k=7", 1.0, 121.0, repeat_mean_latency_ms=[120.0, 122.0]),
-            _row("copy", "draft", "fixed:5", 1.0, 200.0), _row("copy", "draft", "fixed:5~max-k=7", 1.0, 190.0)]
-    got = control_rows(summary.Table(rows), "fixed:5~max-k=7", "fixed:5")
-    assert [(r["where"], r["best"]) for r in got] == [("code / draft / 1 req/s", "fixed:3"),
-                                                     ("copy / draft / 1 req/s", "fixed:5")]
-    assert got[0]["vs_original"] == pytest.approx(1.1) and got[0]["vs_best"] == pytest.approx(1.21)
-    assert got[0]["repeat_ratios"] == pytest.approx([1.2, 1.0])
-    assert got[1]["vs_best"] == pytest.approx(0.95)
-    text = "\n".join(report(got, "fixed:5~max-k=7", "fixed:5", "x.json"))
-    assert "missed in **1 of 2 cells**, 0 of them beyond the noise" in text
-    assert "| code / draft / 1 req/s | 1.100 | 1.00x-1.20x | fixed:3 | 1.210 | - | FAIL |" in text
+@pytest.mark.parametrize("module", ["serving", "summary", "runner_cost", "step_overhead", "http_overhead"])
+def test_each_benchmark_runs_as_a_module_from_the_repository_root(module):
+    """`python -m bench.X` from a checkout: the package imports itself and the services without sys.path edits."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", f"bench.{module}", "--help"], cwd=root, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"python -m bench.{module}" in result.stdout

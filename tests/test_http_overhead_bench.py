@@ -1,4 +1,4 @@
-"""bench/http_overhead.py: its statistics, its table, and one short run through both doors of a real stack."""
+"""bench.http_overhead: its statistics, its table, and one short run through both doors of a real stack."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ rows beside it, and a verifier's chain scored as its tokens are when decoded one
 
 Lossless greedy verification needs a token checked inside a chain of k to get the logits it gets
 decoded alone, up to rounding far below the gap between two candidate tokens (bf16 does not: see
-docs/chain_invariance.md).
+docs/chain_invariance.md in git history).
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def test_warm_up_runs_every_token_count_and_leaves_nothing_behind(tmp_path):
 
 
 def test_the_default_dtype_is_float32_on_every_device():
-    # bf16 changes greedy tokens between chains and single tokens (docs/chain_invariance*.md): opt-in only.
+    # bf16 changes greedy tokens between chains and single tokens (docs/chain_invariance*.md in git history): opt-in only.
     for device in ("cpu", "cuda", "cuda:1"):
         assert parse_dtype(None, torch.device(device)) == torch.float32
         assert parse_dtype("auto", torch.device(device)) == torch.float32

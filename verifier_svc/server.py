@@ -88,7 +88,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         """Run a core call; bad input and capacity become status codes.
 
         The call runs on the event-loop thread itself: handing it to a worker thread cost about 0.3 ms per
-        step (docs/step_overhead.md), and every call is one step of one scheduler anyway, so calls are
+        step (bench.step_overhead), and every call is one step of one scheduler anyway, so calls are
         serialised either way; health checks simply wait for the forward in progress.
         """
         # Any other exception (a bug, or an input no check foresaw) becomes INTERNAL in StatusInterceptor; the

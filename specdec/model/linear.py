@@ -6,7 +6,7 @@ matrix-vector one): verifying 2..9 tokens of one request cost 1.2x-1.8x a one-to
 speculation look dear exactly where it should be cheap. oneDNN's matmul on a weight reordered
 once at load (`torch.ops.mkldnn`, the kernels torch.compile's CPU backend uses) makes the embedded
 target's whole step 1.1x-1.8x faster, and a 9-token batch-1 verify 1.2x a one-token step instead of 1.7x
-(docs/runner_cost.md). Its values differ from MKL's by fp32 rounding only (about 1e-6 per
+(docs/benchmarks.md). Its values differ from MKL's by fp32 rounding only (about 1e-6 per
 projection), and a row's output does not depend on how many rows share the call (tested).
 
 The plain weight stays beside the packed one (the embedding lookup and Medusa's initialisation read
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 # sizes times chain lengths, prompt chunks). Its cache of compiled kernels holds 1024 by default, too
 # few for that many row counts times the model's distinct projections: it evicts what the next steps
 # need again, and a recompiled kernel costs 1-3 ms on a 6-15 ms step on two CPU cores
-# (bench/primitive_cache.py: cycling through 1..160 rows, later passes were as slow as the first with
+# (bench/primitive_cache.py, in git history: cycling through 1..160 rows, later passes were as slow as the first with
 # the default and took 0.83x the time with 8192 entries, for ~0.5 MB more resident memory per row count
 # held). oneDNN reads the variable when it first builds a kernel, so it is set here, before any weight
 # is packed; an operator's own setting wins.

@@ -5,7 +5,7 @@ embedded draft (2 layers, width 128) does about a million multiply-adds per toke
 one token takes about 1 ms on a CPU core, most of it the fixed cost of its operator calls (20-35 us for
 each oneDNN projection of these small matrices). NumPy's calls cost a few microseconds on such arrays,
 and the same forward takes about a quarter of the time for one request and 0.5-0.7x for 4-16
-(docs/draft_forward.md): a draft's chain of k candidates is k forwards a step.
+(docs/draft_forward.md in git history): a draft's chain of k candidates is k forwards a step.
 
 It computes what `specdec.model.llama.forward_packed` computes, for chains only (no trees), in float32,
 reading and writing the runner's own KV cache through NumPy views of its tensors, so a slot may be

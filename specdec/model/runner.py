@@ -41,9 +41,8 @@ def check_device(name: str) -> None:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """float32 on every device. bf16's rounding depends on how many tokens one forward holds, so a verified
-    chain can pick another greedy token than one-at-a-time decoding: on an H200 and on CPU
-    (docs/chain_invariance_h200.md, docs/chain_invariance.md) 5-6 of 1280 tokens flip in bf16, none in
-    float32. Serving must equal the target alone, so bf16 is opt-in (`--dtype bfloat16`)."""
+    chain can pick another greedy token than one-at-a-time decoding: measured on an H200 and on CPU
+    (docs/chain_invariance*.md in git history), 5-6 of 1280 tokens flip in bf16, none in float32. Serving must equal the target alone, so bf16 is opt-in (`--dtype bfloat16`)."""
     del device  # every device gets the same answer
     return torch.float32
 
@@ -109,7 +108,7 @@ class ModelRunner:
     ) -> None:
         """prepack: oneDNN-packed projection weights (specdec/model/linear.py); None = where device and dtype allow.
         numpy_chains: `next_tokens` runs in NumPy where it can (specdec/model/numpy_forward.py): for the embedded draft
-        0.27x the torch forward's time at batch 1, 0.42-0.67x at 4-16 (docs/draft_forward.md); its logits differ
+        0.27x the torch forward's time at batch 1, 0.42-0.67x at 4-16 (docs/draft_forward.md in git history); its logits differ
         from `forward`'s by rounding, so only a proposer asks."""
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = parse_dtype(dtype, self.device)

@@ -389,42 +389,6 @@ def _end_line(needed: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# specdec bench
-
-
-def _serving_bench():
-    """bench/serving.py of this repository (bench/ is not an installed package)."""
-    from pathlib import Path
-
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from bench import serving
-
-    return serving
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Run the serving benchmark sweep (bench/serving.py): the stack per policy, then the Hugging Face
-    peers; write its JSON, markdown table, plots and summary.md (the must-show checks)."""
-    from specdec.ops.launcher import StackError
-
-    try:
-        return _serving_bench().main(args)
-    except ValueError as exc:
-        _error(str(exc))
-        return EXIT_USAGE
-    except StackError as exc:
-        _error(str(exc))
-        return EXIT_FAILED
-
-
-def _bench_unavailable(args: argparse.Namespace) -> int:
-    _error("the benchmark needs bench/serving.py: run `specdec bench` from a checkout of the repository")
-    return EXIT_FAILED
-
-
-# ---------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -446,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--device", help="verifier device: auto, cpu or cuda (default: the verifier's)")
     up.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                     help="dtype of the verifier and the draft and Medusa proposers (default: theirs, auto = float32 "
-                         "but for Medusa heads on a GPU; bfloat16 can change greedy tokens, docs/gpu.md)")
+                         "but for Medusa heads on a GPU; bfloat16 can change greedy tokens)")
     up.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                     help="log level of every service (default INFO)")
     up.add_argument("--log-dir", help="folder for the services' logs (default: a new temporary folder)")
@@ -524,18 +488,6 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--tls-key", help="PEM private key of --tls-cert")
     chat.set_defaults(run=cmd_chat)
 
-    bench = commands.add_parser(
-        "bench", help="serving benchmark: latency and goodput per policy, proposer, rate and workload, "
-                      "against Hugging Face peers; writes JSON, a table, plots and summary.md",
-        description="Replays seeded Poisson traces against the stack (one scheduler per policy), then serves "
-                    "the same traces with Hugging Face transformers (generate, assisted, prompt lookup) one "
-                    "request at a time; writes serving.json, serving.md, PNG plots and summary.md (the "
-                    "must-show checks) under --out. Progress goes to stderr.")
-    try:
-        _serving_bench().add_arguments(bench)
-        bench.set_defaults(run=cmd_bench)
-    except ImportError:  # an install without the repository's bench/ folder (the service image)
-        bench.set_defaults(run=_bench_unavailable)
     return parser
 
 
