@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PB := specdec/pb/__init__.py
+PB := specdec/pb/__init__.py specdec_client/_pb/__init__.py
 
 .PHONY: install default-model demo test bench-runner clean
 
@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Generated gRPC code (gitignored): one build step from proto/.
-$(PB): $(STAMP) $(wildcard proto/specdec/v1/*.proto) scripts/gen_proto.py
+# Generated gRPC code (gitignored): one build step from proto/, for the services and the client SDK at once.
+$(PB) &: $(STAMP) $(wildcard proto/specdec/v1/*.proto) scripts/gen_proto.py
 	$(PY) scripts/gen_proto.py
 
 install: $(STAMP) $(PB)
@@ -38,4 +38,4 @@ bench-runner: install
 	$(PY) -m bench.runner_cost
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info clients/python/build clients/python/*.egg-info

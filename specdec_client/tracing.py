@@ -4,12 +4,18 @@ Every call gets a CLIENT span, a child of the caller's current span when the cal
 root of a new trace), and sends its W3C trace context as gRPC metadata, so the scheduler's spans join
 that trace. Without an OpenTelemetry SDK installed by the caller the span is non-recording: it costs
 nothing and still passes the caller's context on.
+
+OpenTelemetry's API is optional (the `tracing` extra of specdec-client; the full specdec install has it):
+without it a call has no span and sends no trace context, and the server starts a trace of its own.
 """
 
 from __future__ import annotations
 
-from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+try:
+    from opentelemetry import context as otel_context
+    from opentelemetry import propagate, trace
+except ImportError:
+    trace = None
 
 SERVICE = "specdec.v1.Generation"
 
@@ -20,12 +26,14 @@ class CallSpan:
 
     def __init__(self, method: str) -> None:
         self.method = method
-        self._parent = otel_context.get_current()
+        self._parent = otel_context.get_current() if trace is not None else None
         self.span: trace.Span | None = None
         self._ended = False
 
     def start(self) -> tuple[tuple[str, str], ...]:
         """Start the span (if not yet) and return the metadata that carries its context."""
+        if trace is None:
+            return ()
         if self.span is None:
             self.span = trace.get_tracer("specdec_client").start_span(
                 f"{SERVICE}/{self.method}", context=self._parent, kind=trace.SpanKind.CLIENT,

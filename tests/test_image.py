@@ -138,10 +138,11 @@ def test_build_stage_replayed_gives_a_complete_wheel(tmp_path):
             target = context / (source if dest in ("./", ".") else dest.removeprefix("./"))
             target.parent.mkdir(parents=True, exist_ok=True)
             if (ROOT / source).is_dir():
-                shutil.copytree(ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__", "pb"))
+                shutil.copytree(ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__", "pb", "_pb"))
             else:
                 shutil.copy(ROOT / source, target)
     assert not (context / "specdec" / "pb").exists()  # generated in the image, not copied
+    assert not (context / "specdec_client" / "_pb").exists()
     run = re.search(r"^RUN (python scripts/gen_proto\.py) && pip wheel .*--wheel-dir /wheels \.$", build, re.M)
     assert run, "the build stage generates the stubs and builds the wheel"
     subprocess.run([sys.executable, "scripts/gen_proto.py"], cwd=context, check=True, capture_output=True, timeout=120)
@@ -157,6 +158,6 @@ def test_build_stage_replayed_gives_a_complete_wheel(tmp_path):
     for module in SERVICE_MODULES:
         assert f"{module}/__main__.py" in names
     assert {"specdec/pb/__init__.py", "specdec/pb/verifier_pb2.py", "specdec/pb/generation_pb2_grpc.py",
-            "specdec/ops/healthcheck.py", "specdec_client/__init__.py"} <= names
+            "specdec/ops/healthcheck.py", "specdec_client/__init__.py", "specdec_client/_pb/generation_pb2_grpc.py"} <= names
     runtime = sorted(r for r in metadata.get_all("Requires-Dist") if "extra ==" not in r)
     assert runtime == sorted(pyproject()["project"]["dependencies"])
