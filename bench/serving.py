@@ -20,7 +20,7 @@ pin the request's proposer (for medusa, `fixed:N` verifies a tree of up to N nod
 choice to the scheduler with the ngram and draft proposers configured. Policy `none` never speculates, so
 it runs once per (workload, rate) and its row is repeated for every proposer label, marked "shared": true
 with "measured_with" naming the label it ran under (an asterisk in the table). A policy label may add
-scheduler flags after "~" (`smartspec~max-k=4`, `smartspec~arrival-window-s=0`): that policy then runs in a
+scheduler flags after "~" (`smartspec~max-k=4`, `smartspec~ema-alpha=0.5`): that policy then runs in a
 scheduler of its own with the flags, beside the others and under its own label, to measure one setting.
 
 Peers (`--peers`, bench.hf_peers): after the stack is stopped, so that nothing competes for the CPU,

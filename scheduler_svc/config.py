@@ -53,12 +53,7 @@ class SchedulerConfig:
         16, f"most candidate-tree nodes verified per request and step, for tree proposers (medusa) {_FOR_GOODPUT}")
     ema_alpha: float = setting(0.3, f"weight of one step in a request's acceptance estimate {_FOR_GOODPUT}")
     cost_window: int = setting(256, f"recent steps the step-time model is fitted over {_FOR_GOODPUT}")
-    arrival_window_s: float = setting(
-        0.5, "seconds over which the arrival rate is measured; a step's length is also weighed by the wait it "
-             f"imposes on arrivals, 0 = ignore them {_FOR_GOODPUT}")
     profile_s: float = setting(2.0, f"time budget of the start-up cost profile, 0 = none {_FOR_GOODPUT}")
-    rate_calibration: bool = setting(True, "1: scale the draft's acceptance rates per position by how its chains "
-                                           "did, 0: use them as estimated (smartspec)")
     disable_batch_size: int = setting(8, "disable-by-batch-size: no speculation above this many running requests")
     batch_size_table: str = setting(DEFAULT_BATCH_SIZE_TABLE,
                                     "batch-size-table: k per range of running requests, LO-HI:K,...,LO-:K")
@@ -114,8 +109,6 @@ class SchedulerConfig:
             raise ValueError(f"--ema-alpha must be in (0, 1], got {self.ema_alpha}")
         if self.cost_window < 1 or self.profile_s < 0 or self.disable_batch_size < 0:
             raise ValueError("--cost-window must be >= 1, --profile-s and --disable-batch-size >= 0")
-        if self.arrival_window_s < 0:
-            raise ValueError(f"--arrival-window-s must be >= 0, got {self.arrival_window_s}")
         parse_batch_size_table(self.batch_size_table)
         if self.max_tokens_limit < 1:
             raise ValueError(f"--max-tokens-limit must be >= 1, got {self.max_tokens_limit}")

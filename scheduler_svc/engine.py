@@ -7,12 +7,7 @@ One step (DESIGN.md "One step of the engine"):
 3. every other proposer used gets one ProposeRequest, all in parallel;
 4. one Verify call for all running requests (k = 0 ones bring no candidates);
 5. commit accepted + bonus tokens, apply EOS / stop strings / max_tokens, stream, release the finished;
-6. record the step's timings (StepRecord) and feed the outcomes to the policy. The policy's learning
-   runs once the engine's next call to a service (a Release, an admission's Prefill, the free
-   proposers' call) is sent, so that it overlaps the service's work instead of lengthening the step;
-   the next plan learns the outcomes first if no such call came (Policy.observe_outcomes), while the
-   timings (Policy.observe_timings: a step-time model may lag a step) always wait for a call, at the
-   latest the next step's Propose or Verify. An idle engine gives both before it waits.
+6. record the step's timings (StepRecord) and feed them, with the outcomes, to the policy.
 
 The engine holds the token truth of every request: when the verifier fails a call its state is
 unknown, so the running requests are released there and prefilled again from their committed tokens
@@ -26,7 +21,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import grpc
 
@@ -101,8 +96,6 @@ class Engine:
         self._release_in_verifier: list[str] = []  # finished ids the verifier still holds
         self._needs_reprefill = False
         self._isolate_verify = False  # the next Verify goes one call per request (after a failed batch)
-        self._feedback: tuple[list[RequestOutcome], StepRecord] | None = None  # for the policy, not yet given
-        self._timings_due: tuple[list[RequestOutcome], StepRecord] | None = None  # outcomes given, timings not
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -152,7 +145,6 @@ class Engine:
             )
         for request in requests:
             self._waiting.append(request)
-            self.policy.observe_arrival(request.arrival_s)
         self._wake.set()
 
     def cancel(self, request: Request) -> None:
@@ -182,7 +174,6 @@ class Engine:
         backoff = 0.0
         while True:
             if not self._has_work():
-                self._while_waiting()  # nothing to overlap it with
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -230,7 +221,7 @@ class Engine:
         self._cancelled.clear()
         if self._release_in_verifier:
             ids = list(self._release_in_verifier)
-            await self.verifier.release(ids, while_waiting=self._while_waiting)
+            await self.verifier.release(ids)
             del self._release_in_verifier[: len(ids)]
         if self._needs_reprefill:
             await self._reprefill()
@@ -242,36 +233,12 @@ class Engine:
             record.wall_ms = (time.perf_counter() - record.start_s) * 1e3
             self.step_records.append(record)
             self.telemetry.observe_step(record, outcomes, self.policy)
-            self._feedback = (outcomes, record)  # given to the policy at the next call (see 6.)
+            try:
+                self.policy.observe(outcomes, record)
+            except Exception:  # a fault in the policy's learning costs it one step's lesson, nobody's output
+                log.exception("the policy failed to learn from step %d", record.step_id)
         elif any(p.has_releases for p in self.proposers.values()):
             await self._propose({})  # nothing runs: send the release lists on their own
-
-    def _feed_back(self) -> None:
-        """Give the policy the last step's outcomes, once (see the module docstring, 6.)."""
-        feedback, self._feedback = self._feedback, None
-        if feedback is None:
-            return
-        self._give_timings()  # an older step's first, should no call have come since
-        self._timings_due = feedback
-        try:
-            self.policy.observe_outcomes(*feedback)
-        except Exception:  # a fault in the policy's learning costs it one step's lesson, nobody's output
-            log.exception("the policy failed to learn from step %d", feedback[1].step_id)
-
-    def _give_timings(self) -> None:
-        """Give the policy the timings of the step whose outcomes it has, once (see 6.)."""
-        feedback, self._timings_due = self._timings_due, None
-        if feedback is None:
-            return
-        try:
-            self.policy.observe_timings(*feedback)
-        except Exception:  # as in _feed_back
-            log.exception("the policy failed to learn from the timings of step %d", feedback[1].step_id)
-
-    def _while_waiting(self) -> None:
-        """The policy's learning, while a service works on a call (or the engine is idle)."""
-        self._feed_back()
-        self._give_timings()
 
     def _free_slots(self) -> int:
         return self.capacity - len(self._running) - len(self._release_in_verifier)
@@ -290,7 +257,7 @@ class Engine:
         if not batch:
             return
         try:
-            batch, first, timing, hidden, logprobs = await self._prefill(batch, while_waiting=self._while_waiting)
+            batch, first, timing, hidden, logprobs = await self._prefill(batch)
         except VerifierError:
             # Some of them may hold state now: release before they are tried again.
             self._release_in_verifier.extend(r.request_id for r in batch)
@@ -310,7 +277,7 @@ class Engine:
             self._commit(request, [first[request.request_id]], _one(logprobs.get(request.request_id)))
 
     async def _prefill(
-        self, requests: list[Request], while_waiting: Callable[[], None] | None = None
+        self, requests: list[Request]
     ) -> tuple[list[Request], dict[str, int], Timing, dict[str, bytes], dict[str, TokenLogprobs]]:
         """Prefill `requests` in one call. When it fails in a way one request's own input may cause, prefill
         them one call each, so that only a request whose own call fails is failed (alone, with the
@@ -322,8 +289,7 @@ class Engine:
                     for r in batch]
 
         try:
-            first, timing, hidden, logprobs = await self.verifier.prefill(items(requests), self.wants_hidden,
-                                                                          while_waiting=while_waiting)
+            first, timing, hidden, logprobs = await self.verifier.prefill(items(requests), self.wants_hidden)
             return requests, first, timing, hidden, logprobs
         except VerifierError as exc:
             if not exc.may_be_input:
@@ -382,7 +348,6 @@ class Engine:
         """Plan, propose, verify and commit for every running request; fills `record`."""
         running = list(self._running.values())
         offered = await self._free_proposals(running, record)
-        self._feed_back()  # no-op unless no call came before the plan
         t0 = time.perf_counter()
         plans = self.policy.plan([self._view(r, offered) for r in running])
         record.plan_ms = (time.perf_counter() - t0) * 1e3
@@ -428,8 +393,7 @@ class Engine:
             if self._isolate_verify:
                 running, items, outputs, timing = await self._verify_each(running, items)
             else:
-                outputs, timing = await self.verifier.verify(items, self.wants_hidden,
-                                                             while_waiting=self._while_waiting)
+                outputs, timing = await self.verifier.verify(items, self.wants_hidden)
         except VerifierError as exc:
             # The verifier's state is unknown now: rebuild it from the committed tokens.
             self._needs_reprefill = True
@@ -505,10 +469,7 @@ class Engine:
     async def _propose(self, work: Mapping[str, Sequence[ProposeWork]]) -> dict[str, ProposeResult]:
         """One step on every proposer with work or pending releases, all in parallel."""
         names = [n for n, p in self.proposers.items() if work.get(n) or (p.has_releases and p.available())]
-        # The policy's pending learning runs once, while the first proposer works.
-        results = await asyncio.gather(*(self.proposers[n].step(work.get(n, ()),
-                                                                while_waiting=None if i else self._while_waiting)
-                                         for i, n in enumerate(names)))
+        results = await asyncio.gather(*(self.proposers[n].step(work.get(n, ())) for n in names))
         return dict(zip(names, results))
 
     async def _free_proposals(
@@ -530,7 +491,7 @@ class Engine:
         if not work:
             return {}
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(self.proposers[name].step(items, while_waiting=self._while_waiting)
+        results = await asyncio.gather(*(self.proposers[name].step(items)
                                          for name, items in work.items()))
         record.free_propose_wall_ms = (time.perf_counter() - t0) * 1e3
         offered = {}

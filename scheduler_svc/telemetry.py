@@ -230,7 +230,4 @@ class SchedulerTelemetry:
         predicted_ms = _number(policy.predicted_step_ms)
         if predicted_ms is not None:
             attributes["specdec.step_ms.predicted"] = predicted_ms
-        arrival_rate = _number(getattr(policy, "arrival_rate", None))
-        if arrival_rate is not None:
-            attributes["specdec.arrival_rate"] = arrival_rate
         span.set_attributes(attributes)

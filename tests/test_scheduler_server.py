@@ -394,13 +394,13 @@ def test_sampling_params_reach_the_verifier():
 
 
 class RecordingPolicy(FixedPolicy):
-    """The fixed policy, keeping what observe_outcomes() is told."""
+    """The fixed policy, keeping what observe() is told."""
 
     def __init__(self, proposers, k):
         super().__init__(proposers, k)
         self.observed = []
 
-    def observe_outcomes(self, outcomes, record):
+    def observe(self, outcomes, record):
         self.observed.append((outcomes, record))
 
 

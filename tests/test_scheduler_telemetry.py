@@ -38,7 +38,7 @@ def test_step_span_is_a_child_of_the_oldest_request_and_links_all(span_recorder)
     with tracer.start_as_current_span("call-b"):
         b = make_request(5)
         telemetry.request_started(b)
-    policy = SimpleNamespace(predicted_goodput=250.0, predicted_step_ms=12.0, arrival_rate=16.0)
+    policy = SimpleNamespace(predicted_goodput=250.0, predicted_step_ms=12.0)
     record = StepRecord(step_id=7, start_s=0.0, wall_ms=20.0, batch_size=2, proposed=6, accepted=4, committed=6)
     outcomes = [RequestOutcome(a.request_id, "ngram", 3, 3, 2), RequestOutcome(b.request_id, "draft", 3, 3, 2)]
     with telemetry.step_span([a, b]) as span:
@@ -63,7 +63,6 @@ def test_step_span_is_a_child_of_the_oldest_request_and_links_all(span_recorder)
     attrs = step.attributes
     assert attrs["specdec.goodput.measured"] == pytest.approx(6 / 0.020)
     assert attrs["specdec.goodput.predicted"] == 250.0 and attrs["specdec.step_ms.predicted"] == 12.0
-    assert attrs["specdec.arrival_rate"] == 16.0
     assert attrs["specdec.k.mean"] == 3 and attrs["specdec.batch_size"] == 2
     assert request_a.attributes["specdec.k.mean"] == 3 and request_a.attributes["specdec.proposer"] == "ngram"
     assert request_a.attributes["specdec.acceptance_rate"] == pytest.approx(2 / 3)

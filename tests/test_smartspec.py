@@ -82,25 +82,6 @@ def test_smartspec_stops_speculating_when_acceptance_is_low_or_the_batch_is_larg
     assert policy.plan([view("a")])["a"].k == 4
 
 
-def test_smartspec_shortens_draft_chains_while_requests_arrive():
-    def plan(arrivals: int):
-        policy = smartspec(verify=(15.0, 0.1, 0.3, 0.0), draft=(1.0, 0.2, 0.1, 6.0), max_k=8)
-        teach(policy, "draft", 5, 3, steps=200)  # the prior is the taught rate, whatever it started at
-        now = time.perf_counter()
-        for i in range(arrivals):  # 16 in the last 0.4 s: 32 a second over the 0.5 s window
-            policy.observe_arrival(now - 0.4 + i / 40)
-        return policy.plan([view("a"), view("b")]), policy.arrival_rate
-
-    (calm, calm_rate), (busy, busy_rate) = plan(0), plan(16)
-    assert calm_rate == 0.0 and busy_rate == pytest.approx(32.0)
-    assert [calm[r].k for r in "ab"] == [3, 3] and [busy[r].k for r in "ab"] == [2, 2]
-    # A policy told to ignore arrivals does.
-    policy = SmartSpecPolicy(["draft"], arrival_window_s=0.0)
-    policy.observe_arrival(time.perf_counter())
-    policy.plan([view("a")])
-    assert policy.arrival_rate == 0.0
-
-
 def test_smartspec_learns_from_outcomes_and_timings():
     policy = smartspec()
     views = [view("a", offered={"ngram": 4}), view("b", offered={"ngram": 0})]

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import grpc
 import numpy as np
@@ -146,24 +146,22 @@ class ProposerClient:
 
     # -- one step ------------------------------------------------------------------------------------
 
-    async def step(self, work: Sequence[ProposeWork],
-                   while_waiting: Callable[[], None] | None = None) -> ProposeResult:
+    async def step(self, work: Sequence[ProposeWork]) -> ProposeResult:
         """Send one ProposeRequest (work items + pending releases) and return its checked candidates.
 
         Never raises for a proposer fault: the result is then empty with ok=False. Inside a trace (an
         engine step) it is a CLIENT span whose context travels in the message to the proposer's span.
-        `while_waiting` (which must not raise) runs once the request is sent, while the proposer works.
         """
         if not self.available():
             return ProposeResult(ok=False)
         if not trace.get_current_span().get_span_context().is_valid:
-            return await self._step(work, while_waiting)
+            return await self._step(work)
         with tracer().start_as_current_span(f"Propose {self.name}", kind=trace.SpanKind.CLIENT, attributes={
             "rpc.system": "grpc", "rpc.service": "specdec.v1.Proposer", "rpc.method": "Propose",
             "specdec.proposer": self.name, "specdec.requests": len(work),
             "specdec.budget": sum(w.budget for w in work),
         }) as span:
-            result = await self._step(work, while_waiting)
+            result = await self._step(work)
             span.set_attributes({"specdec.ok": result.ok,
                                  "specdec.proposed_tokens": sum(len(c.token_ids) for c in result.candidates.values()),
                                  "specdec.propose_ms": result.propose_ms, "specdec.forward_ms": result.forward_ms})
@@ -171,7 +169,7 @@ class ProposerClient:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, "the proposer failed or was left out"))
             return result
 
-    async def _step(self, work: Sequence[ProposeWork], while_waiting: Callable[[], None] | None) -> ProposeResult:
+    async def _step(self, work: Sequence[ProposeWork]) -> ProposeResult:
         self._step_id += 1
         releases = sorted(self._to_release)
         request = proposer_pb2.ProposeRequest(step_id=self._step_id, release_request_ids=releases,
@@ -182,7 +180,7 @@ class ProposerClient:
                               budget=w.budget, hidden_state=w.hidden_state)
             self._maybe_held.add(w.request_id)  # before the answer: a failed step may still have built state
         try:
-            response = await asyncio.wait_for(self._exchange(request, while_waiting), self.timeout_s)
+            response = await asyncio.wait_for(self._exchange(request), self.timeout_s)
             candidates = self._check(request, response)
         except asyncio.CancelledError:
             self._drop_stream()  # the engine is stopping; the stream's state is unknown
@@ -196,13 +194,10 @@ class ProposerClient:
         return ProposeResult(candidates, response.propose_ms, response.forward_ms,
                              new_tokens=tuple(len(item.new_token_ids) for item in request.items))
 
-    async def _exchange(self, request: proposer_pb2.ProposeRequest,
-                        while_waiting: Callable[[], None] | None) -> proposer_pb2.ProposeResponse:
+    async def _exchange(self, request: proposer_pb2.ProposeRequest) -> proposer_pb2.ProposeResponse:
         if self._call is None:
             self._call = self._stub.Propose()
         await self._call.write(request)
-        if while_waiting is not None:
-            while_waiting()
         response = await self._call.read()
         if response is grpc.aio.EOF:
             raise ProposerFault("the proposer closed its stream")

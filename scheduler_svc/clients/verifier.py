@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import grpc
 
@@ -33,11 +33,6 @@ CHANNEL_OPTIONS = [
 # for a moment. The engine keeps every request and tries again.
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                              grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED})
-# Event-loop turns a grpc.aio unary call takes, once made, to hand its request to the transport (its
-# task runs the interceptors, then the call's own task sends): work done after them overlaps the call.
-# Measured with a server in another process: after 2 turns the request was out in 40 of 40 calls, with
-# and without a traced span; after 1, in 12 of 40. Fewer turns than needed only loses the overlap.
-SEND_TURNS = 2
 
 
 class VerifierError(Exception):
@@ -194,13 +189,11 @@ class VerifierClient:
         )
 
     async def prefill(
-        self, items: Sequence[PrefillItem], return_hidden: bool = False,
-        while_waiting: Callable[[], None] | None = None,
+        self, items: Sequence[PrefillItem], return_hidden: bool = False
     ) -> tuple[dict[str, int], Timing, dict[str, bytes], dict[str, TokenLogprobs]]:
         """Admit requests; returns each one's first sampled token (its pending token) by id, the timing,
         (with return_hidden) each one's hidden state at its last token by id, and the first token's logprobs
-        by id for the items that asked. `while_waiting` (which must not raise) runs once the request is sent,
-        while the verifier works."""
+        by id for the items that asked."""
         request = verifier_pb2.PrefillRequest(
             items=[
                 verifier_pb2.PrefillItem(
@@ -211,7 +204,7 @@ class VerifierClient:
             ],
             return_hidden=return_hidden,
         )
-        msg = await self._call(self._stub.Prefill, request, while_waiting=while_waiting)
+        msg = await self._call(self._stub.Prefill, request)
         first = {r.request_id: r.next_token_id for r in msg.results}
         self._check_covered("Prefill", [i.request_id for i in items], first)
         hidden = {r.request_id: r.hidden_state for r in msg.results if r.hidden_state}
@@ -219,17 +212,15 @@ class VerifierClient:
         return first, _timing(msg.timing), hidden, logprobs
 
     async def verify(
-        self, items: Sequence[VerifyItem], return_hidden: bool = False,
-        while_waiting: Callable[[], None] | None = None,
+        self, items: Sequence[VerifyItem], return_hidden: bool = False
     ) -> tuple[dict[str, VerifyOutput], Timing]:
-        """One engine step for a ragged batch; returns accepted tokens and the bonus token by id.
-        `while_waiting` as for prefill."""
+        """One engine step for a ragged batch; returns accepted tokens and the bonus token by id."""
         request = verifier_pb2.VerifyRequest(return_hidden=return_hidden)
         for item in items:
             entry = request.items.add(request_id=item.request_id)
             if item.candidates is not None:
                 entry.candidates.CopyFrom(item.candidates)
-        msg = await self._call(self._stub.Verify, request, while_waiting=while_waiting)
+        msg = await self._call(self._stub.Verify, request)
         outputs = {
             r.request_id: VerifyOutput(list(r.accepted_token_ids), r.bonus_token_id, tuple(r.accepted_indices),
                                        r.hidden_state, tuple(logprobs_from_pb(lp) for lp in r.logprobs))
@@ -238,26 +229,14 @@ class VerifierClient:
         self._check_covered("Verify", [i.request_id for i in items], outputs)
         return outputs, _timing(msg.timing)
 
-    async def release(self, request_ids: Sequence[str], while_waiting: Callable[[], None] | None = None) -> int:
-        """Free the verifier state of these requests (unknown ids are ignored); returns how many held state.
-        `while_waiting` as for prefill."""
-        msg = await self._call(self._stub.Release, verifier_pb2.ReleaseRequest(request_ids=request_ids),
-                               while_waiting=while_waiting)
+    async def release(self, request_ids: Sequence[str]) -> int:
+        """Free the verifier state of these requests (unknown ids are ignored); returns how many held state."""
+        msg = await self._call(self._stub.Release, verifier_pb2.ReleaseRequest(request_ids=request_ids))
         return msg.released
 
-    async def _call(self, method, request, timeout_s: float | None = None,
-                    while_waiting: Callable[[], None] | None = None):
+    async def _call(self, method, request, timeout_s: float | None = None):
         try:
-            call = method(request, timeout=timeout_s or self.timeout_s)
-            if while_waiting is not None:
-                try:
-                    for _ in range(SEND_TURNS):  # let the call's tasks send the request, then work meanwhile
-                        await asyncio.sleep(0)
-                except asyncio.CancelledError:
-                    call.cancel()  # awaited, the call would be cancelled with us
-                    raise
-                while_waiting()
-            return await call
+            return await method(request, timeout=timeout_s or self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise VerifierError(
                 f"verifier {self.address} {type(request).__name__}: {exc.code().name}: {exc.details()}", exc.code(),

@@ -26,8 +26,7 @@ __all__ = ["Policy", "make_policy", "policy_from_config"]
 
 def make_policy(name: str, proposers: Sequence[str], k: int, **options) -> Policy:
     """The policy called `name` (see config.POLICIES); `options` are the keyword arguments of its class
-    (smartspec / batch-uniform: max_k, ema_alpha, cost_window, max_tree_nodes, arrival_window_s,
-    rate_calibration (smartspec only);
+    (smartspec / batch-uniform: max_k, ema_alpha, cost_window, max_tree_nodes;
     disable-by-batch-size: threshold;
     batch-size-table: table)."""
     if name == "none":
@@ -50,9 +49,7 @@ def policy_from_config(config: SchedulerConfig, proposers: Sequence[str]) -> Pol
     options: dict = {}
     if config.policy in ("smartspec", "batch-uniform"):
         options = dict(max_k=config.max_k, ema_alpha=config.ema_alpha, cost_window=config.cost_window,
-                       max_tree_nodes=config.max_tree_nodes, arrival_window_s=config.arrival_window_s)
-        if config.policy == "smartspec":
-            options["rate_calibration"] = config.rate_calibration
+                       max_tree_nodes=config.max_tree_nodes)
     elif config.policy == "disable-by-batch-size":
         options = dict(threshold=config.disable_batch_size)
     elif config.policy == "batch-size-table":

@@ -42,20 +42,7 @@ class Policy(ABC):
         """One Plan per request id; requests left out get NO_SPECULATION."""
 
     def observe(self, outcomes: Sequence[RequestOutcome], record: StepRecord) -> None:
-        """Feedback after a step: per-request outcomes and the step's timings, all at once."""
-        self.observe_outcomes(outcomes, record)
-        self.observe_timings(outcomes, record)
-
-    def observe_outcomes(self, outcomes: Sequence[RequestOutcome], record: StepRecord) -> None:
-        """What a step did for each request: what the next plan must know. Default: ignore."""
-
-    def observe_timings(self, outcomes: Sequence[RequestOutcome], record: StepRecord) -> None:
-        """A step's timings, after its outcomes: learning that may lag a step (a step-time model), which
-        the engine gives while a later service call is in flight, so that it lengthens no step even when
-        the plan cannot wait for it. Default: ignore."""
-
-    def observe_arrival(self, arrival_s: float) -> None:
-        """A request was queued at arrival_s (time.perf_counter seconds). Default: ignore."""
+        """Feedback after a step: what it did for each request, and its timings. Default: ignore."""
 
 
 class NoSpeculationPolicy(Policy):

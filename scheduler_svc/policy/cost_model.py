@@ -234,10 +234,9 @@ class CostModel:
         return self.predict_step_ms(StepShape(batch_size, batch_size, context_tokens, {}, {}))
 
     def step_cost(self, batch_size: int, context_tokens: int, proposers: Sequence[str],
-                  free: Sequence[bool], catch_up_ms: np.ndarray | None = None,
-                  wait_weight: float = 0.0) -> StepCost:
+                  free: Sequence[bool], catch_up_ms: np.ndarray | None = None) -> StepCost:
         """The StepCost for a batch of this size and context, proposers in the chooser's order; the
-        per-request charges and the arrivals' weight (StepCost) as given."""
+        per-request charges (StepCost.catch_up_ms) as given."""
         c0, c1, c2, c3 = self.verify.coef
         o0, o1, o2 = self.overhead.coef
         fits = [None if is_free else self.proposer(name).coef for name, is_free in zip(proposers, free)]
@@ -249,7 +248,6 @@ class CostModel:
             proposer_token_ms=np.array([0.0 if f is None else f[2] for f in fits]),
             depth_ms=np.array([0.0 if f is None else f[3] for f in fits]),
             catch_up_ms=catch_up_ms,
-            wait_weight=wait_weight,
         )
 
     # -- learning ------------------------------------------------------------------------------------

@@ -19,16 +19,6 @@ Exactness: a charged time is never below the plan's true time, and the optimal p
 true time in the combination whose caps are its own longest chains, so the best charged goodput is
 the optimum. A batch of one (light load, most steps there) needs none of it: its plan pays its
 proposer's coupled costs in full, so every (proposer, k) is scored exactly in one array.
-
-Arrivals. Goodput counts the time of the B requests in the batch, but requests that arrive during a
-step wait for its end before they are admitted: at an arrival rate lam, a step of T ms costs the
-requests in the system T * (B + lam * T / 2) request-ms, so the plan maximises
-sum_i E_i / (T * (1 + w * T)), w = lam / (2B) (StepCost.wait_weight). With w = 0 this is goodput and
-the search above is exact. With w > 0 the same rounds use the weighted time's slope: at the current
-plan's value g and time T each request maximises E_i(k) - g * (1 + 2wT) * cost_i(k), and the rounds go
-on until the plan stops changing, keeping the best plan met -- a fixed point of the optimum's
-first-order condition, not a proof of optimality (tests compare it with exhaustive search: exact in
-99.5% of random cases, never 3% below). A batch of one is still scored exactly.
 """
 
 from __future__ import annotations
@@ -82,15 +72,10 @@ class StepCost:
     proposer_token_ms: np.ndarray  # [P] per candidate token it proposes
     depth_ms: np.ndarray = field(default=None)  # [P] per unit of its longest chain; None: zeros
     catch_up_ms: np.ndarray | None = None  # [B, P] per request served by a proposer; None: zeros
-    wait_weight: float = 0.0  # 1/ms: lam / (2B), the wait a step's length imposes on arrivals (module doc)
 
     def __post_init__(self) -> None:
         if self.depth_ms is None:
             object.__setattr__(self, "depth_ms", np.zeros(len(self.fixed_ms)))
-
-    def weighted_ms(self, step_ms):
-        """What a step of step_ms (scalar or array) costs the requests in the system, per batch request."""
-        return step_ms * (1.0 + self.wait_weight * step_ms)
 
     def catch_up(self, batch_size: int) -> np.ndarray:
         """[B, P] the per-request charges (zeros when there are none)."""
@@ -129,22 +114,15 @@ class Choice:
     proposer: np.ndarray  # [B] int, -1 where k = 0
     expected_tokens: float  # sum_i E_i(k_i)
     step_ms: float  # predicted T_step
-    weighted_ms: float  # StepCost.weighted_ms(step_ms): step_ms itself when nobody arrives
 
     @property
     def goodput(self) -> float:
-        """Predicted tokens per millisecond."""
+        """Predicted tokens per millisecond: what the chooser maximises."""
         return self.expected_tokens / self.step_ms if self.step_ms > 0 else 0.0
-
-    @property
-    def score(self) -> float:
-        """What the chooser maximises: tokens per weighted ms (goodput when nobody is arriving)."""
-        return self.expected_tokens / self.weighted_ms if self.weighted_ms > 0 else 0.0
 
 
 def _choice(ks: np.ndarray, proposer: np.ndarray, expected: float, cost: StepCost) -> Choice:
-    step_ms = cost.step_ms(ks, proposer)
-    return Choice(ks, proposer, expected, step_ms, cost.weighted_ms(step_ms))
+    return Choice(ks, proposer, expected, cost.step_ms(ks, proposer))
 
 
 def no_speculation(batch_size: int, cost: StepCost) -> Choice:
@@ -193,8 +171,7 @@ def _cap_grid(longest: tuple[int, ...], kinds: tuple[str, ...]) -> np.ndarray:
 
 
 def choose(surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
-    """The plan of largest goodput sum_i E_i / T(plan), with arrivals sum_i E_i / weighted T (exact for
-    StepCost without arrivals and for a batch of one; see the module docstring).
+    """The plan of largest goodput sum_i E_i / T(plan), exactly (see the module docstring).
 
     surv [B, P, K]: P(first j of proposer p's candidates accepted) for request i; max_k [B, P]: most
     candidates proposer p may give request i (0: not an option).
@@ -217,9 +194,9 @@ def choose(surv: np.ndarray, max_k: np.ndarray, cost: StepCost) -> Choice:
     beyond = (ks_axis[None, None, :] > caps[:, :, None]).reshape(len(caps), 1, -1)
     tables = np.where(beyond, -np.inf, table.reshape(1, b, -1))
     base = cost.base_ms + cost.token_ms * b + charged  # [C]
-    picked = _dinkelbach(tables, marginal, base, cost.wait_weight)  # [C, B]
+    picked = _dinkelbach(tables, marginal, base)  # [C, B]
     expected = b + tables.reshape(-1)[_flat_rows(tables) + picked].sum(axis=1)
-    charged_score = expected / cost.weighted_ms(base + marginal[np.arange(b), picked].sum(axis=1))
+    charged_score = expected / (base + marginal[np.arange(b), picked].sum(axis=1))
     best = int(np.argmax(charged_score))  # ties: the first, i.e. the fewest proposers and shortest caps
     ks = picked[best] % width
     proposer = np.where(ks > 0, picked[best] // width, -1)
@@ -236,53 +213,40 @@ def _choose_alone(table: np.ndarray, cost: StepCost) -> Choice:
     ms = (cost.base_ms + cost.token_ms * (ks[None, :] + 1) + np.where(ks[None, :] > 0, (
         cost.fixed_ms + cost.request_ms + cost.catch_up(1)[0])[:, None]
         + ks[None, :] * (cost.proposer_token_ms + cost.depth_ms)[:, None], 0.0))
-    score = (1.0 + table) / cost.weighted_ms(ms)  # -inf where not allowed
+    score = (1.0 + table) / ms  # -inf where not allowed
     # Ties go to the first option in (proposer, k) order, k = 0 of proposer 0 first: no speculation.
     best = int(np.argmax(score))
     p, k = divmod(best, table.shape[1])
-    step_ms = float(ms[p, k])
-    return Choice(np.array([k]), np.array([p if k > 0 else -1]), 1.0 + float(table[p, k]), step_ms,
-                  float(cost.weighted_ms(step_ms)))
+    return Choice(np.array([k]), np.array([p if k > 0 else -1]), 1.0 + float(table[p, k]), float(ms[p, k]))
 
 
-def _dinkelbach(tables: np.ndarray, marginal: np.ndarray, base: np.ndarray,
-                wait_weight: float = 0.0) -> np.ndarray:
-    """Per combination c, the plan maximising (B + gains) / W(base[c] + costs): [C, B] flat (p, k) picks,
-    W(t) = t * (1 + wait_weight * t) (the identity without arrivals).
+def _dinkelbach(tables: np.ndarray, marginal: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Per combination c, the plan maximising (B + gains) / (base[c] + costs): [C, B] flat (p, k) picks.
 
     tables [C, B, W] gains per flat (proposer, k) option (-inf: not allowed); marginal [B, W] each option's
-    cost for each request; base [C] the time every plan of combination c pays. Each round prices a ms at
-    the current plan's value g times W'(t) at its time t (g itself without arrivals: Dinkelbach's method,
-    whose g only rises and whose fixed point is the optimum), every request takes its best option at that
-    price, and the new plan becomes the current one. All combinations iterate together until their plans
-    stop changing; each returns the best plan it met.
+    cost for each request; base [C] the time every plan of combination c pays. Dinkelbach's method: each
+    round prices a ms at the current plan's goodput g, every request takes its best option at that price,
+    and g becomes the new plan's goodput; g only rises, and its fixed point is the optimum. All
+    combinations iterate together until their plans stop changing.
     """
     n_comb, b, _ = tables.shape
-    g = b / (base * (1.0 + wait_weight * base))  # all k = 0 is always allowed: a lower bound of each optimum
-    t = base.astype(float)  # the current plan's time
+    g = b / base  # all k = 0 is always allowed: a lower bound of each optimum
     picked = np.zeros((n_comb, b), dtype=int)  # 0 is k = 0
-    best_g, best = g.copy(), picked.copy()
     requests = np.arange(b)  # with a [C, B] pick, marginal[requests, pick] is each pick's cost [C, B]
     flat, rows = tables.reshape(-1), _flat_rows(tables)  # with a [C, B] pick, flat[rows + pick] is its gain
     active = np.ones(n_comb, dtype=bool)
     for _ in range(MAX_ROUNDS):
-        price = g * (1.0 + 2.0 * wait_weight * t)
-        net = tables - price[:, None, None] * marginal[None, :, :]
+        net = tables - g[:, None, None] * marginal[None, :, :]
         new_pick = np.argmax(net, axis=2)  # ties go to the first: k = 0 before any speculation
         expected = b + flat[rows + new_pick].sum(axis=1)
-        t_new = base + marginal[requests, new_pick].sum(axis=1)
-        g_new = expected / (t_new * (1.0 + wait_weight * t_new))
-        moved = active & np.any(new_pick != picked, axis=1)
-        better = moved & (g_new > best_g * (1 + 1e-12))
-        best_g = np.where(better, g_new, best_g)
-        best[better] = new_pick[better]
+        g_new = expected / (base + marginal[requests, new_pick].sum(axis=1))
+        moved = active & np.any(new_pick != picked, axis=1) & (g_new > g * (1 + 1e-12))
         picked[moved] = new_pick[moved]
         g = np.where(moved, g_new, g)
-        t = np.where(moved, t_new, t)
         active = moved
         if not active.any():
             break
-    return best
+    return picked
 
 
 def _flat_rows(tables: np.ndarray) -> np.ndarray:
@@ -311,7 +275,7 @@ def best_uniform_k(surv: np.ndarray, max_k: np.ndarray, cost: StepCost, proposer
         choice = np.where(ks > 0, proposer, -1)
         gained = np.where(ks > 0, cum[rows, np.maximum(ks - 1, 0)], 0.0)
         candidate = _choice(ks, choice, b + float(gained.sum()), cost)
-        if best is None or candidate.score > best.score * (1 + 1e-12):
+        if best is None or candidate.goodput > best.goodput * (1 + 1e-12):
             best = candidate
     return best
 

@@ -8,19 +8,12 @@
   A draft must read a request's prompt before it first proposes for it: where a free proposer also has
   candidates for such a request, that catch-up (measured per prompt token) is charged to the draft,
   spread over the request's expected steps.
-  Requests arriving during a step wait for its end: at a high arrival rate (arrivals.ArrivalRate) a
-  step's length is weighed by the wait it imposes on them as well (goodput.py, "Arrivals").
 - `batch-uniform`: one k for the whole batch, chosen by goodput, each request with its own or the
   first configured proposer: what the SmartSpec paper's implementation did.
 
 Both learn acceptance rates (acceptance.AcceptanceEstimator; per depth and rank for trees) and the
 step-time model (cost_model.CostModel) online from every step's outcomes and timings; the start-up profile
-(profile.py) seeds the cost model. `smartspec` also rates a costly proposer's (the draft's) chains by each
-request's acceptance at the distance from the draft's last miss on it (chain_calibration.ChainCalibration):
-on repeated lines the draft misses at the text's period, and which k leaves the miss to the verifier's
-bonus token is what the position rates cannot tell. Those rates are then scaled per position by how the
-chains they scored did (rate_calibration.RateCalibration): shrunk estimates of requests that differ predict
-long runs of hits too rarely, and the chooser's own picks make the deep positions it tries look too good.
+(scheduler_svc/profile.py) seeds the cost model.
 """
 
 from __future__ import annotations
@@ -33,12 +26,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from scheduler_svc.policy.acceptance import AcceptanceEstimator, Observation
-from scheduler_svc.policy.arrivals import DEFAULT_WINDOW_S, ArrivalRate
-from scheduler_svc.policy.chain_calibration import ChainCalibration
 from scheduler_svc.policy.cost_model import DEFAULT_WINDOW, CostModel, StepShape, caught_up_tokens, steady_new_tokens
 from scheduler_svc.policy.goodput import Choice, StepCost, best_uniform_k, choose, survival
 from scheduler_svc.policy.base import Policy
-from scheduler_svc.policy.rate_calibration import RateCalibration
 from scheduler_svc.policy.tree_acceptance import TreeAcceptance
 from scheduler_svc.types import NO_PROPOSER, NO_SPECULATION, Plan, ProposerSpec, RequestOutcome, RequestView, StepRecord
 
@@ -64,13 +54,8 @@ class _PlannedStep:
 class GoodputPolicy(Policy):
     """The shared machinery: acceptance estimates, the cost model, and the feedback from each step."""
 
-    # Rate a costly proposer's chains by each request's acceptance at the distance from its last miss
-    # (chain_calibration.py), not only by the position in the chain.
-    calibrates_chains = False
-
     def __init__(self, proposers: Sequence[str], *, max_k: int = DEFAULT_MAX_K, ema_alpha: float = 0.3,
-                 cost_window: int = DEFAULT_WINDOW, max_tree_nodes: int = DEFAULT_MAX_TREE_NODES,
-                 arrival_window_s: float = DEFAULT_WINDOW_S, rate_calibration: bool = True) -> None:
+                 cost_window: int = DEFAULT_WINDOW, max_tree_nodes: int = DEFAULT_MAX_TREE_NODES) -> None:
         if max_k < 0:
             raise ValueError(f"--max-k must be >= 0, got {max_k}")
         if max_tree_nodes < 0:
@@ -84,34 +69,15 @@ class GoodputPolicy(Policy):
         self.acceptance = AcceptanceEstimator(max(max_k, 1), alpha=ema_alpha, prior_alpha=ema_alpha / 6,
                                               initial_rate=INITIAL_ACCEPTANCE)
         self.cost_model = CostModel(cost_window)
-        # A costly proposer's acceptance by distance from its last miss, per request (None: positions only).
-        self.calibration = ChainCalibration(max(max_k, 1)) if self.calibrates_chains else None
-        # And those rates against what the chains they scored then did, per position (rate_calibration.py).
-        self.rate_calibration = (RateCalibration(max(max_k, 1)) if self.calibrates_chains and rate_calibration
-                                 else None)
-        self._model_rates: dict[str, dict[str, np.ndarray]] = {}  # this plan's, per proposer and request
         self.specs: dict[str, ProposerSpec] = {name: ProposerSpec("", NO_CAP) for name in self.proposers}
         self.last_plan_ms = 0.0  # the chooser's own time, last step
-        self.predicted_goodput: float | None = None  # tokens per second
-        self.arrivals = ArrivalRate(arrival_window_s)
-        self.arrival_rate: float = 0.0  # requests per second, as of the last plan
         self._planned: _PlannedStep | None = None
-        self._unpriced: tuple[int, _PlannedStep] | None = None  # a step whose outcomes came, not its timings
 
     def bind_proposers(self, proposers: Mapping[str, ProposerSpec]) -> None:
         self.specs.update({name: spec for name, spec in proposers.items() if name in self.specs})
 
-    def observe_arrival(self, arrival_s: float) -> None:
-        self.arrivals.observe(arrival_s)
-
     def _free(self) -> list[bool]:
         return [self.specs[name].free for name in self.proposers]
-
-    def _calibrates(self, name: str) -> bool:
-        """Whether the chain calibration rates this proposer's chains (and so learns from them): a costly
-        chain proposer, under a policy that calibrates."""
-        spec = self.specs[name]
-        return self.calibration is not None and not spec.free and not spec.tree
 
     def _is_tree(self, name: str) -> bool:
         spec = self.specs.get(name)
@@ -121,12 +87,9 @@ class GoodputPolicy(Policy):
 
     def plan(self, requests: Sequence[RequestView]) -> dict[str, Plan]:
         t0 = time.perf_counter()
-        self._model_rates = {}
         self.acceptance.advance()  # the drift clock: one tick per plan (see acceptance.py)
         max_k = self._caps(requests)  # [B, P]
         context = sum(r.context_len for r in requests)
-        per_ms = self.arrivals.per_ms(t0)
-        self.arrival_rate = per_ms * 1e3
         if not max_k.any():
             # Nobody may speculate (no prompt-lookup match, no costly proposer): nothing to choose, and
             # at light load with prompt lookup alone that is about every other step.
@@ -135,10 +98,8 @@ class GoodputPolicy(Policy):
             tokens = float(len(requests))
         else:
             surv = self._gains(requests, max_k)
-            # Arrivals during the step wait T/2 on average: T * (B + lam * T / 2) request-ms in all.
             cost = self.cost_model.step_cost(len(requests), context, self.proposers, self._free(),
-                                             catch_up_ms=self._catch_up(requests, surv),
-                                             wait_weight=per_ms / (2 * len(requests)))
+                                             catch_up_ms=self._catch_up(requests, surv))
             choice = self._choose(surv, max_k, cost)
             plans = {}
             for r, k, p in zip(requests, choice.ks.tolist(), choice.proposer.tolist()):
@@ -181,13 +142,7 @@ class GoodputPolicy(Policy):
                 continue
             if not self.specs[name].tree:
                 if self.max_k > 0:
-                    rates = self.acceptance.position_rates(ids, name)
-                    if self._calibrates(name):
-                        rates = self.calibration.rates(ids, name, rates)
-                        if self.rate_calibration is not None:
-                            self._model_rates[name] = dict(zip(ids, rates))
-                            rates = self.rate_calibration.apply(name, rates)
-                    surv[:, p, :self.max_k] = survival(rates)
+                    surv[:, p, :self.max_k] = survival(self.acceptance.position_rates(ids, name))
                 continue
             expected: np.ndarray | None = None
             for i, r in enumerate(requests):
@@ -240,7 +195,7 @@ class GoodputPolicy(Policy):
 
     # -- feedback ------------------------------------------------------------------------------------
 
-    def observe_outcomes(self, outcomes: Sequence[RequestOutcome], record: StepRecord) -> None:
+    def observe(self, outcomes: Sequence[RequestOutcome], record: StepRecord) -> None:
         for outcome in outcomes:
             shadowed = set()
             for name, (tokens, parents) in outcome.free_trees.items():
@@ -259,34 +214,11 @@ class GoodputPolicy(Policy):
             if outcome.proposer is not None and outcome.proposed > 0 and outcome.proposer not in shadowed:
                 self.acceptance.observe(outcome.request_id, Observation.from_verified(
                     outcome.proposer, outcome.proposed, outcome.accepted))
-        planned, self._planned = self._planned, None
-        self._unpriced = (record.step_id, planned) if planned is not None else None
         if self.acceptance.tracked_requests > 2 * len(outcomes) + 16:
             self.acceptance.forget(o.request_id for o in outcomes)
-        if self.calibration is not None:
-            self._observe_chains(outcomes)
-            if self.calibration.tracked > 2 * len(outcomes) + 16:
-                self.calibration.forget(o.request_id for o in outcomes)
-
-    def _observe_chains(self, outcomes: Sequence[RequestOutcome]) -> None:
-        """Feed the chain and rate calibrations: each costly chain proposer's verified chains (with the
-        rates the plan scored them with), and the tokens its requests committed in steps it did not serve
-        them (they age the text unseen)."""
-        for name in filter(self._calibrates, self.proposers):
-            model_rates = self._model_rates.get(name, {})
-            for o in outcomes:
-                if o.proposer == name and o.proposed > 0:
-                    self.calibration.observe(o.request_id, name, o.proposed, o.accepted)
-                    if self.rate_calibration is not None and o.request_id in model_rates:
-                        self.rate_calibration.observe(name, model_rates[o.request_id], o.proposed, o.accepted)
-                else:
-                    self.calibration.skip(o.request_id, name, len(o.committed))
-
-    def observe_timings(self, outcomes: Sequence[RequestOutcome], record: StepRecord) -> None:
-        # The plan of that step (what it predicted), kept by observe_outcomes.
-        due, self._unpriced = self._unpriced, None
-        if due is not None and due[0] == record.step_id:
-            self._observe_costs(outcomes, record, due[1])
+        planned, self._planned = self._planned, None
+        if planned is not None:
+            self._observe_costs(outcomes, record, planned)
 
     def _observe_costs(self, outcomes: Sequence[RequestOutcome], record: StepRecord, planned: _PlannedStep) -> None:
         free = dict(zip(self.proposers, self._free()))
@@ -326,7 +258,6 @@ class SmartSpecPolicy(GoodputPolicy):
     """Per-request proposer and k maximising predicted batch goodput (see the module docstring)."""
 
     name = "smartspec"
-    calibrates_chains = True
 
     def __init__(self, proposers: Sequence[str], **options) -> None:
         super().__init__(proposers, **options)
