@@ -29,7 +29,7 @@ from scheduler_svc.policy.base import Policy
 from scheduler_svc.clients.proposer import ProposeResult, ProposerClient, ProposeWork
 from scheduler_svc.request import FinishReason, Request, RequestFailed, RequestState, StreamChunk, TokenLogprobs
 from scheduler_svc.telemetry import SchedulerTelemetry
-from scheduler_svc.types import NO_SPECULATION, RequestOutcome, RequestView, StepRecord
+from scheduler_svc.types import NO_SPECULATION, Candidates, RequestOutcome, RequestView, StepRecord
 from scheduler_svc.clients.verifier import (
     PrefillItem,
     Timing,
@@ -38,7 +38,6 @@ from scheduler_svc.clients.verifier import (
     VerifyItem,
     VerifyOutput,
 )
-from specdec.pb import common_pb2
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +353,7 @@ class Engine:
         record.predicted_step_ms = self.policy.predicted_step_ms
         work: dict[str, list[ProposeWork]] = collections.defaultdict(list)
         planned: dict[str, tuple[str, int]] = {}  # request id -> (proposer, k) after the caps
-        candidates: dict[str, common_pb2.Candidates] = {}
+        candidates: dict[str, Candidates] = {}
         for request in running:
             plan = plans.get(request.request_id, NO_SPECULATION)
             proposer = self.proposers.get(plan.proposer) if plan.proposer else None
@@ -362,10 +361,10 @@ class Engine:
                 # Proposed already: keep the planned prefix (no call).
                 cand = offered[plan.proposer].get(request.request_id)
                 if cand is not None:
-                    cand = fit_candidates(cand, min(plan.k, self._node_room(request)), self._room(request))
-                if cand is not None and cand.token_ids:
+                    cand = cand.fit(min(plan.k, self._node_room(request)), self._room(request))
+                if cand:
                     candidates[request.request_id] = cand
-                    planned[request.request_id] = (plan.proposer, len(cand.token_ids))
+                    planned[request.request_id] = (plan.proposer, len(cand))
                 continue
             if proposer is None or not proposer.available():
                 continue
@@ -384,8 +383,8 @@ class Engine:
             record.propose_new_tokens[name] = result.new_tokens
             for rid, cand in result.candidates.items():
                 # A tree may be deeper than max_tokens can use; chains were asked for no more than that.
-                cand = fit_candidates(cand, len(cand.token_ids), self._room(self._running[rid]))
-                if cand.token_ids:
+                cand = cand.fit(len(cand), self._room(self._running[rid]))
+                if cand:
                     candidates[rid] = cand
 
         items = [VerifyItem(r.request_id, candidates.get(r.request_id)) for r in running]
@@ -409,16 +408,13 @@ class Engine:
         record.verify_forward_ms, record.verify_total_ms = timing.forward_ms, timing.total_ms
         record.verify_batched_tokens, record.verify_context_tokens = timing.batched_tokens, timing.context_tokens
 
-        proposed = [len(i.candidates.token_ids) if i.candidates is not None else 0 for i in items]
+        proposed = [len(i.candidates) if i.candidates is not None else 0 for i in items]
         for item, n in zip(items, proposed):  # check all before committing any
             accepted = len(outputs[item.request_id].accepted_token_ids)
             if accepted > n:
                 self._needs_reprefill = True
                 raise VerifierError(f"verifier accepted {accepted} of {n} candidates for {item.request_id}")
 
-        # Tree proposers' answers are scored as trees even when one happens to be a chain.
-        tree_offers = {name: c for name, c in offered.items() if self.proposers[name].tree}
-        chain_offers = {name: c for name, c in offered.items() if name not in tree_offers}
         outcomes = []
         for request, n in zip(running, proposed):
             out = outputs[request.request_id]
@@ -429,9 +425,8 @@ class Engine:
             outcomes.append(RequestOutcome(
                 request.request_id, name, k, n, accepted,
                 committed=(*out.accepted_token_ids, out.bonus_token_id),
-                free_candidates=_chains_of(request.request_id, chain_offers),
-                free_trees=_trees_of(request.request_id, tree_offers),
-                verified_parents=tuple(verified.parent_indices) if verified is not None else (),
+                free_proposals={name: c[request.request_id] for name, c in offered.items() if request.request_id in c},
+                verified_parents=verified.parents if verified is not None else (),
                 accepted_indices=out.accepted_indices,
             ))
             record.proposed += n
@@ -474,7 +469,7 @@ class Engine:
 
     async def _free_proposals(
         self, running: Sequence[Request], record: StepRecord
-    ) -> dict[str, dict[str, common_pb2.Candidates]]:
+    ) -> dict[str, dict[str, Candidates]]:
         """Before the plan, when the policy asks: every free proposer proposes its full budget for each
         request it may serve. Returns proposer name -> request id -> candidates (answered proposers only)."""
         chain_budget, tree_budget = self.policy.free_proposal_budget, self.policy.free_tree_budget
@@ -502,7 +497,7 @@ class Engine:
         return offered
 
     def _view(
-        self, request: Request, offered: Mapping[str, Mapping[str, common_pb2.Candidates]] | None = None
+        self, request: Request, offered: Mapping[str, Mapping[str, Candidates]] | None = None
     ) -> RequestView:
         rid, offered = request.request_id, offered or {}
         return RequestView(
@@ -512,9 +507,7 @@ class Engine:
             max_k=self._room(request),
             proposed=request.stats.proposed,
             accepted=request.stats.accepted,
-            offered={name: len(c[rid].token_ids) if rid in c else 0 for name, c in offered.items()},
-            offered_trees={name: tuple(c[rid].parent_indices) for name, c in offered.items()
-                           if rid in c and self.proposers[name].tree},
+            offered={name: c[rid].parents if rid in c else () for name, c in offered.items()},
             max_nodes=self._node_room(request),
             unsent={name: p.unsent(rid, len(request.tokens)) for name, p in self.proposers.items()
                     if not p.free},
@@ -613,56 +606,3 @@ class Engine:
 
 def _one(logprobs: TokenLogprobs | None) -> tuple[TokenLogprobs, ...]:
     return () if logprobs is None else (logprobs,)
-
-
-def truncate_candidates(cand: common_pb2.Candidates, k: int) -> common_pb2.Candidates:
-    """The first k nodes of a candidate set (a valid tree: a node's parent always comes before it)."""
-    if len(cand.token_ids) <= k:
-        return cand
-    out = common_pb2.Candidates(request_id=cand.request_id, token_ids=cand.token_ids[:k],
-                                parent_indices=cand.parent_indices[:k])
-    out.draft_distributions.extend(cand.draft_distributions[:k])
-    return out
-
-
-def fit_candidates(cand: common_pb2.Candidates, max_nodes: int, max_depth: int) -> common_pb2.Candidates:
-    """The first max_nodes nodes of a candidate tree, without the nodes deeper than max_depth (a root is at
-    depth 1). Parents precede children, so what remains is a tree; parent indices are renumbered."""
-    cand = truncate_candidates(cand, max_nodes)
-    parents = list(cand.parent_indices)
-    if len(parents) <= max_depth:
-        return cand  # no node can be deeper than the node count
-    depth: list[int] = []
-    for p in parents:
-        depth.append(1 if p < 0 else depth[p] + 1)
-    keep = [j for j, d in enumerate(depth) if d <= max_depth]
-    new_index = {old: new for new, old in enumerate(keep)}
-    out = common_pb2.Candidates(request_id=cand.request_id, token_ids=[cand.token_ids[j] for j in keep],
-                                parent_indices=[new_index[parents[j]] if parents[j] >= 0 else -1 for j in keep])
-    if cand.draft_distributions:
-        out.draft_distributions.extend(cand.draft_distributions[j] for j in keep)
-    return out
-
-
-def _chains_of(
-    request_id: str, offered: Mapping[str, Mapping[str, common_pb2.Candidates]]
-) -> dict[str, tuple[int, ...]]:
-    """The full chains free proposers gave this request (trees left out), to score them after the step."""
-    chains = {}
-    for name, by_request in offered.items():
-        cand = by_request.get(request_id)
-        if cand is not None and all(p == j - 1 for j, p in enumerate(cand.parent_indices)):
-            chains[name] = tuple(cand.token_ids)
-    return chains
-
-
-def _trees_of(
-    request_id: str, offered: Mapping[str, Mapping[str, common_pb2.Candidates]]
-) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """The full trees free tree proposers gave this request, as (tokens, parents), to score them."""
-    trees = {}
-    for name, by_request in offered.items():
-        cand = by_request.get(request_id)
-        if cand is not None:
-            trees[name] = (tuple(cand.token_ids), tuple(cand.parent_indices))
-    return trees

@@ -22,11 +22,11 @@ from typing import Mapping
 
 import numpy as np
 
-from scheduler_svc.policy.cost_model import MEASURED_PRIOR_STEPS, CostModel, RidgeFit, caught_up_tokens, steady_new_tokens
 from scheduler_svc.clients.proposer import ProposerClient, ProposeWork
-from scheduler_svc.request import SamplingParams
 from scheduler_svc.clients.verifier import PrefillItem, VerifierClient, VerifyItem
-from specdec.pb import common_pb2
+from scheduler_svc.policy.cost_model import MEASURED_PRIOR_STEPS, CostModel, RidgeFit, caught_up_tokens, steady_new_tokens
+from scheduler_svc.request import SamplingParams
+from scheduler_svc.types import Candidates
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def verify_profile_batches(slots: int) -> list[int]:
     return sorted({b for b in (1, 2, slots // 4, slots // 2, slots) if 1 <= b <= slots})
 
 
-def _chain(length: int, token: int) -> common_pb2.Candidates:
-    return common_pb2.Candidates(token_ids=[token] * length, parent_indices=list(range(-1, length - 1)))
+def _chain(length: int, token: int) -> Candidates:
+    return Candidates.chain([token] * length)
 
 
 async def profile_costs(

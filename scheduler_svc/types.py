@@ -2,18 +2,55 @@
 
 The engine builds RequestViews and asks the policy for a Plan per request; after the step it reports
 RequestOutcomes and the step's StepRecord. ProposerSpec is what the scheduler learned from a proposer's
-Info. Nothing here imports grpc, the engine or the policy: every side depends on this module, not on another.
+Info; Candidates what a proposer proposed for a request (chains and trees alike). Nothing here imports grpc,
+the engine or the policy: every side depends on this module, not on another.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 # A request's `proposer` field uses this name to turn speculation off, so no proposer may be called so.
 NO_PROPOSER = "none"
 # The batch-size-table policy's default: k per range of running requests (--batch-size-table).
 DEFAULT_BATCH_SIZE_TABLE = "1-4:5,5-16:3,17-:0"
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """A proposer's candidate tokens for one request: a tree whose parents come before their children
+    (parents[j] = -1: node j follows the last committed token). A chain is the tree (-1, 0, 1, ...): the
+    engine, the policy and the clients take both alike."""
+
+    tokens: tuple[int, ...]
+    parents: tuple[int, ...]
+    # Per node, the proposer's distribution over the vocabulary when it sampled its tokens; empty: they are
+    # deterministic (the verifier then accepts by matching, else by rejection sampling).
+    distributions: tuple[Sequence[float], ...] = ()
+
+    @classmethod
+    def chain(cls, tokens: Sequence[int]) -> Candidates:
+        return cls(tuple(tokens), tuple(range(-1, len(tokens) - 1)))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def fit(self, max_nodes: int, max_depth: int) -> Candidates:
+        """The first max_nodes nodes, without those deeper than max_depth (a root is at depth 1). Parents
+        precede children, so what remains is a tree; parent indices are renumbered."""
+        cut = self if len(self) <= max_nodes else Candidates(
+            self.tokens[:max_nodes], self.parents[:max_nodes], self.distributions[:max_nodes])
+        if len(cut) <= max_depth:
+            return cut  # no node can be deeper than the node count
+        depth: list[int] = []
+        for p in cut.parents:
+            depth.append(1 if p < 0 else depth[p] + 1)
+        keep = [j for j, d in enumerate(depth) if d <= max_depth]
+        new_index = {old: new for new, old in enumerate(keep)}
+        return Candidates(tuple(cut.tokens[j] for j in keep),
+                          tuple(new_index[cut.parents[j]] if cut.parents[j] >= 0 else -1 for j in keep),
+                          tuple(cut.distributions[j] for j in keep) if cut.distributions else ())
 
 
 @dataclass(frozen=True)
@@ -47,11 +84,10 @@ class RequestView:
     max_k: int  # most candidates the engine could verify for it this step (context and max_tokens)
     proposed: int = 0  # candidate tokens verified so far, all proposers
     accepted: int = 0  # of those, accepted
-    # Free proposer -> candidates it already proposed this step (0: no match); only when the policy
-    # asked for free proposals. A plan with such a proposer gets at most that many.
-    offered: Mapping[str, int] = field(default_factory=dict)
-    # Free tree proposer -> the parent indices of the tree it proposed (a plan keeps its first k nodes).
-    offered_trees: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    # Free proposer -> the parent indices of what it already proposed this step (a chain's: -1, 0, 1, ...;
+    # empty: no match); only when the policy asked for free proposals. A plan with such a proposer keeps
+    # the first k of those nodes.
+    offered: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     max_nodes: int = 0  # most tree nodes that fit its context this step (trees may be wider than max_k)
     # Costly proposer -> committed tokens it has not read yet (a whole prompt the first time it serves the
     # request): what it must run through before proposing.
@@ -68,10 +104,8 @@ class RequestOutcome:
     proposed: int  # candidates verified (may be fewer than k, or 0 when the proposer failed)
     accepted: int
     committed: tuple[int, ...] = ()  # the step's accepted tokens + bonus, as the verifier returned them
-    # Free proposer -> its full chain this step (before truncation to the plan), to score it after the fact.
-    free_candidates: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    # Free tree proposer -> its full tree this step as (token ids, parent indices), likewise.
-    free_trees: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    # Free proposer -> what it proposed this step before the plan cut it, to score it after the fact.
+    free_proposals: Mapping[str, Candidates] = field(default_factory=dict)
     verified_parents: tuple[int, ...] = ()  # parent indices of the candidates verified (a chain: -1, 0, ...)
     accepted_indices: tuple[int, ...] = ()  # the accepted path's node indices in them
 

@@ -32,7 +32,7 @@ class FakeVerifier:
         return {item.request_id: 1 for item in items}, Timing(), {}
 
     async def verify(self, items, return_hidden=False):
-        n = sum(1 + (len(item.candidates.token_ids) if item.candidates else 0) for item in items)
+        n = sum(1 + (len(item.candidates) if item.candidates else 0) for item in items)
         return {item.request_id: VerifyOutput([], 1) for item in items}, Timing(total_ms=5.0 + 0.5 * n)
 
     async def release(self, request_ids):

@@ -30,10 +30,10 @@ def test_only_unsent_tokens_go_and_releases_follow_forget():
         assert client.max_budget == 6
         tokens = [1, 2, 3]
         result = await client.step([ProposeWork("r", tokens, 2)])
-        assert result.ok and list(result.candidates["r"].token_ids) == [next_token(3), next_token(next_token(3))]
+        assert result.ok and list(result.candidates["r"].tokens) == [next_token(3), next_token(next_token(3))]
         tokens += [4, 5]
         result = await client.step([ProposeWork("r", tokens, 1)])
-        assert list(result.candidates["r"].token_ids) == [next_token(5)]
+        assert list(result.candidates["r"].tokens) == [next_token(5)]
         first, second = fake.requests
         assert (list(first.items[0].new_token_ids), first.items[0].reset) == ([1, 2, 3], True)
         assert (list(second.items[0].new_token_ids), second.items[0].reset) == ([4, 5], False)

@@ -74,12 +74,12 @@ def test_free_proposer_proposes_first_and_is_truncated_to_the_plan():
                 n == 2 for rid, n in counts if rid in matched)
             assert any(n == 3 for rid, n in counts if rid not in matched)
             # The policy saw the offers, and afterwards the full chains and the committed tokens.
-            assert {v.offered.get("ngram") for v in policy.views if v.request_id in matched} <= {1, 2, 3, 4}
-            assert all(v.offered.get("ngram") == 0 for v in policy.views if v.request_id not in matched)
-            scored = [o for o in policy.outcomes if o.free_candidates]
+            assert {len(v.offered["ngram"]) for v in policy.views if v.request_id in matched} <= {1, 2, 3, 4}
+            assert all(v.offered["ngram"] == () for v in policy.views if v.request_id not in matched)
+            scored = [o for o in policy.outcomes if o.free_proposals]
             assert scored and all(o.request_id in matched and o.proposer == "ngram" for o in scored)
             assert all(len(o.committed) == o.accepted + 1 for o in policy.outcomes)
-            assert any(len(o.free_candidates["ngram"]) == 4 and o.k == 2 for o in scored)
+            assert any(len(o.free_proposals["ngram"]) == 4 and o.k == 2 for o in scored)
             record = policy.records[-1]
             assert record.free_propose_wall_ms > 0 and record.plan_ms > 0 and "ngram" in record.propose_ms
 

@@ -15,6 +15,7 @@ from scheduler_svc.policy.smartspec import BatchUniformPolicy, SmartSpecPolicy
 from scheduler_svc.types import (
     NO_SPECULATION,
     BatchSizeRange,
+    Candidates,
     Plan,
     ProposerSpec,
     RequestOutcome,
@@ -22,6 +23,11 @@ from scheduler_svc.types import (
     StepRecord,
     parse_batch_size_table,
 )
+
+
+def chain(n: int) -> tuple[int, ...]:
+    """The parent indices of a chain of n candidates (what a prompt-lookup proposal looks like)."""
+    return tuple(range(-1, n - 1))
 
 
 def view(rid: str, proposer: str = "", max_k: int = 100, offered: dict | None = None, context: int = 50):
@@ -50,7 +56,7 @@ def test_smartspec_uses_prompt_lookup_where_it_matched_and_the_draft_elsewhere()
     policy = smartspec()
     teach(policy, "ngram", 4, 3)
     teach(policy, "draft", 4, 3)
-    plans = policy.plan([view("a", offered={"ngram": 3}), view("b", offered={"ngram": 0})])
+    plans = policy.plan([view("a", offered={"ngram": chain(3)}), view("b", offered={"ngram": chain(0)})])
     assert plans["a"].proposer == "ngram" and 0 < plans["a"].k <= 3  # capped by what it offered
     assert plans["b"].proposer == "draft" and plans["b"].k > 0
     assert policy.free_proposal_budget == 4
@@ -61,8 +67,8 @@ def test_smartspec_honours_request_choices_and_room():
     policy = smartspec()
     teach(policy, "ngram", 4, 3)
     teach(policy, "draft", 4, 3)
-    plans = policy.plan([view("a", "none", offered={"ngram": 4}), view("b", "draft", offered={"ngram": 4}),
-                         view("c", max_k=0, offered={"ngram": 4}), view("d", max_k=1)])
+    plans = policy.plan([view("a", "none", offered={"ngram": chain(4)}), view("b", "draft", offered={"ngram": chain(4)}),
+                         view("c", max_k=0, offered={"ngram": chain(4)}), view("d", max_k=1)])
     assert plans["a"] == NO_SPECULATION and plans["c"] == NO_SPECULATION
     assert plans["b"].proposer == "draft" and plans["d"].k <= 1
 
@@ -84,7 +90,7 @@ def test_smartspec_stops_speculating_when_acceptance_is_low_or_the_batch_is_larg
 
 def test_smartspec_learns_from_outcomes_and_timings():
     policy = smartspec()
-    views = [view("a", offered={"ngram": 4}), view("b", offered={"ngram": 0})]
+    views = [view("a", offered={"ngram": chain(4)}), view("b", offered={"ngram": chain(0)})]
     for step in range(30):
         plans = policy.plan(views)
         outcomes = []
@@ -97,7 +103,7 @@ def test_smartspec_learns_from_outcomes_and_timings():
                 k = plan.k
                 outcomes.append(RequestOutcome(v.request_id, plan.proposer, k, k, min(k, 2),
                                                committed=(1, 2, 7)[: min(k, 2) + 1],
-                                               free_candidates={"ngram": (1, 2, 3, 4)}))
+                                               free_proposals={"ngram": Candidates.chain((1, 2, 3, 4))}))
         record = StepRecord(step_id=step, start_s=0.0, wall_ms=30.0, verify_total_ms=22.0,
                             propose_ms={"draft": 3.0}, propose_wall_ms=4.0)
         policy.observe(outcomes, record)
@@ -186,17 +192,17 @@ def test_the_draft_s_catch_up_is_charged_to_requests_it_has_not_read_where_promp
     teach(policy, "draft", 4, 3)
     # Two requests where prompt lookup matched: the draft is better for both when it has read them, but
     # not for one whose whole prompt it would read first, with 20 tokens to go.
-    read = view("r", offered={"ngram": 4}, max_k=19)
-    new = RequestView(request_id="n", proposer="", context_len=200, max_k=19, offered={"ngram": 4},
+    read = view("r", offered={"ngram": chain(4)}, max_k=19)
+    new = RequestView(request_id="n", proposer="", context_len=200, max_k=19, offered={"ngram": chain(4)},
                       unsent={"draft": 200})
     plans = policy.plan([read, new])
     assert plans["r"].proposer == "draft" and plans["n"].proposer == "ngram"
     # The same request with its prompt already read goes to the draft too.
     plans = policy.plan([read, RequestView(request_id="n", proposer="", context_len=200, max_k=19,
-                                           offered={"ngram": 4}, unsent={"draft": 1})])
+                                           offered={"ngram": chain(4)}, unsent={"draft": 1})])
     assert plans["n"].proposer == "draft"
     # Where prompt lookup has nothing, the choice is the draft or nothing: waiting would not make the catch-up
     # cheaper, so it is not charged and the new request gets the draft.
     plans = policy.plan([read, RequestView(request_id="n", proposer="", context_len=200, max_k=19,
-                                           offered={"ngram": 0}, unsent={"draft": 200})])
+                                           offered={"ngram": chain(0)}, unsent={"draft": 200})])
     assert plans["n"].proposer == "draft"

@@ -7,11 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from scheduler_svc.engine import fit_candidates
-from scheduler_svc.types import ProposerSpec, RequestView
+from scheduler_svc.types import Candidates, ProposerSpec, RequestView
 from scheduler_svc.policy.smartspec import SmartSpecPolicy
 from scheduler_svc.policy.tree_acceptance import TreeAcceptance, depths_and_ranks, matched_nodes
-from specdec.pb import common_pb2
 
 # A tree: roots 0 (a) and 1 (b); 0's children 2 (c) and 3 (d); 2's child 4 (e).
 TOKENS = (10, 11, 12, 13, 14)
@@ -77,22 +75,16 @@ def test_observe_verified_equals_the_token_walk():
     assert np.allclose(a.rates("m"), b.rates("m"))
 
 
-def cands(tokens, parents):
-    return common_pb2.Candidates(request_id="r", token_ids=tokens, parent_indices=parents)
-
-
-def test_fit_candidates_cuts_nodes_and_depth():
-    tree = cands(TOKENS, PARENTS)
-    cut = fit_candidates(tree, 4, 8)
-    assert list(cut.token_ids) == [10, 11, 12, 13] and list(cut.parent_indices) == [-1, -1, 0, 0]
-    shallow = fit_candidates(tree, 5, 1)
-    assert list(shallow.token_ids) == [10, 11] and list(shallow.parent_indices) == [-1, -1]
+def test_fitting_candidates_cuts_nodes_and_depth():
+    tree = Candidates(tuple(TOKENS), tuple(PARENTS))
+    cut = tree.fit(4, 8)
+    assert cut.tokens == (10, 11, 12, 13) and cut.parents == (-1, -1, 0, 0)
+    shallow = tree.fit(5, 1)
+    assert shallow.tokens == (10, 11) and shallow.parents == (-1, -1)
     # Removing a middle node renumbers the parents of the ones after it.
-    deep = cands([1, 2, 3, 4], [-1, 0, -1, 2])
-    out = fit_candidates(deep, 4, 1)
-    assert list(out.token_ids) == [1, 3] and list(out.parent_indices) == [-1, -1]
-    chain = cands([5, 6, 7], [-1, 0, 1])
-    assert list(fit_candidates(chain, 8, 2).token_ids) == [5, 6]
+    out = Candidates((1, 2, 3, 4), (-1, 0, -1, 2)).fit(4, 1)
+    assert out.tokens == (1, 3) and out.parents == (-1, -1)
+    assert Candidates.chain([5, 6, 7]).fit(8, 2) == Candidates((5, 6), (-1, 0))
 
 
 def tree_policy(rate: float) -> SmartSpecPolicy:
@@ -103,8 +95,7 @@ def tree_policy(rate: float) -> SmartSpecPolicy:
 
 
 def view(rid: str, parents: tuple[int, ...]) -> RequestView:
-    return RequestView(rid, "", 100, max_k=50, offered={"medusa": len(parents)},
-                       offered_trees={"medusa": parents}, max_nodes=400)
+    return RequestView(rid, "", 100, max_k=50, offered={"medusa": parents}, max_nodes=400)
 
 
 WIDE = (-1, -1, 0, 0, 1, 2, 2, 3)  # 8 nodes

@@ -21,7 +21,7 @@ import numpy as np
 from opentelemetry import trace
 
 from scheduler_svc.clients.verifier import CHANNEL_OPTIONS  # its reconnect backoff too: a proposer is back in 1 s
-from scheduler_svc.types import ProposerSpec
+from scheduler_svc.types import Candidates, ProposerSpec
 from specdec.pb import common_pb2, proposer_pb2, proposer_pb2_grpc
 from specdec.rpc.security import ClientTLS, aio_channel
 from specdec.telemetry.tracing import inject_context, tracer
@@ -47,7 +47,7 @@ class ProposeWork:
 class ProposeResult:
     """What one proposer step gave: validated candidates by request id, and the proposer's timings."""
 
-    candidates: dict[str, common_pb2.Candidates] = field(default_factory=dict)
+    candidates: dict[str, Candidates] = field(default_factory=dict)
     propose_ms: float = 0.0
     forward_ms: float = 0.0
     ok: bool = True  # False: skipped (backoff) or failed; candidates are then empty
@@ -205,7 +205,7 @@ class ProposerClient:
 
     def _check(
         self, request: proposer_pb2.ProposeRequest, response: proposer_pb2.ProposeResponse
-    ) -> dict[str, common_pb2.Candidates]:
+    ) -> dict[str, Candidates]:
         """Validate the answer against what was asked; raises ProposerFault on any mismatch."""
         if response.step_id != request.step_id:
             raise ProposerFault(f"answered step_id {response.step_id} to step {request.step_id}")
@@ -219,7 +219,7 @@ class ProposerClient:
                 raise ProposerFault(f"candidates for {cand.request_id!r} where {item.request_id!r} was asked")
             check_candidates(cand, item.budget, self.vocab_size)
             if cand.token_ids:
-                out[item.request_id] = cand
+                out[item.request_id] = candidates_from_pb(cand)
         return out
 
     def fault(self, reason: str) -> None:
@@ -237,6 +237,11 @@ class ProposerClient:
         if self._call is not None:
             self._call.cancel()
             self._call = None
+
+
+def candidates_from_pb(cand: common_pb2.Candidates) -> Candidates:
+    distributions = tuple(np.asarray(d.probs, dtype=np.float32) for d in cand.draft_distributions)
+    return Candidates(tuple(cand.token_ids), tuple(cand.parent_indices), distributions)
 
 
 def check_candidates(cand: common_pb2.Candidates, budget: int, vocab_size: int) -> None:

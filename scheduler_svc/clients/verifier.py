@@ -13,6 +13,7 @@ from typing import Sequence
 import grpc
 
 from scheduler_svc.request import SamplingParams, TokenLogprobs
+from scheduler_svc.types import Candidates
 from specdec.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
 from specdec.rpc.security import ClientTLS, aio_channel
 from specdec.telemetry.tracing import client_interceptors
@@ -102,7 +103,7 @@ class PrefillItem:
 @dataclass(frozen=True)
 class VerifyItem:
     request_id: str
-    candidates: common_pb2.Candidates | None  # None: plain decode step
+    candidates: Candidates | None  # None: plain decode step
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,11 @@ class VerifierClient:
         for item in items:
             entry = request.items.add(request_id=item.request_id)
             if item.candidates is not None:
-                entry.candidates.CopyFrom(item.candidates)
+                cand = item.candidates
+                entry.candidates.token_ids.extend(cand.tokens)
+                entry.candidates.parent_indices.extend(cand.parents)
+                for probs in cand.distributions:
+                    entry.candidates.draft_distributions.add().probs.extend(probs)
         msg = await self._call(self._stub.Verify, request)
         outputs = {
             r.request_id: VerifyOutput(list(r.accepted_token_ids), r.bonus_token_id, tuple(r.accepted_indices),

@@ -123,10 +123,10 @@ class GoodputPolicy(Policy):
                     continue
                 spec = self.specs[name]
                 if spec.tree:
-                    own = r.offered.get(name, 0) if spec.free and self.free_tree_budget else spec.max_budget
+                    own = len(r.offered.get(name, ())) if spec.free and self.free_tree_budget else spec.max_budget
                     caps[i, p] = min(own, r.max_nodes, self.max_tree_nodes)
                 else:
-                    own = r.offered.get(name, 0) if spec.free and self.free_proposal_budget else spec.max_budget
+                    own = len(r.offered.get(name, ())) if spec.free and self.free_proposal_budget else spec.max_budget
                     caps[i, p] = min(own, r.max_k, self.max_k)
         return caps
 
@@ -148,7 +148,7 @@ class GoodputPolicy(Policy):
             for i, r in enumerate(requests):
                 if caps[i, p] <= 0:
                     continue
-                parents = r.offered_trees.get(name)
+                parents = r.offered.get(name)
                 if parents is not None:  # proposed already: the gains of its very nodes
                     gains = self.trees.node_gains(name, parents[:width])
                 else:  # proposed after the plan: the best tree the rates allow
@@ -172,7 +172,7 @@ class GoodputPolicy(Policy):
         """
         steady = steady_new_tokens(self.max_k)
         free = [name for name, is_free in zip(self.proposers, self._free()) if is_free]
-        matched = [any(r.offered.get(f, 0) > 0 or r.offered_trees.get(f) for f in free) for r in requests]
+        matched = [any(r.offered.get(f) for f in free) for r in requests]
         charges: np.ndarray | None = None
         for p, name in enumerate(self.proposers):
             if self.specs[name].free:
@@ -197,23 +197,25 @@ class GoodputPolicy(Policy):
 
     def observe(self, outcomes: Sequence[RequestOutcome], record: StepRecord) -> None:
         for outcome in outcomes:
+            # A free proposer's whole proposal is scored against what the target committed, whatever the
+            # plan kept of it; a proposal asked for after the plan by what the verifier accepted of it.
             shadowed = set()
-            for name, (tokens, parents) in outcome.free_trees.items():
-                if tokens and outcome.committed:
-                    self.trees.observe(name, tokens, parents, outcome.committed)
-                    shadowed.add(name)
-            if (outcome.proposer is not None and outcome.proposed > 0 and outcome.proposer not in shadowed
-                    and self._is_tree(outcome.proposer)):
-                self.trees.observe_verified(outcome.proposer, outcome.verified_parents, outcome.accepted_indices)
-                shadowed.add(outcome.proposer)
-            for name, candidates in outcome.free_candidates.items():
-                if candidates and outcome.committed:
+            for name, proposal in outcome.free_proposals.items():
+                if not proposal.tokens or not outcome.committed:
+                    continue
+                if self._is_tree(name):
+                    self.trees.observe(name, proposal.tokens, proposal.parents, outcome.committed)
+                else:
                     self.acceptance.observe(outcome.request_id,
-                                            Observation.from_shadow(name, candidates, outcome.committed))
-                    shadowed.add(name)
+                                            Observation.from_shadow(name, proposal.tokens, outcome.committed))
+                shadowed.add(name)
             if outcome.proposer is not None and outcome.proposed > 0 and outcome.proposer not in shadowed:
-                self.acceptance.observe(outcome.request_id, Observation.from_verified(
-                    outcome.proposer, outcome.proposed, outcome.accepted))
+                if self._is_tree(outcome.proposer):
+                    self.trees.observe_verified(outcome.proposer, outcome.verified_parents,
+                                                outcome.accepted_indices)
+                else:
+                    self.acceptance.observe(outcome.request_id, Observation.from_verified(
+                        outcome.proposer, outcome.proposed, outcome.accepted))
         if self.acceptance.tracked_requests > 2 * len(outcomes) + 16:
             self.acceptance.forget(o.request_id for o in outcomes)
         planned, self._planned = self._planned, None
