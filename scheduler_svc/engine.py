@@ -23,8 +23,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-import grpc
-
 from scheduler_svc.policy.base import Policy
 from scheduler_svc.clients.proposer import ProposeResult, ProposerClient, ProposeWork
 from scheduler_svc.request import FinishReason, Request, RequestFailed, RequestState, StreamChunk, TokenLogprobs
@@ -319,10 +317,8 @@ class Engine:
 
     def _fail_on_verifier(self, request: Request, exc: VerifierError) -> None:
         """Fail a request whose own call failed in the verifier; the others are not touched."""
-        code = "INVALID_ARGUMENT" if exc.code in (grpc.StatusCode.INVALID_ARGUMENT,
-                                                  grpc.StatusCode.OUT_OF_RANGE) else "INTERNAL"
         log.warning("request %s failed in the verifier: %s", request.request_id, exc)
-        self._fail(request, code, f"the verifier could not serve this request: {exc.details}")
+        self._fail(request, exc.request_status, f"the verifier could not serve this request: {exc.details}")
 
     async def _reprefill(self) -> None:
         """Rebuild every running request in the verifier from its committed tokens."""

@@ -64,6 +64,13 @@ class VerifierError(Exception):
         engine isolates the requests to find whose."""
         return not (self.is_transient or self.lost_state)
 
+    @property
+    def request_status(self) -> str:
+        """The status a request failed by this error ends with: the verifier's verdict on its input
+        (INVALID_ARGUMENT) or a fault while serving it (INTERNAL)."""
+        bad_input = self.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE)
+        return "INVALID_ARGUMENT" if bad_input else "INTERNAL"
+
 
 @dataclass(frozen=True)
 class VerifierInfo:
