@@ -11,7 +11,7 @@ absolute position `start_position`; the one chosen after a node at depth d (dept
 root) has position start_position + d + 1.
 
 All three rules are exact: greedy output equals the target's argmax sequence, sampled output has the
-target's distribution (tests/test_verification.py checks both).
+target's distribution (tests/unit/test_verification.py checks both).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Self-distillation of a draft model for a chat target: training prompts, the target's replies with soft
 labels, the draft's shape and loss, and the offline measure of what a draft buys (tokens per step).
 
-scripts/train_chat_draft.py runs these as stages; tests/test_distill.py checks them on the tiny test models.
+scripts/train_chat_draft.py runs these as stages; tests/unit/test_distill.py checks them on the tiny test models.
 """
 
 from __future__ import annotations

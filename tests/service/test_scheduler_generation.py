@@ -1,5 +1,5 @@
 """The Generation API's n, logprobs, chat messages, several EOS ids and ModelInfo, over gRPC in front of the
-in-process fakes (tests/test_scheduler_fakes.py)."""
+in-process fakes (tests/service/test_scheduler_fakes.py)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 BASE = re.compile(r"^FROM (python:3\.11-slim@sha256:[0-9a-f]{64}) AS (\w+)$", re.M)
 NOT_AT_RUNTIME = ("grpcio-tools", "grpc_tools", "matplotlib", "pytest", "check-jsonschema", "hadolint")

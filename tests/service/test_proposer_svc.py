@@ -22,7 +22,7 @@ from proposer_svc.server import SERVICE_NAME, build_proposer, start_server
 from specdec.pb import proposer_pb2, proposer_pb2_grpc
 from specdec.testing import make_tiny_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 10.0
 
 

@@ -39,7 +39,7 @@ from test_faults import held_state
 
 pytestmark = pytest.mark.timeout(600)
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "bad_input.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "bad_input.md"
 VOCAB = 4096  # the tiny target's vocabulary (the embedded tokenizer's)
 CONTEXT = 512  # its context
 GOOD_PROMPT = [5, 17, 99, 2048, 7]
@@ -362,7 +362,7 @@ def render(answers: list[Answer]) -> str:
         "",
         "Every row was sent to a running stack (tiny test models, all services as processes on loopback) while a",
         "good greedy stream ran; none disturbed it or any service. Regenerate with",
-        "`SPECDEC_WRITE_DOCS=1 .venv/bin/python -m pytest tests/test_bad_input.py`; the test fails when this",
+        "`SPECDEC_WRITE_DOCS=1 .venv/bin/python -m pytest tests/e2e/test_bad_input.py`; the test fails when this",
         "table no longer matches what the services answer. Proposers answer a bad item with no candidates",
         "for it (speculation is lost, never output) and go on with the stream: their rows say what came back.",
         "",

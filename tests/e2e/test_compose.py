@@ -7,7 +7,7 @@ they run every service `specdec up` runs, every proposer kind among them, with t
 same settings (the environment form parses to the same configuration as the launcher's flags); the CPU
 variant reserves no device, the GPU variant reserves the GPUs for the verifier on `cuda`; Prometheus
 scrapes every service; every knob docs/deploy.md names reaches a service; every entrypoint and the
-health-check module exist; the health check works. The image itself: tests/test_image.py.
+health-check module exist; the health check works. The image itself: tests/e2e/test_image.py.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from specdec.ops.compose import (
 )
 from specdec.ops.launcher import PROPOSER_KINDS, StackError, local_specs, service_names
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
 SPECDEC_SERVICES = service_names(PROPOSERS)
 # Where a service is and what it is called: these differ between containers and local processes by design.

@@ -522,7 +522,7 @@ def test_bench_rejects_bad_flags(capsys):
 @pytest.mark.parametrize("module", ["serving", "summary", "runner_cost", "step_overhead", "http_overhead"])
 def test_each_benchmark_runs_as_a_module_from_the_repository_root(module):
     """`python -m bench.X` from a checkout: the package imports itself and the services without sys.path edits."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-m", f"bench.{module}", "--help"], cwd=root, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr

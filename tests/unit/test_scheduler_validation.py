@@ -80,7 +80,7 @@ def test_the_config_imports_nothing_of_the_policies_or_the_engine():
     the configuration imports nothing else of the scheduler."""
     code = "import sys, scheduler_svc.config; print(sorted(m for m in sys.modules if m.startswith('scheduler_svc.')))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
-                            cwd=Path(__file__).resolve().parents[1]).stdout
+                            cwd=Path(__file__).resolve().parents[2]).stdout
     assert loaded.strip() == "['scheduler_svc.config', 'scheduler_svc.types']"
 
 

@@ -74,7 +74,7 @@ def test_loading_the_projections_raises_onednn_kernel_cache_unless_the_operator_
     if given is not None:
         env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = given
     code = "import os, specdec.model.linear; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.strip() == expected

@@ -27,7 +27,7 @@ from specdec_client import Client
 
 pytestmark = pytest.mark.timeout(600)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Everything building the SDK reads from the repository: its folder, the package, the protos, the generator.
 BUILD_SOURCES = ("clients/python", "specdec_client", "proto", "scripts/gen_proto.py")
 SDK_DEPENDENCIES = ["grpcio", "grpcio-health-checking", "protobuf", "tenacity"]

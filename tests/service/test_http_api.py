@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API of the scheduler, in front of the in-process fakes (tests/test_scheduler_fakes.py),
+"""The OpenAI-compatible HTTP API of the scheduler, in front of the in-process fakes (tests/service/test_scheduler_fakes.py),
 driven with the official openai package and raw HTTP: responses and streams, the error shape and status of
 each failure (400, 401, 404, 413, 429, 503), health, and a disconnect cancelling the request everywhere."""
 

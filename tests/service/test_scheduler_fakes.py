@@ -28,7 +28,7 @@ from specdec.pb import (
     verifier_pb2_grpc,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TOKENIZER_DIR = REPO / "models" / "tokenizer"
 VOCAB = 4096  # the embedded tokenizer's vocabulary, so that generated ids decode to text
 EOS = 0  # <|endoftext|> in the embedded tokenizer
