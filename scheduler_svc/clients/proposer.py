@@ -163,7 +163,7 @@ class ProposerClient:
         }) as span:
             result = await self._step(work)
             span.set_attributes({"specdec.ok": result.ok,
-                                 "specdec.proposed_tokens": sum(len(c.token_ids) for c in result.candidates.values()),
+                                 "specdec.proposed_tokens": sum(len(c) for c in result.candidates.values()),
                                  "specdec.propose_ms": result.propose_ms, "specdec.forward_ms": result.forward_ms})
             if not result.ok:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, "the proposer failed or was left out"))
