@@ -23,19 +23,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from scheduler_svc.policy.base import Policy
 from scheduler_svc.clients.proposer import ProposeResult, ProposerClient, ProposeWork
-from scheduler_svc.request import FinishReason, Request, RequestFailed, RequestState, StreamChunk, TokenLogprobs
+from scheduler_svc.clients.verifier import VerifierClient, VerifierError
+from scheduler_svc.policy.base import Policy
+from scheduler_svc.request import FinishReason, Request, RequestFailed, RequestState, StreamChunk
 from scheduler_svc.telemetry import SchedulerTelemetry
 from scheduler_svc.types import NO_SPECULATION, Candidates, RequestOutcome, RequestView, StepRecord
-from scheduler_svc.clients.verifier import (
-    PrefillItem,
-    Timing,
-    VerifierClient,
-    VerifierError,
-    VerifyItem,
-    VerifyOutput,
-)
+from specdec.contracts import PrefillItem, Timing, TokenLogprobs, VerifyItem, VerifyResult
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +276,8 @@ class Engine:
         timing, hidden states and first tokens' logprobs; a transient failure is raised (the caller keeps
         the requests)."""
         def items(batch: Sequence[Request]) -> list[PrefillItem]:
-            return [PrefillItem(r.request_id, r.tokens, r.params.sampling, r.params.logprobs, r.params.top_logprobs)
+            return [PrefillItem(r.request_id, r.tokens, r.params.sampling, r.params.seed, r.params.logprobs,
+                                r.params.top_logprobs)
                     for r in batch]
 
         try:
@@ -434,12 +429,12 @@ class Engine:
 
     async def _verify_each(
         self, running: list[Request], items: list[VerifyItem]
-    ) -> tuple[list[Request], list[VerifyItem], dict[str, VerifyOutput], Timing]:
+    ) -> tuple[list[Request], list[VerifyItem], dict[str, VerifyResult], Timing]:
         """The step's Verify as one call per request, after a batch failed for a reason that may be one
         request's input: a request whose own call fails is failed alone. Returns the requests and items
         that were verified, their outputs and the summed timing."""
         kept: list[tuple[Request, VerifyItem]] = []
-        outputs: dict[str, VerifyOutput] = {}
+        outputs: dict[str, VerifyResult] = {}
         forward_ms = total_ms = 0.0
         batched = context = 0
         for request, item in zip(running, items):

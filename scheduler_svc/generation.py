@@ -135,10 +135,9 @@ async def start_generation(scheduler: Scheduler, request: generation_pb2.Generat
 def completion_params(params: GenerationParams, index: int) -> GenerationParams:
     """The parameters of completion `index`: with a seed, it samples with seed + index, so that the n
     completions differ and each is reproducible."""
-    seed = params.sampling.seed
-    if index == 0 or seed is None:
+    if index == 0 or params.seed is None:
         return params
-    return dataclasses.replace(params, sampling=dataclasses.replace(params.sampling, seed=(seed + index) & _SEED_MASK))
+    return dataclasses.replace(params, seed=(params.seed + index) & _SEED_MASK)
 
 
 def _outcome(request: Request, failed: bool) -> str:

@@ -23,10 +23,9 @@ from typing import Mapping
 import numpy as np
 
 from scheduler_svc.clients.proposer import ProposerClient, ProposeWork
-from scheduler_svc.clients.verifier import PrefillItem, VerifierClient, VerifyItem
+from scheduler_svc.clients.verifier import VerifierClient
 from scheduler_svc.policy.cost_model import MEASURED_PRIOR_STEPS, CostModel, RidgeFit, caught_up_tokens, steady_new_tokens
-from scheduler_svc.request import SamplingParams
-from scheduler_svc.types import Candidates
+from specdec.contracts import Candidates, PrefillItem, VerifyItem
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +104,7 @@ async def _profile(cost_model: CostModel, verifier: VerifierClient, proposers: M
     context = {rid: prompt_len + 1 for rid in ids}  # committed tokens, the pending one included
     x, y = [], []
     try:
-        await verifier.prefill([PrefillItem(rid, prompt, SamplingParams()) for rid in ids])
+        await verifier.prefill([PrefillItem(rid, prompt) for rid in ids])
         for batch in batches:
             for i, k in enumerate([lengths[-1], *lengths]):  # the first call of a batch size warms up
                 if time.perf_counter() > deadline or context[ids[0]] + k + 1 >= max_seq_len:

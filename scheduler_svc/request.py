@@ -13,16 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from scheduler_svc.detokenizer import IncrementalDetokenizer
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How a request samples; temperature 0 = greedy. Mirrors specdec.v1.SamplingParams."""
-
-    temperature: float = 0.0
-    top_p: float | None = None  # None = 1
-    top_k: int = 0  # 0 = no cut
-    seed: int | None = None  # None = the verifier picks one
+from specdec.contracts import TokenLogprobs
+from specdec.model.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -32,22 +24,13 @@ class GenerationParams:
     prompt_token_ids: tuple[int, ...]
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None  # of the request's sampling; None = the verifier picks one
     stop: tuple[str, ...] = ()
     proposer: str = ""  # "" = the server's choice, "none" = no speculation, else a configured name
     ignore_eos: bool = False
     n: int = 1  # independent completions of the prompt (one engine request each)
     logprobs: bool = False  # report the target's log-probability of every output token
     top_logprobs: int = 0  # with logprobs: the most likely tokens at each position, this many
-
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    """The target's raw log-probability of one output token, and the most likely tokens at its position
-    (most likely first) as (token id, logprob) pairs; see verifier.proto TargetLogprobs."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
 
 
 class FinishReason(enum.Enum):

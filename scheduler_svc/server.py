@@ -25,13 +25,14 @@ from scheduler_svc.generation import GenerationError, start_generation
 from scheduler_svc.policy import policy_from_config
 from scheduler_svc.profile import profile_costs
 from scheduler_svc.clients.proposer import ProposerClient
-from scheduler_svc.request import GenerationParams, Request, RequestStats, StreamChunk, TokenLogprobs
+from scheduler_svc.request import GenerationParams, Request, RequestStats, StreamChunk
 from scheduler_svc.telemetry import SchedulerTelemetry
 from scheduler_svc.validation import Limits
-from scheduler_svc.clients.verifier import VerifierClient, VerifierInfo
+from scheduler_svc.clients.verifier import VerifierClient
 from specdec.pb import generation_pb2, generation_pb2_grpc
 from specdec.rpc.security import api_key_interceptors, bind
 from specdec.rpc.status import StatusInterceptor
+from specdec.contracts import TokenLogprobs, VerifierInfo
 from specdec.telemetry.tracing import server_interceptors
 
 if TYPE_CHECKING:

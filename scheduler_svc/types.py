@@ -2,55 +2,21 @@
 
 The engine builds RequestViews and asks the policy for a Plan per request; after the step it reports
 RequestOutcomes and the step's StepRecord. ProposerSpec is what the scheduler learned from a proposer's
-Info; Candidates what a proposer proposed for a request (chains and trees alike). Nothing here imports grpc,
-the engine or the policy: every side depends on this module, not on another.
+Info; Candidates (specdec/contracts.py) what a proposer proposed for a request, chains and trees alike.
+Nothing here imports grpc, the engine or the policy: every side depends on this module, not on another.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping
+
+from specdec.contracts import Candidates
 
 # A request's `proposer` field uses this name to turn speculation off, so no proposer may be called so.
 NO_PROPOSER = "none"
 # The batch-size-table policy's default: k per range of running requests (--batch-size-table).
 DEFAULT_BATCH_SIZE_TABLE = "1-4:5,5-16:3,17-:0"
-
-
-@dataclass(frozen=True)
-class Candidates:
-    """A proposer's candidate tokens for one request: a tree whose parents come before their children
-    (parents[j] = -1: node j follows the last committed token). A chain is the tree (-1, 0, 1, ...): the
-    engine, the policy and the clients take both alike."""
-
-    tokens: tuple[int, ...]
-    parents: tuple[int, ...]
-    # Per node, the proposer's distribution over the vocabulary when it sampled its tokens; empty: they are
-    # deterministic (the verifier then accepts by matching, else by rejection sampling).
-    distributions: tuple[Sequence[float], ...] = ()
-
-    @classmethod
-    def chain(cls, tokens: Sequence[int]) -> Candidates:
-        return cls(tuple(tokens), tuple(range(-1, len(tokens) - 1)))
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def fit(self, max_nodes: int, max_depth: int) -> Candidates:
-        """The first max_nodes nodes, without those deeper than max_depth (a root is at depth 1). Parents
-        precede children, so what remains is a tree; parent indices are renumbered."""
-        cut = self if len(self) <= max_nodes else Candidates(
-            self.tokens[:max_nodes], self.parents[:max_nodes], self.distributions[:max_nodes])
-        if len(cut) <= max_depth:
-            return cut  # no node can be deeper than the node count
-        depth: list[int] = []
-        for p in cut.parents:
-            depth.append(1 if p < 0 else depth[p] + 1)
-        keep = [j for j, d in enumerate(depth) if d <= max_depth]
-        new_index = {old: new for new, old in enumerate(keep)}
-        return Candidates(tuple(cut.tokens[j] for j in keep),
-                          tuple(new_index[cut.parents[j]] if cut.parents[j] >= 0 else -1 for j in keep),
-                          tuple(cut.distributions[j] for j in keep) if cut.distributions else ())
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from scheduler_svc.config import NO_PROPOSER
-from scheduler_svc.request import GenerationParams, SamplingParams
+from scheduler_svc.request import GenerationParams
 from specdec.pb import generation_pb2
-from specdec.model.sampling import MAX_TOP_LOGPROBS
+from specdec.model.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 
 # Stop strings a request may give, and their length: each is searched for at every output token.
@@ -72,7 +72,7 @@ def validate_request(
                          "prompt_token_ids: token ids, messages: a chat)")
     if not has_text and not has_ids and not has_chat:
         raise ValueError("the prompt is empty: set prompt (text), prompt_token_ids or messages")
-    sampling = _validate_sampling(request)
+    sampling, seed = _validate_sampling(request)
     max_tokens = request.max_tokens
     if max_tokens <= 0 and not (default_max_tokens and max_tokens == 0):
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -134,6 +134,7 @@ def validate_request(
         prompt_token_ids=tuple(prompt_ids),
         max_tokens=max_tokens,
         sampling=sampling,
+        seed=seed,
         stop=stop,
         proposer=request.proposer,
         ignore_eos=request.ignore_eos,
@@ -167,11 +168,11 @@ def _validate_messages(messages: Sequence[generation_pb2.ChatMessage], limits: L
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
-def _validate_sampling(request: generation_pb2.GenerateRequest) -> SamplingParams:
+def _validate_sampling(request: generation_pb2.GenerateRequest) -> tuple[SamplingParams, int | None]:
     temperature = request.temperature
     if math.isnan(temperature) or temperature < 0 or math.isinf(temperature):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-    top_p = None
+    top_p = 1.0
     if request.HasField("top_p"):
         top_p = request.top_p
         if math.isnan(top_p) or not 0 < top_p <= 1:
@@ -179,7 +180,7 @@ def _validate_sampling(request: generation_pb2.GenerateRequest) -> SamplingParam
     if request.top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = no limit), got {request.top_k}")
     seed = request.seed if request.HasField("seed") else None
-    return SamplingParams(temperature=temperature, top_p=top_p, top_k=request.top_k, seed=seed)
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=request.top_k), seed
 
 
 def _validate_proposer(name: str, configured: Sequence[str]) -> None:

@@ -25,6 +25,15 @@ import torch
 from specdec.model.runner import ModelRunner, SeqInput
 from specdec.model.sampling import MAX_TOP_LOGPROBS, SamplingParams, raw_logprobs
 from specdec.model.verification import Verdict, is_chain, verify_step
+from specdec.contracts import (
+    PrefillItem,
+    PrefillResult,
+    Timing,
+    TokenLogprobs,
+    VerifierInfo,
+    VerifyItem,
+    VerifyResult,
+)
 
 _MAX_SEED = (1 << 64) - 1
 
@@ -43,65 +52,6 @@ class CapacityError(RuntimeError):
 
 
 @dataclass
-class PrefillItem:
-    request_id: str
-    token_ids: Sequence[int]  # every committed token of the request
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    seed: int | None = None  # None: a random seed is picked for the request
-    logprobs: bool = False  # report TokenLogprobs of every token the request emits, until Release
-    top_logprobs: int = 0  # with logprobs: this many most likely tokens at each emitted position
-
-
-@dataclass
-class TokenLogprobs:
-    """The target's raw log-probabilities at one emitted position (see specdec.model.sampling.raw_logprobs)."""
-
-    token_id: int
-    logprob: float
-    top_token_ids: list[int] = field(default_factory=list)  # most likely first
-    top_logprobs: list[float] = field(default_factory=list)
-
-
-@dataclass
-class PrefillResult:
-    request_id: str
-    next_token_id: int  # the new pending token
-    hidden_state: bytes = b""  # float32 little-endian [hidden_size] at the last prompt token, when asked
-    logprobs: TokenLogprobs | None = None  # of next_token_id, when the item asked
-
-
-@dataclass
-class VerifyItem:
-    """Candidates following the request's pending token (empty = plain decode step)."""
-
-    request_id: str
-    token_ids: Sequence[int] = ()
-    parent_indices: Sequence[int] = ()  # -1 = follows the pending token; parents before children
-    # One distribution per node when the candidates were sampled (chains only); each row has at most
-    # vocab_size entries (shorter rows are padded with zeros: a draft with a smaller vocabulary).
-    draft_distributions: Sequence[Sequence[float]] | np.ndarray | torch.Tensor | None = None
-
-
-@dataclass
-class VerifyResult:
-    request_id: str
-    accepted_token_ids: list[int]
-    accepted_indices: list[int]
-    bonus_token_id: int
-    hidden_state: bytes = b""  # float32 little-endian [hidden_size] at the last kept node, when asked
-    logprobs: list[TokenLogprobs] = field(default_factory=list)  # accepted then bonus, when the request asked
-
-
-@dataclass
-class Timing:
-    forward_ms: float = 0.0  # model forward incl. logits (device-synchronised)
-    total_ms: float = 0.0  # the whole core call
-    batched_tokens: int = 0  # new tokens through the model
-    context_tokens: int = 0  # cached tokens attended over, all requests together
-    batch_size: int = 0
-
-
-@dataclass
 class PrefillOutput:
     results: list[PrefillResult]
     timing: Timing
@@ -111,22 +61,6 @@ class PrefillOutput:
 class VerifyOutput:
     results: list[VerifyResult]
     timing: Timing
-
-
-@dataclass
-class VerifierInfo:
-    model: str
-    device: str
-    dtype: str
-    vocab_size: int
-    eos_token_id: int  # the first of eos_token_ids, -1 when none
-    max_seq_len: int
-    max_slots: int
-    free_slots: int
-    max_batch_size: int
-    active_request_ids: list[str]
-    hidden_size: int
-    eos_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -297,8 +231,8 @@ class VerifierCore:
             request.position += len(kept)
             request.pending = verdict.bonus_token
             results.append(VerifyResult(
-                p.request_id, verdict.accepted_tokens, verdict.accepted_indices, verdict.bonus_token, hidden,
-                emitted_logprobs,
+                p.request_id, tuple(verdict.accepted_tokens), verdict.bonus_token, tuple(verdict.accepted_indices),
+                hidden, tuple(emitted_logprobs),
             ))
         timing = Timing(forward_ms, _ms_since(started), sum(len(s.tokens) for s in batch), context, len(plans))
         return VerifyOutput(results, timing)
@@ -323,7 +257,9 @@ class VerifierCore:
         if rid in seen:
             raise InvalidRequest(f"request {rid!r} appears twice in one Verify")
         seen.add(rid)
-        tokens, parents = [int(t) for t in item.token_ids], [int(p) for p in item.parent_indices]
+        cand = item.candidates
+        tokens = [int(t) for t in cand.tokens] if cand is not None else []
+        parents = [int(p) for p in cand.parents] if cand is not None else []
         m, vocab = len(tokens), self.runner.vocab_size
         if len(parents) != m:
             raise InvalidRequest(f"request {rid!r}: {len(parents)} parent indices for {m} candidate tokens")
@@ -344,7 +280,7 @@ class VerifierCore:
                 f"({request.position} cached tokens + the pending token leave room for {max(room, 0)})"
                 + ("; the request has reached the context limit, Release it" if room < 0 else "")
             )
-        draft = self._draft_tensor(rid, item.draft_distributions, parents, m)
+        draft = self._draft_tensor(rid, cand.distributions if cand is not None else None, parents, m)
         return _Planned(rid, request, tokens, parents, draft)
 
     def _draft_tensor(self, rid: str, rows, parents: list[int], m: int) -> torch.Tensor | None:
@@ -392,14 +328,13 @@ class VerifierCore:
             device=str(runner.device),
             dtype=str(runner.dtype).removeprefix("torch."),
             vocab_size=runner.vocab_size,
-            eos_token_id=self.eos_token_ids[0] if self.eos_token_ids else -1,
             max_seq_len=runner.max_seq_len,
             max_slots=runner.max_slots,
             free_slots=runner.free_slots,
             max_batch_size=self.max_batch_size,
-            active_request_ids=list(self._requests),
+            active_request_ids=tuple(self._requests),
             hidden_size=runner.weights.hidden_size,
-            eos_token_ids=list(self.eos_token_ids),
+            eos_token_ids=tuple(self.eos_token_ids),
         )
 
     # -- helpers -------------------------------------------------------------------------------
@@ -454,7 +389,7 @@ def _logprobs(logits: torch.Tensor, token_ids: list[int], top: int | None) -> li
     if top is None:
         return []
     chosen, top_ids, top_values = raw_logprobs(logits, token_ids, top)
-    return [TokenLogprobs(t, lp, ids, values) for t, lp, ids, values in zip(token_ids, chosen, top_ids, top_values)]
+    return [TokenLogprobs(t, lp, tuple(zip(ids, values))) for t, lp, ids, values in zip(token_ids, chosen, top_ids, top_values)]
 
 
 def _hidden_bytes(row: torch.Tensor) -> bytes:

@@ -21,20 +21,13 @@ from opentelemetry import trace
 from specdec.telemetry.metrics import VerifierMetrics, start_metrics_server
 from specdec.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
 from specdec.model.sampling import SamplingParams
+from specdec.contracts import Candidates, PrefillItem, Timing, TokenLogprobs, VerifyItem
 from specdec.rpc.security import ServerTLS, bind, transport
 from specdec.rpc.signals import stop_event
 from specdec.rpc.status import MAX_MESSAGE_CHARS, StatusInterceptor
 from specdec.telemetry.tracing import server_interceptors, setup_tracing
 from verifier_svc.config import VerifierConfig
-from verifier_svc.core import (
-    CapacityError,
-    PrefillItem,
-    Timing,
-    TokenLogprobs,
-    UnknownRequest,
-    VerifierCore,
-    VerifyItem,
-)
+from verifier_svc.core import CapacityError, UnknownRequest, VerifierCore
 
 log = logging.getLogger("verifier_svc")
 
@@ -52,8 +45,8 @@ def sampling_from_pb(pb: common_pb2.SamplingParams) -> tuple[SamplingParams, int
 
 
 def logprobs_to_pb(lp: TokenLogprobs) -> verifier_pb2.TargetLogprobs:
-    return verifier_pb2.TargetLogprobs(token_id=lp.token_id, logprob=lp.logprob, top_token_ids=lp.top_token_ids,
-                                       top_logprobs=lp.top_logprobs)
+    return verifier_pb2.TargetLogprobs(token_id=lp.token_id, logprob=lp.logprob,
+                                       top_token_ids=[t for t, _ in lp.top], top_logprobs=[v for _, v in lp.top])
 
 
 def timing_to_pb(timing: Timing, total_ms: float) -> verifier_pb2.Timing:
@@ -128,12 +121,10 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                     f"Verify item {item.request_id!r} carries candidates for request {item.candidates.request_id!r}",
                 )
         items = [
-            VerifyItem(
-                item.request_id,
-                list(item.candidates.token_ids),
-                list(item.candidates.parent_indices),
-                [np.asarray(d.probs, dtype=np.float64) for d in item.candidates.draft_distributions] or None,
-            )
+            VerifyItem(item.request_id, Candidates(
+                tuple(item.candidates.token_ids), tuple(item.candidates.parent_indices),
+                tuple(np.asarray(d.probs, dtype=np.float64) for d in item.candidates.draft_distributions),
+            ) if item.HasField("candidates") else None)
             for item in request.items
         ]
         out = await self._call(context, self.core.verify, items, request.return_hidden)
@@ -161,7 +152,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
     async def Info(self, request: verifier_pb2.VerifierInfoRequest, context) -> verifier_pb2.VerifierInfo:
         # Between two model calls, like every other call: it never sees a half-applied batch.
         info = await self._call(context, self.core.info)
-        return verifier_pb2.VerifierInfo(**vars(info))
+        # eos_token_id: the first of them, for clients that read one id (-1: none).
+        return verifier_pb2.VerifierInfo(**vars(info), eos_token_id=info.eos_token_ids[0] if info.eos_token_ids else -1)
 
 
 @dataclass

@@ -7,15 +7,14 @@ VerifierError; the engine decides what to do (back off, re-prefill).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Sequence
 
 import grpc
 
-from scheduler_svc.request import SamplingParams, TokenLogprobs
-from scheduler_svc.types import Candidates
 from specdec.pb import common_pb2, verifier_pb2, verifier_pb2_grpc
 from specdec.rpc.security import ClientTLS, aio_channel
+from specdec.contracts import PrefillItem, Timing, TokenLogprobs, VerifierInfo, VerifyItem, VerifyResult
+from specdec.model.sampling import SamplingParams
 from specdec.telemetry.tracing import client_interceptors
 
 # Draft distributions make Verify requests large (k * vocab floats per request).
@@ -72,66 +71,16 @@ class VerifierError(Exception):
         return "INVALID_ARGUMENT" if bad_input else "INTERNAL"
 
 
-@dataclass(frozen=True)
-class VerifierInfo:
-    model: str  # checkpoint folder of the target model
-    device: str
-    dtype: str
-    vocab_size: int
-    eos_token_ids: tuple[int, ...]  # every id that ends generation
-    max_seq_len: int
-    max_slots: int
-    free_slots: int
-    max_batch_size: int
-    active_request_ids: tuple[str, ...]
-    hidden_size: int
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Time the verifier spent on one call (see Timing in verifier.proto)."""
-
-    forward_ms: float = 0.0
-    total_ms: float = 0.0
-    batched_tokens: int = 0
-    context_tokens: int = 0
-    batch_size: int = 0
-
-
-@dataclass(frozen=True)
-class PrefillItem:
-    request_id: str
-    token_ids: Sequence[int]  # every committed token of the request
-    sampling: SamplingParams
-    logprobs: bool = False  # the verifier reports TokenLogprobs of every token it emits for the request
-    top_logprobs: int = 0
-
-
-@dataclass(frozen=True)
-class VerifyItem:
-    request_id: str
-    candidates: Candidates | None  # None: plain decode step
-
-
-@dataclass(frozen=True)
-class VerifyOutput:
-    accepted_token_ids: list[int]  # a root path of the candidates, in order
-    bonus_token_id: int  # sampled after the accepted path; the new pending token
-    accepted_indices: tuple[int, ...] = ()  # their node indices in the candidates (the path in a tree)
-    hidden_state: bytes = b""  # the target's hidden state the bonus was sampled from, when asked
-    logprobs: tuple[TokenLogprobs, ...] = ()  # accepted then bonus, when the request asked at Prefill
-
-
 def logprobs_from_pb(msg: verifier_pb2.TargetLogprobs) -> TokenLogprobs:
     return TokenLogprobs(msg.token_id, msg.logprob, tuple(zip(msg.top_token_ids, msg.top_logprobs)))
 
 
-def sampling_to_pb(sampling: SamplingParams) -> common_pb2.SamplingParams:
+def sampling_to_pb(sampling: SamplingParams, seed: int | None) -> common_pb2.SamplingParams:
     msg = common_pb2.SamplingParams(temperature=sampling.temperature, top_k=sampling.top_k)
-    if sampling.top_p is not None:
+    if sampling.top_p != 1.0:
         msg.top_p = sampling.top_p
-    if sampling.seed is not None:
-        msg.seed = sampling.seed
+    if seed is not None:
+        msg.seed = seed
     return msg
 
 
@@ -205,7 +154,7 @@ class VerifierClient:
         request = verifier_pb2.PrefillRequest(
             items=[
                 verifier_pb2.PrefillItem(
-                    request_id=i.request_id, token_ids=i.token_ids, sampling=sampling_to_pb(i.sampling),
+                    request_id=i.request_id, token_ids=i.token_ids, sampling=sampling_to_pb(i.sampling, i.seed),
                     logprobs=i.logprobs, top_logprobs=i.top_logprobs,
                 )
                 for i in items
@@ -221,7 +170,7 @@ class VerifierClient:
 
     async def verify(
         self, items: Sequence[VerifyItem], return_hidden: bool = False
-    ) -> tuple[dict[str, VerifyOutput], Timing]:
+    ) -> tuple[dict[str, VerifyResult], Timing]:
         """One engine step for a ragged batch; returns accepted tokens and the bonus token by id."""
         request = verifier_pb2.VerifyRequest(return_hidden=return_hidden)
         for item in items:
@@ -234,8 +183,9 @@ class VerifierClient:
                     entry.candidates.draft_distributions.add().probs.extend(probs)
         msg = await self._call(self._stub.Verify, request)
         outputs = {
-            r.request_id: VerifyOutput(list(r.accepted_token_ids), r.bonus_token_id, tuple(r.accepted_indices),
-                                       r.hidden_state, tuple(logprobs_from_pb(lp) for lp in r.logprobs))
+            r.request_id: VerifyResult(r.request_id, tuple(r.accepted_token_ids), r.bonus_token_id,
+                                       tuple(r.accepted_indices), r.hidden_state,
+                                       tuple(logprobs_from_pb(lp) for lp in r.logprobs))
             for r in msg.results
         }
         self._check_covered("Verify", [i.request_id for i in items], outputs)

@@ -12,9 +12,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from scheduler_svc.request import FinishReason, RequestStats, TokenLogprobs
+from scheduler_svc.request import FinishReason, RequestStats
 from scheduler_svc.validation import MAX_COMPLETIONS
 from specdec.pb import generation_pb2
+from specdec.contracts import TokenLogprobs
 
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]

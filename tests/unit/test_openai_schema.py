@@ -19,7 +19,8 @@ from scheduler_svc.http.schema import (
     finish_reason_name,
     speculation_of,
 )
-from scheduler_svc.request import FinishReason, ProposerCounts, RequestStats, TokenLogprobs
+from scheduler_svc.request import FinishReason, ProposerCounts, RequestStats
+from specdec.contracts import TokenLogprobs
 from specdec.pb import generation_pb2
 
 

@@ -11,7 +11,7 @@ import pytest
 from scheduler_svc import profile
 from scheduler_svc.policy.cost_model import CostModel
 from scheduler_svc.profile import PROFILE_PREFIX, profile_costs
-from scheduler_svc.clients.verifier import Timing, VerifyOutput
+from specdec.contracts import Timing, VerifyResult
 
 
 class Clock:
@@ -33,7 +33,7 @@ class FakeVerifier:
 
     async def verify(self, items, return_hidden=False):
         n = sum(1 + (len(item.candidates) if item.candidates else 0) for item in items)
-        return {item.request_id: VerifyOutput([], 1) for item in items}, Timing(total_ms=5.0 + 0.5 * n)
+        return {item.request_id: VerifyResult(item.request_id, (), 1) for item in items}, Timing(total_ms=5.0 + 0.5 * n)
 
     async def release(self, request_ids):
         self.released.extend(request_ids)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from scheduler_svc.config import ProposerAddress, SchedulerConfig, config_from_args, parse_proposer
-from scheduler_svc.request import SamplingParams
+from specdec.model.sampling import SamplingParams
 from scheduler_svc.validation import Limits, validate_request
 from specdec.pb import generation_pb2
 
@@ -28,10 +28,10 @@ def test_a_valid_request_becomes_plain_params():
     params = check(prompt="hi", max_tokens=5, temperature=0.5, top_p=0.9, top_k=3, seed=7, stop=["\n"],
                    proposer="draft", ignore_eos=True)
     assert params.prompt_token_ids == (4, 5)
-    assert params.sampling == SamplingParams(0.5, pytest.approx(0.9), 3, 7)
+    assert params.sampling == SamplingParams(0.5, pytest.approx(0.9), 3) and params.seed == 7
     assert (params.max_tokens, params.stop, params.proposer, params.ignore_eos) == (5, ("\n",), "draft", True)
     greedy = check(prompt_token_ids=[1, 2], max_tokens=1)
-    assert greedy.sampling == SamplingParams() and greedy.proposer == ""
+    assert greedy.sampling == SamplingParams() and greedy.seed is None and greedy.proposer == ""
     assert check(prompt_token_ids=[1] * 16, max_tokens=16).max_tokens == 16  # exactly the context
 
 
