@@ -37,8 +37,8 @@ DEFAULT_MAX_TREE_NODES = 16
 NO_CAP = 1 << 30
 # A proposer's acceptance prior before any evidence: optimistic, where a deployed draft usually is (the
 # embedded draft accepts about 0.8 of the target's tokens). A prior that says speculation does not pay is
-# never put to the test: at 0.5, bench/chain_phase.py's replay with the draft's costs doubled never tried
-# the draft and never learned its 0.8. Evidence brings an optimistic prior down within tens of chains.
+# never put to the test: at 0.5, a replay with the draft's costs doubled never tried the draft and never
+# learned its 0.8. Evidence brings an optimistic prior down within tens of chains.
 INITIAL_ACCEPTANCE = 0.8
 
 
