@@ -6,7 +6,8 @@ one good greedy stream runs. Checked: each case gets the status code it should (
 docs/bad_input.md, which this test renders and keeps true: SPECDEC_WRITE_DOCS=1 rewrites it); no service
 exits; the good stream's output equals its output without the storm, and the largest gap between its tokens
 during the storm is at most twice the largest gap without it (the larger of a run before and one after the
-storm, so that the machine's own drift is not counted as the storm's); afterwards nothing is held anywhere.
+storm, so that the machine's own drift is not counted as the storm's) plus STORM_JITTER_S; afterwards nothing
+is held anywhere.
 """
 
 from __future__ import annotations
@@ -432,6 +433,13 @@ async def paced(call: Awaitable[Answer]) -> Answer:
     return answer
 
 
+# With the storm's client, the good stream's process and four services on two cores, the operating system
+# alone delays a process by a time slice now and then: such blips (9.8 ms against a quiet 4.9 ms) failed a bare
+# 2x bound in two of five full runs, the test running first on a just-started stack. A service held up by a bad input (a megabyte parsed on the event
+# loop, an exception's retry) stalls the stream for longer than this.
+STORM_JITTER_S = 0.02
+
+
 def largest_gap(arrivals: list[float]) -> float:
     return max(b - a for a, b in zip(arrivals, arrivals[1:]))
 
@@ -476,7 +484,7 @@ def test_bad_input_gets_clear_errors_and_disturbs_nothing(tiny_stack):
         time.sleep(0.1)
     assert not any(held_state(stack).values()), held_state(stack)
     assert with_storm == alone and len(alone) == GOOD_TOKENS
-    assert storm_gap <= 2 * quiet_gap, (storm_gap, quiet_gap, rounds)
+    assert storm_gap <= 2 * quiet_gap + STORM_JITTER_S, (storm_gap, quiet_gap, rounds)
     rendered = render(answers)
     if os.environ.get("SPECDEC_WRITE_DOCS"):
         DOC.write_text(rendered)
