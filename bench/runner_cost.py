@@ -54,7 +54,8 @@ def measure(runner: ModelRunner, slots: list[int], batch: int, new: int, rng: ra
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.runner_cost", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.runner_cost", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(CODE_TARGET))
     p.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     p.add_argument("--new-tokens", default="1,2,3,4,5,6,7,8,9")

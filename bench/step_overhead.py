@@ -86,7 +86,8 @@ async def run_case(args, addresses: dict[str, str], policy: str, proposer: str, 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.step_overhead", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.step_overhead", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(CODE_TARGET))
     p.add_argument("--draft-model", default=str(CODE_DRAFT))
     p.add_argument("--k", type=int, default=3, help="the fixed policy's k (smartspec chooses up to 8)")

@@ -209,7 +209,8 @@ def check_smartspec_vs_baselines(table: Table) -> Check:
                 best = min(BASELINES, key=lambda p: values[p])
                 ratio = values["smartspec"] / values[best]
                 ok = ratio <= SMARTSPEC_SLACK
-                ours, theirs = table.get(workload, proposer, "smartspec", rate), table.get(workload, proposer, best, rate)
+                ours = table.get(workload, proposer, "smartspec", rate)
+                theirs = table.get(workload, proposer, best, rate)
                 interval, beyond = _interval(ours, theirs, not ok)
                 if beyond is not None:
                     (beyond_noise if beyond else within_noise).append(where)
@@ -431,7 +432,8 @@ def write_summary(json_path: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.summary", description="The must-show checks of a serving benchmark (summary.md).")
+    parser = argparse.ArgumentParser(prog="python -m bench.summary",
+                                     description="The must-show checks of a serving benchmark (summary.md).")
     parser.add_argument("serving_json", help="serving.json written by `python -m bench.serving`")
     parser.add_argument("-o", "--out", help="summary file to write (default: summary.md beside the JSON)")
     args = parser.parse_args(argv)

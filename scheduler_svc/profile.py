@@ -24,7 +24,13 @@ import numpy as np
 
 from scheduler_svc.clients.proposer import ProposerClient, ProposeWork
 from scheduler_svc.clients.verifier import VerifierClient
-from scheduler_svc.policy.cost_model import MEASURED_PRIOR_STEPS, CostModel, RidgeFit, caught_up_tokens, steady_new_tokens
+from scheduler_svc.policy.cost_model import (
+    MEASURED_PRIOR_STEPS,
+    CostModel,
+    RidgeFit,
+    caught_up_tokens,
+    steady_new_tokens,
+)
 from specdec.contracts import Candidates, PrefillItem, VerifyItem
 
 log = logging.getLogger(__name__)

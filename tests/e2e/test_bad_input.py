@@ -434,9 +434,9 @@ async def paced(call: Awaitable[Answer]) -> Answer:
 
 
 # With the storm's client, the good stream's process and four services on two cores, the operating system
-# alone delays a process by a time slice now and then: such blips (9.8 ms against a quiet 4.9 ms) failed a bare
-# 2x bound in two of five full runs, the test running first on a just-started stack. A service held up by a bad input (a megabyte parsed on the event
-# loop, an exception's retry) stalls the stream for longer than this.
+# alone delays a process by a time slice now and then: such blips (9.8 ms against a quiet 4.9 ms) failed a
+# bare 2x bound in two of five full runs, the test running first on a just-started stack. A service held up
+# by a bad input (a megabyte parsed on the event loop, an exception's retry) stalls the stream for longer.
 STORM_JITTER_S = 0.02
 
 
