@@ -20,7 +20,7 @@ import asyncio
 import collections
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from scheduler_svc.clients.proposer import ProposeResult, ProposerClient, ProposeWork
