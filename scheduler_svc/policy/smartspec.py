@@ -48,7 +48,6 @@ class _PlannedStep:
 
     context: dict[str, int]  # request id -> committed tokens
     predicted_ms: float
-    predicted_goodput: float  # tokens per second
 
 
 class GoodputPolicy(Policy):
@@ -107,8 +106,7 @@ class GoodputPolicy(Policy):
             step_ms, tokens = choice.step_ms, choice.expected_tokens
         self.predicted_step_ms = step_ms
         self.predicted_goodput = tokens / step_ms * 1e3 if step_ms > 0 else 0.0
-        self._planned = _PlannedStep({r.request_id: r.context_len for r in requests}, step_ms,
-                                     self.predicted_goodput)
+        self._planned = _PlannedStep({r.request_id: r.context_len for r in requests}, step_ms)
         self.last_plan_ms = (time.perf_counter() - t0) * 1e3
         return plans
 
