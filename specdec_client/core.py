@@ -19,6 +19,7 @@ key raises Unauthenticated at once (no retry). Any TLS argument (`tls`, `tls_ca`
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
@@ -150,7 +151,7 @@ UnaryT = TypeVar("UnaryT")  # what a whole generation returns: the result, or an
 StreamT = TypeVar("StreamT")  # what a streamed generation returns: an iterator, or an async iterator
 
 
-class GenerationApi(Generic[UnaryT, StreamT]):
+class GenerationApi(ABC, Generic[UnaryT, StreamT]):
     """The Generation API's calls with their arguments, shared by Client and AsyncClient: each builds the
     request here and hands it to the subclass's `_unary` (a result, or for AsyncClient a coroutine to await)
     or `_stream`."""
@@ -182,9 +183,9 @@ class GenerationApi(Generic[UnaryT, StreamT]):
         self._options = Options(target, timeout, retries, backoff_s, backoff_max_s, api_key, credentials)
         self._connect()
 
+    @abstractmethod
     def _connect(self) -> None:
         """Set up the channel (Client), or get ready to on first use (AsyncClient: inside the event loop)."""
-        raise NotImplementedError
 
     @property
     def target(self) -> str:
@@ -254,11 +255,13 @@ class GenerationApi(Generic[UnaryT, StreamT]):
         """The assistant's reply to chat `messages`, streamed; see chat and stream."""
         return self._stream(build_request(None, max_tokens, messages=messages, **options), timeout)
 
+    @abstractmethod
     def _unary(self, request: generation_pb2.GenerateRequest, timeout: float | None) -> UnaryT:
-        raise NotImplementedError
+        """Run the call: its result (Client), or a coroutine that returns it (AsyncClient)."""
 
+    @abstractmethod
     def _stream(self, request: generation_pb2.GenerateRequest, timeout: float | None) -> StreamT:
-        raise NotImplementedError
+        """The stream of the call, which starts when iteration does."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -302,7 +305,7 @@ class UnaryCall:
         return result
 
 
-class StreamCall:
+class StreamCall(ABC):
     """The state of one streamed generation, shared by GenerationStream and AsyncGenerationStream: its
     deadline (set when the stream is made), span, live call, and the chunks joined so far.
 
@@ -325,8 +328,9 @@ class StreamCall:
         """The whole generation once every completion's last chunk arrived, else None."""
         return self._assembler.result
 
+    @abstractmethod
     def _iterate(self) -> Any:
-        raise NotImplementedError
+        """The call's messages as chunks: a generator (GenerationStream) or an async generator."""
 
     def _scope(self):
         """Around the whole iteration: errors mapped and recorded on the span, which ends with the tokens."""
