@@ -24,8 +24,8 @@ install: $(STAMP) $(PB)
 default-model: install
 	$(PY) -m specdec.model.default_model
 
-## The main job: generate from the embedded default models.
-demo: install
+## The main job: the whole stack on the default chat model, with its draft and Medusa heads.
+demo: default-model
 	$(PY) -m specdec.ops.demo
 
 ## The test suite.

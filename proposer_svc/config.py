@@ -32,6 +32,9 @@ class ProposerConfig:
     max_n: int = setting(4, "ngram: longest suffix looked up (tried first)")
     max_budget: int = setting(8, "most candidate nodes per request per step; larger budgets are capped")
     top_k: int = setting(4, "medusa: candidates per head a tree node may branch into")
+    free: str = setting("auto", "medusa: propose a tree for every request before each plan (yes), or only where "
+                                "the plan asks for one (no); auto: yes when the heads' vocabulary projections are "
+                                "small (proposer_svc/medusa.py)", choices=("auto", "yes", "no"))
     max_slots: int = setting(64, "draft: KV-cache slots, i.e. requests with a draft cache at once")
     max_seq_len: int = setting(1024, "draft: tokens one slot holds")
     device: str = setting("auto", "draft: auto | cpu | cuda[:i]")

@@ -25,13 +25,23 @@ from specdec.model.medusa import MedusaHeads, build_tree, load_medusa_heads
 log = logging.getLogger(__name__)
 
 
+# Most multiply-adds per request of the heads' vocabulary projections for them to be offered free, i.e. for
+# every request before every plan: about a millisecond of one CPU core. Heads over a small vocabulary
+# (the code model's 4096 tokens: 3M) are; heads reading through SmolLM2's lm_head (3 x 49152 x 576: 85M,
+# about half the target's own forward) are not, and are asked for only when the policy's plan pays for them.
+FREE_PROJECTION_MACS = 16_000_000
+
+
 class MedusaProposer(Proposer):
     kind = "medusa"
-    free = True  # a few small matrix products on a hidden state the verifier computed anyway
     tree = True
 
-    def __init__(self, heads: MedusaHeads, *, max_budget: int = 8, top_k: int = 4, name: str = "") -> None:
+    def __init__(self, heads: MedusaHeads, *, max_budget: int = 8, top_k: int = 4, name: str = "",
+                 free: bool | None = None) -> None:
+        """free: offer trees before the plan (None: when the heads' projections are small, see above)."""
         super().__init__(max_budget=max_budget, vocab_size=heads.config.vocab_size)
+        c = heads.config
+        self.free = c.num_heads * c.vocab_size * c.hidden_size <= FREE_PROJECTION_MACS if free is None else free
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         self.heads = heads.eval()
@@ -42,7 +52,8 @@ class MedusaProposer(Proposer):
 
     @classmethod
     def from_folder(cls, folder: str | Path, *, device: str | None = None, dtype: str = "auto",
-                    max_budget: int = 8, top_k: int = 4, target: str | Path | None = None) -> "MedusaProposer":
+                    max_budget: int = 8, top_k: int = 4, target: str | Path | None = None,
+                    free: bool | None = None) -> "MedusaProposer":
         """Load heads saved by scripts/train_medusa.py; raises MedusaError (a ValueError) naming the problem."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # bf16 matmuls are slow on CPUs: compute in float32 there unless asked otherwise.
@@ -51,12 +62,12 @@ class MedusaProposer(Proposer):
         if torch_dtype is None:
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
         heads = load_medusa_heads(folder, device=device, dtype=torch_dtype, target=target)
-        return cls(heads, max_budget=max_budget, top_k=top_k, name=str(folder))
+        return cls(heads, max_budget=max_budget, top_k=top_k, name=str(folder), free=free)
 
     def describe(self) -> str:
         c = self.heads.config
         return (f"{super().describe()} heads={self.name} num_heads={c.num_heads} hidden_size={c.hidden_size} "
-                f"top_k={self.top_k}")
+                f"top_k={self.top_k} free={self.free}")
 
     def active_request_ids(self) -> list[str]:
         return list(self._seen)

@@ -205,6 +205,7 @@ def build_proposer(config: ProposerConfig) -> Proposer:
             max_budget=config.max_budget,
             top_k=config.top_k,
             target=config.target_model,
+            free={"auto": None, "yes": True, "no": False}[config.free],
         )
     raise ValueError(f"unknown proposer kind {config.kind!r}")
 

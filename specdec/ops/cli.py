@@ -72,7 +72,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         # Checked here because a service that fails on its model only says so in its log.
         validate_checkpoint(model)
         if any(PROPOSER_KINDS.get(kind) == "draft" for kind in proposers):
-            validate_checkpoint(draft_model)
+            validate_checkpoint(draft_model, need_tokenizer=False)  # the draft shares the target's tokenizer
         if any(PROPOSER_KINDS.get(kind) == "medusa" for kind in proposers):
             load_medusa_heads(medusa_model, target=model)  # heads may read through the target's lm_head
     except (CheckpointError, MedusaError) as exc:
@@ -404,9 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated proposer kinds (ngram, draft, medusa), or 'none' (default ngram,draft)")
     up.add_argument("--policy", default="smartspec", help="speculation policy of the scheduler (default smartspec)")
     up.add_argument("--k", type=int, default=3, help="tokens to speculate per step for the fixed policy")
-    up.add_argument("--model", help="target checkpoint folder (default: the embedded models/code-target)")
-    up.add_argument("--draft-model", help="draft checkpoint folder (default: the embedded models/code-draft)")
-    up.add_argument("--medusa-model", help="Medusa heads folder (default: the embedded models/code-medusa)")
+    up.add_argument("--model", help="target checkpoint folder (default: models/smollm2-135m-instruct, installed by make default-model)")
+    up.add_argument("--draft-model", help="draft checkpoint folder (default: the embedded models/smollm2-draft)")
+    up.add_argument("--medusa-model", help="Medusa heads folder (default: the embedded models/smollm2-medusa)")
     up.add_argument("--device", help="verifier device: auto, cpu or cuda (default: the verifier's)")
     up.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                     help="dtype of the verifier and the draft and Medusa proposers (default: theirs, auto = float32 "

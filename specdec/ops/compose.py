@@ -34,6 +34,11 @@ METRICS_PORT = 9464  # every container's Prometheus port (the OpenTelemetry conv
 TARGET_DIR = "/models/target"  # where the target checkpoint is mounted in the verifier and scheduler
 DRAFT_DIR = "/models/draft"  # where the draft checkpoint is mounted in the draft proposer
 MEDUSA_DIR = "/models/medusa"  # where the Medusa heads are mounted in the medusa proposer
+# The host folders mounted there by default: the default models (specdec.model.checkpoint.DEFAULT_*, named here
+# without importing torch); `make default-model` installs the target, the draft and the heads are in git.
+HOST_TARGET = "./models/smollm2-135m-instruct"
+HOST_DRAFT = "./models/smollm2-draft"
+HOST_MEDUSA = "./models/smollm2-medusa"
 PROPOSERS = tuple(PROPOSER_KINDS)  # compose runs one service per proposer kind of the product
 IMAGE = "specdec:latest"
 GPU_IMAGE = "specdec:cuda"  # its own tag, so that the CPU and the CUDA builds do not replace each other
@@ -150,13 +155,13 @@ def render_compose(specs: Sequence[ServiceSpec], gpu: bool = False) -> dict:
         service["depends_on"] = depends
         if spec.name in ("verifier", "scheduler"):
             # The scheduler loads the tokenizer from the verifier's model folder, by the same path.
-            service["volumes"] = [f"${{SPECDEC_TARGET_DIR:-./models/code-target}}:{TARGET_DIR}:ro"]
+            service["volumes"] = [f"${{SPECDEC_TARGET_DIR:-{HOST_TARGET}}}:{TARGET_DIR}:ro"]
         if "--model" in spec.args and spec.name.startswith("proposer-"):
             if spec.args[spec.args.index("--model") + 1] == MEDUSA_DIR:
-                service["volumes"] = [f"${{SPECDEC_MEDUSA_DIR:-./models/code-medusa}}:{MEDUSA_DIR}:ro",
-                                      f"${{SPECDEC_TARGET_DIR:-./models/code-target}}:{TARGET_DIR}:ro"]
+                service["volumes"] = [f"${{SPECDEC_MEDUSA_DIR:-{HOST_MEDUSA}}}:{MEDUSA_DIR}:ro",
+                                      f"${{SPECDEC_TARGET_DIR:-{HOST_TARGET}}}:{TARGET_DIR}:ro"]
             else:
-                service["volumes"] = [f"${{SPECDEC_DRAFT_DIR:-./models/code-draft}}:{DRAFT_DIR}:ro"]
+                service["volumes"] = [f"${{SPECDEC_DRAFT_DIR:-{HOST_DRAFT}}}:{DRAFT_DIR}:ro"]
         if spec.name == "verifier" and gpu:
             service["deploy"] = {"resources": {"reservations": {"devices": [
                 {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}

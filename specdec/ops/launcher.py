@@ -97,7 +97,7 @@ def stack_specs(
     """The services of a stack whose scheduler serves the public API on `host:port`.
 
     proposers: proposer kinds, one service each, registered with the scheduler under the kind's name.
-    models_dir: folder holding code-target, code-draft and code-medusa (default: the embedded models);
+    models_dir: folder holding smollm2-135m-instruct, smollm2-draft and smollm2-medusa (default: models/);
         `model`, `draft_model` and `medusa_model` override the target, draft and Medusa heads folders.
     ports: port of each internal service by name (see service_names); default port+1, port+2, ...
     peer_host: the host the scheduler reaches the internal services on, which bind it too; None means

@@ -6,7 +6,8 @@ chain requests. Checked here:
 
 - greedy output equals the target alone, token for token, with trees of several shapes (fixed budgets of
   1, 4 and 10 nodes, and budgets the goodput policy picks), requests pinned to the tree proposer running
-  in the same ragged batches as requests pinned to the chain proposer;
+  in the same ragged batches as requests pinned to the chain proposer; also with heads asked for trees only
+  where the plan wants one (not free);
 - sampled output with trees has the target's distribution (chi-square over all 27 completions);
 - heads that do not match the target's hidden size stop the scheduler at start with a message saying
   so, and a heads folder that does not load stops the proposer at start naming the problem.
@@ -99,6 +100,23 @@ def test_greedy_trees_equal_target_alone(backends, reference_model, policy, k):
         steps = sum(t.steps for t in tree if t is not None)
         # A tree of k nodes per step (fewer only near a request's end, where depth is capped).
         assert proposed > 0.5 * k * steps, (k, proposed, steps)
+
+
+def test_heads_asked_only_where_planned_give_the_target_alone(models, reference_model):
+    """Heads that are not free (--free no: large vocabulary projections) are called after the plan, for the
+    requests it gives a tree budget; output is still the target's own."""
+    target, heads = models
+    specs = local_specs(free_ports(1)[0], ("ngram", "medusa"), model=target, medusa_model=heads, env=SERVICE_ENV,
+                        policy="smartspec", extra_args={"proposer-medusa": ["--free", "no"]})
+    requests = workload(seed=41, count=8)
+    expected = [target_alone(reference_model, prompt, max_tokens) for prompt, max_tokens, _ in requests]
+    proposers = ["medusa" if i % 2 == 0 else "" for i in range(len(requests))]
+    with Stack(specs, startup_timeout_s=180, grace_s=5) as stack:
+        results = asyncio.run(run_mixed(stack.specs[-1].port, requests, proposers))
+    for (prompt, _, _), proposer, want, got in zip(requests, proposers, expected, results):
+        assert got.token_ids == want, f"{proposer or 'auto'} prompt of {len(prompt)} tokens"
+    tree = [r.stats.proposers.get("medusa") for r in results]
+    assert sum(t.proposed for t in tree if t is not None) > 0  # the plan did ask the costed heads
 
 
 def test_sampled_trees_have_the_target_distribution(backends, reference_model):

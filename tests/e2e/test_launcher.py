@@ -131,8 +131,8 @@ def test_stack_specs_defines_every_service_with_its_flags(tmp_path):
         assert spec.env["PYTHONUNBUFFERED"] == "1"
         assert spec.command("py")[:3] == ["py", "-m", spec.module]
 
-    assert flag_values(by_name["verifier"].args, "--model") == [str(tmp_path / "code-target")]
-    assert flag_values(by_name["proposer-draft"].args, "--model") == [str(tmp_path / "code-draft")]
+    assert flag_values(by_name["verifier"].args, "--model") == [str(tmp_path / "smollm2-135m-instruct")]
+    assert flag_values(by_name["proposer-draft"].args, "--model") == [str(tmp_path / "smollm2-draft")]
     assert flag_values(by_name["proposer-draft"].args, "--kind") == ["draft"]
     assert flag_values(by_name["proposer-ngram"].args, "--kind") == ["ngram"]
     assert "--model" not in by_name["proposer-ngram"].args

@@ -69,7 +69,7 @@ def test_the_pins_agree():
 
 
 def test_docs_carry_the_pins():
-    # docs/models.md ends with the section scripts/model_report.py renders from this module's pins.
+    # docs/models.md carries the section scripts/model_report.py renders from this module's pins.
     import importlib.util
 
     from specdec.model.checkpoint import REPO_ROOT
@@ -79,4 +79,46 @@ def test_docs_carry_the_pins():
     spec.loader.exec_module(report)
     section = report.pretrained_chat_model_section()
     assert default_model.GGUF_SHA256 in section and default_model.WHEEL_REQUIREMENT in section
-    assert (REPO_ROOT / "docs" / "models.md").read_text().endswith("\n\n" + section)
+    assert "\n\n" + section in (REPO_ROOT / "docs" / "models.md").read_text()
+
+
+def test_the_default_draft_and_heads_are_committed_small_and_bf16():
+    import json
+
+    from safetensors import safe_open
+
+    from specdec.model.checkpoint import DEFAULT_DRAFT, DEFAULT_MEDUSA, validate_checkpoint
+
+    validate_checkpoint(DEFAULT_DRAFT, need_tokenizer=False)  # it shares the target's tokenizer
+    draft = json.loads((DEFAULT_DRAFT / "config.json").read_text())
+    heads = json.loads((DEFAULT_MEDUSA / "config.json").read_text())
+    # The default target's shape (docs/models.md): the draft speaks its vocabulary, the heads read its hidden
+    # state through its lm_head.
+    assert draft["vocab_size"] == heads["vocab_size"] == 49152
+    assert heads["hidden_size"] == 576 and heads["lm_head"] == "target"
+    assert heads["target"] == default_model.DEFAULT_CHAT_MODEL.name
+    for folder in (DEFAULT_DRAFT, DEFAULT_MEDUSA):
+        weights = folder / "model.safetensors"
+        assert weights.stat().st_size <= 40 * 2**20
+        with safe_open(str(weights), framework="pt") as f:
+            assert {str(f.get_slice(name).get_dtype()) for name in f.keys()} == {"BF16"}
+
+
+def test_compose_mounts_the_default_models():
+    from specdec.model.checkpoint import DEFAULT_DRAFT, DEFAULT_MEDUSA, DEFAULT_TARGET
+    from specdec.ops import compose
+
+    assert compose.HOST_TARGET == f"./models/{DEFAULT_TARGET.name}"
+    assert compose.HOST_DRAFT == f"./models/{DEFAULT_DRAFT.name}"
+    assert compose.HOST_MEDUSA == f"./models/{DEFAULT_MEDUSA.name}"
+
+
+def test_a_missing_default_target_says_how_to_install_it(monkeypatch, tmp_path):
+    from specdec.model import checkpoint
+
+    monkeypatch.setattr(checkpoint, "DEFAULT_TARGET", tmp_path / "smollm2-135m-instruct")
+    with pytest.raises(checkpoint.CheckpointError, match="make default-model"):
+        checkpoint.validate_checkpoint(tmp_path / "smollm2-135m-instruct")
+    with pytest.raises(checkpoint.CheckpointError) as other:
+        checkpoint.validate_checkpoint(tmp_path / "elsewhere")
+    assert "make default-model" not in str(other.value)

@@ -71,3 +71,17 @@ def test_build_proposer_loads_heads_and_names_a_bad_folder(heads, tmp_path):
     assert "num_heads=3" in proposer.describe()
     with pytest.raises(MedusaError, match="missing"):
         build_proposer(ProposerConfig(kind="medusa", model=tmp_path / "missing"))
+
+
+def test_heads_are_free_only_when_their_vocabulary_projections_are_small(heads):
+    import types
+
+    from proposer_svc.medusa import FREE_PROJECTION_MACS
+
+    assert MedusaProposer(heads).free  # the tiny heads: a few thousand multiply-adds
+    assert not MedusaProposer(heads, free=False).free
+    # SmolLM2's heads (3 heads reading through a 49152 x 576 lm_head) cost half a target forward per request.
+    big = types.SimpleNamespace(config=types.SimpleNamespace(num_heads=3, vocab_size=49152, hidden_size=576),
+                                eval=lambda: big)
+    assert 3 * 49152 * 576 > FREE_PROJECTION_MACS and not MedusaProposer(big).free
+    assert MedusaProposer(big, free=True).free
