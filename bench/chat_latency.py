@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=DEFAULT_TARGET)
     p.add_argument("--draft-model", type=Path, default=DEFAULT_DRAFT)
     p.add_argument("--medusa-model", type=Path, default=DEFAULT_MEDUSA)
-    p.add_argument("--threads", type=int, default=2, help="torch threads of each service and of transformers")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of transformers in this process")
+    p.add_argument("--service-threads", type=int, default=0,
+                   help="torch threads of every service (SPECDEC_TORCH_THREADS); 0 = each service's default")
     p.add_argument("--out", type=Path, default=Path("docs/bench"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     (port,) = free_ports(1)
     specs = local_specs(port, STACK_PROPOSERS, policy="smartspec", model=args.model, draft_model=args.draft_model,
-                        medusa_model=args.medusa_model, env={"SPECDEC_TORCH_THREADS": str(args.threads)})
+                        medusa_model=args.medusa_model,
+                        env={"SPECDEC_TORCH_THREADS": str(args.service_threads)} if args.service_threads else None)
     runs: dict[str, list[dict]] = {c: [] for c in (*STACK_CONFIGS, *PEER_CONFIGS)}
     configs = list(runs)
     started = time.perf_counter()
@@ -171,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = summarise(runs)
     settings = {"prompts": [p.id for p in prompts], "max_tokens": args.max_tokens, "threads": args.threads,
+                "service_threads": args.service_threads,
                 "model": args.model.name, "draft_model": args.draft_model.name,
                 "medusa_model": args.medusa_model.name, "eos_token_ids": eos}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -214,8 +214,9 @@ def pretrained_chat_model_section() -> str:
     return "\n".join([
         "## The pretrained chat model: SmolLM2-135M-Instruct",
         "",
-        f"The default target: `make default-model` (and `make demo`) installs it into `{folder}/` (gitignored), and",
-        "`specdec up`, the demo, compose and the benchmarks serve it when given no `--model`.",
+        "The default target: `make default-model` (and `make demo`) installs it",
+        f"into `{folder}/` (gitignored), and `specdec up`, the demo, compose and the",
+        "benchmarks serve it when given no `--model`.",
         "",
         "- **What**: HuggingFaceTB's SmolLM2-135M-Instruct, a Llama-architecture chat model (30 layers, hidden 576,",
         "  9 query and 3 KV heads of 64, MLP 1536, vocabulary 49152, tied embeddings, rope theta 100000, context",
