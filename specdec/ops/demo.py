@@ -25,14 +25,6 @@ PROMPT_IDS = ("rw-001", "ext-001", "code-001", "qa-001")
 PROPOSERS = ("ngram", "draft", "medusa")
 
 
-def main(argv):\n    parser = argparse.ArgumentParser(",
-    # Copy-heavy: the answer repeats spans of the prompt, where prompt lookup shines.
-    "    def __repr__(self):\n        return '%s(%r, %r)' % (self.__class__.__name__, self.name, self.value)\n\n"
-    "    def __eq__(self, other):\n        return self.name == other.name and self.value == other.value\n\n"
-    "    def __repr__(self):\n",
-]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-tokens", type=int, default=96)
