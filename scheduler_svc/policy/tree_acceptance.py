@@ -82,10 +82,18 @@ class TreeAcceptance:
             table = self._rates[proposer] = self.initial.copy()
         return table
 
+    def ordered_rates(self, proposer: str) -> np.ndarray:
+        """The rates the gains use: a[d, r] capped by every earlier rank's, a[d, r] <= a[d, r'] for r' < r.
+
+        Children come best first, so a later rank is never expected to do better. The cap also carries
+        the evidence to ranks a proposer never offers (heads with top-4 children leave ranks 4..7 untested):
+        left at their initial rates, those would promise gains that never come, step after step."""
+        return np.minimum.accumulate(self.rates(proposer), axis=1)
+
     def node_gains(self, proposer: str, parents: Sequence[int]) -> np.ndarray:
         """P(the path to node j is accepted) for every node of a tree [n]."""
         depth, rank = depths_and_ranks(parents)
-        table = self.rates(proposer)
+        table = self.ordered_rates(proposer)
         rate = table[np.minimum(depth, self.max_depth) - 1, np.minimum(rank, self.max_rank - 1)]
         gains = np.empty(len(parents))
         for j, p in enumerate(parents):
@@ -95,7 +103,7 @@ class TreeAcceptance:
     def best_tree_gains(self, proposer: str, n: int) -> np.ndarray:
         """Node gains of the best n-node tree the rates allow, best first [n]: what a best-first tree
         proposer is expected to build when its tree is not known before the plan."""
-        table = self.rates(proposer)
+        table = self.ordered_rates(proposer)
         gains: list[float] = []
         # Frontier of (-gain, depth) of nodes not taken yet; taking a node opens its children. Gains
         # shrink along a path, so the n best nodes always form a tree.

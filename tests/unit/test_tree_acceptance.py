@@ -46,7 +46,7 @@ def test_best_tree_gains_match_brute_force():
     est = TreeAcceptance(max_depth=3, max_rank=3)
     for _ in range(20):
         est.rates("m")[:] = rng.uniform(0.05, 0.95, (3, 3))
-        table = est.rates("m")
+        table = np.minimum.accumulate(est.rates("m"), axis=1)  # what the gains use
         # Every node of the full tree (depth <= 3, 3 children each) with its gain.
         nodes = []
         for depth in range(1, 4):
@@ -55,6 +55,27 @@ def test_best_tree_gains_match_brute_force():
         best = sorted(nodes, reverse=True)
         for n in (1, 3, 7, 12):
             assert est.best_tree_gains("m", n) == pytest.approx(best[:n])
+
+
+def test_gains_never_rank_a_later_child_above_an_earlier_one():
+    est = TreeAcceptance(max_depth=4, max_rank=4)
+    table = est.rates("m")
+    table[:] = 0.1
+    table[0, 2] = 0.9  # an estimate out of order (a lucky streak): the gains cap it at rank 1's
+    assert est.node_gains("m", (-1, -1, -1)) == pytest.approx([0.1, 0.1, 0.1])
+    assert est.best_tree_gains("m", 3) == pytest.approx([0.1, 0.1, 0.1])
+
+
+def test_trees_that_are_never_accepted_stop_paying_soon():
+    """Heads offering 4 children per node (ranks 0..3) that are never right: the best tree's expected gain
+    falls with the evidence, including for ranks 4..7 the heads never offer and so never test."""
+    est = TreeAcceptance()  # the policy's settings: 8 ranks, alpha 0.05
+    parents = (-1, -1, -1, -1, 0, 0, 0, 0)  # 4 roots, the best root's 4 children
+    start = est.best_tree_gains("m", 8).sum()
+    for _ in range(60):
+        est.observe_verified("m", parents, ())  # nothing accepted
+    # Uncapped, ranks 4..7 would keep their initial 0.1 + 0.083 + 0.071 + 0.062 = 0.32 = 0.19 * start for ever.
+    assert start > 1.0 and est.best_tree_gains("m", 8).sum() < 0.1 * start
 
 
 def test_observe_learns_the_rates_of_tested_nodes_only():
