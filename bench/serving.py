@@ -790,7 +790,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replay every run this many times, interleaved, and pool the requests: one number, or "
                              "one per rate in --rates order (e.g. 3,3,8) (default 1)")
     parser.add_argument("--out", default="docs/bench", help="output folder (default docs/bench)")
-    parser.add_argument("--model", help="target checkpoint folder (default: models/smollm2-135m-instruct, installed by make default-model)")
+    parser.add_argument("--model", help="target checkpoint folder (default: models/smollm2-135m-instruct, "
+                            "installed by make default-model)")
     parser.add_argument("--draft-model", help="draft checkpoint folder (default: the embedded models/smollm2-draft)")
     parser.add_argument("--medusa-model", help="Medusa heads folder (default: the embedded models/smollm2-medusa)")
     parser.add_argument("--service-threads", type=int, default=0,

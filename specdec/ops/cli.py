@@ -404,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated proposer kinds (ngram, draft, medusa), or 'none' (default ngram,draft)")
     up.add_argument("--policy", default="smartspec", help="speculation policy of the scheduler (default smartspec)")
     up.add_argument("--k", type=int, default=3, help="tokens to speculate per step for the fixed policy")
-    up.add_argument("--model", help="target checkpoint folder (default: models/smollm2-135m-instruct, installed by make default-model)")
+    up.add_argument("--model", help="target checkpoint folder (default: models/smollm2-135m-instruct, "
+                        "installed by make default-model)")
     up.add_argument("--draft-model", help="draft checkpoint folder (default: the embedded models/smollm2-draft)")
     up.add_argument("--medusa-model", help="Medusa heads folder (default: the embedded models/smollm2-medusa)")
     up.add_argument("--device", help="verifier device: auto, cpu or cuda (default: the verifier's)")
