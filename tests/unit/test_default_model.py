@@ -65,7 +65,7 @@ def test_command_line_says_what_it_did(tmp_path, fake_wheel, capsys):
 def test_the_pins_agree():
     name, version = default_model.WHEEL_REQUIREMENT.split("==")
     assert default_model.WHEEL_FILE.startswith(f"{name.replace('-', '_')}-{version}-")
-    assert default_model.DEFAULT_CHAT_MODEL.name == "smollm2-135m-instruct"
+    assert default_model.DEFAULT_TARGET.name == "smollm2-135m-instruct"
 
 
 def test_docs_carry_the_pins():
@@ -96,7 +96,7 @@ def test_the_default_draft_and_heads_are_committed_small_and_bf16():
     # state through its lm_head.
     assert draft["vocab_size"] == heads["vocab_size"] == 49152
     assert heads["hidden_size"] == 576 and heads["lm_head"] == "target"
-    assert heads["target"] == default_model.DEFAULT_CHAT_MODEL.name
+    assert heads["target"] == default_model.DEFAULT_TARGET.name
     for folder in (DEFAULT_DRAFT, DEFAULT_MEDUSA):
         weights = folder / "model.safetensors"
         assert weights.stat().st_size <= 40 * 2**20
